@@ -1,0 +1,3 @@
+"""Kilde: a self-hostable, privacy-first customer data platform."""
+
+__version__ = "0.1.0"

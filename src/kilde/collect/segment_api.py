@@ -1,0 +1,328 @@
+"""Segment's HTTP Tracking API, so Segment's and RudderStack's SDKs work unchanged.
+
+POST /v1/identify|track|page|screen|group|alias|batch (and /v1/import, Segment's old name for
+batch). The write key is the Basic-auth user name (empty password) or `writeKey` in the body.
+Limits as Segment: 32 KB per event, 500 KB and 2,500 events per batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from kilde.pipeline import Envelope, IngestResult, Pipeline
+from kilde.pipeline.dead_letter import dead_letter_row
+from kilde.pipeline.enrich import protect_ip
+from kilde.plan.models import Source
+from kilde.store.writer import StoreUnavailableError, WriteBatch
+from kilde.web.errors import HttpProblem, JsonResponse
+
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+# Bodies up to this many times the limit are read (and kept as a dead letter); larger ones
+# are refused unread so nobody can fill the store with junk.
+READ_FACTOR = 4
+ACCEPTED_TYPES = ("application/json", "text/plain", "application/x-json", "")
+
+router = APIRouter()
+
+
+def client_ip(request: Request) -> str | None:
+    if request.app.state.settings.trust_proxy:
+        forwarded = request.headers.get("x-forwarded-for")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.client.host if request.client else None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, gunzipping if needed, refusing more than READ_FACTOR x limit."""
+    hard = limit * READ_FACTOR
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > hard:
+            raise HttpProblem(
+                413,
+                "payload_too_large",
+                f"the request body is larger than {hard // 1024} KB and was not read",
+                f"send at most {limit // 1024} KB per request; split batches",
+            )
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").lower().strip()
+    if encoding in ("gzip", "x-gzip"):
+        inflater = zlib.decompressobj(wbits=47)  # gzip or zlib header
+        try:
+            body = inflater.decompress(body, hard + 1)
+        except zlib.error:
+            raise HttpProblem(
+                400,
+                "bad_gzip",
+                "the body says Content-Encoding: gzip but is not valid gzip",
+                "compress the body with gzip, or drop the Content-Encoding header",
+            ) from None
+        if len(body) > hard or inflater.unconsumed_tail:
+            raise HttpProblem(
+                413,
+                "payload_too_large",
+                f"the body inflates to more than {hard // 1024} KB and was not read",
+                f"send at most {limit // 1024} KB per request",
+            )
+    elif encoding not in ("", "identity"):
+        raise HttpProblem(
+            415,
+            "unsupported_encoding",
+            "only gzip content encoding is supported",
+            "send the body uncompressed or gzip-compressed",
+        )
+    return body
+
+
+def check_content_type(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in ACCEPTED_TYPES and not media.endswith("+json"):
+        raise HttpProblem(
+            415,
+            "unsupported_media_type",
+            "the body must be JSON (Content-Type application/json or text/plain)",
+            "send a JSON body with Content-Type: application/json",
+        )
+
+
+def basic_auth_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise HttpProblem(
+            401,
+            "bad_authorization",
+            "the Authorization header is not valid Basic authentication",
+            "send the write key as the Basic-auth user name with an empty password",
+        ) from None
+    return decoded.partition(":")[0] or None
+
+
+def resolve_source(request: Request, key: str | None) -> Source:
+    keys = request.app.state.keys
+    if not key:
+        raise HttpProblem(
+            401,
+            "missing_write_key",
+            "no write key was sent",
+            "send the source's write key as the Basic-auth user name, or as writeKey in the body",
+            headers={"WWW-Authenticate": 'Basic realm="kilde"'},
+        )
+    source: Source | None = keys.active.get(key)
+    if source is not None:
+        return source
+    if key in keys.revoked:
+        raise HttpProblem(
+            401,
+            "revoked_write_key",
+            "this write key has been revoked",
+            "use the source's current write key from the collection plan",
+        )
+    raise HttpProblem(
+        401,
+        "unknown_write_key",
+        "the write key does not belong to any source in the collection plan",
+        "check the key, or add it to a source's write_keys in the plan",
+    )
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpProblem(
+                400,
+                "not_utf8",
+                "the body is not UTF-8 text",
+                "encode the JSON body as UTF-8",
+            ) from None
+        raise HttpProblem(
+            400,
+            "malformed_json",
+            f"the body is not valid JSON (at character {exc.pos})",
+            "send one JSON object",
+        ) from None
+
+
+async def _dead_letter_body(
+    request: Request, source: Source, body: bytes, env: Envelope, problem: HttpProblem
+) -> None:
+    """Keep a whole rejected body from a known source, so nothing it sent is lost."""
+    pipeline: Pipeline = request.app.state.pipeline
+    kept = Envelope(
+        env.received_at, env.channel, protect_ip(env.ip, pipeline.plan.privacy.ip), env.user_agent
+    )
+    row = dead_letter_row(
+        body.decode("utf-8", errors="backslashreplace"),
+        source=source.name,
+        env=kept,
+        code=problem.code,
+        reason=problem.message,
+        path=problem.path,
+        message_type=request.path_params.get("kind"),
+    )
+    await pipeline.writer.write(WriteBatch(dead_letters=[row]))
+    problem.extra["dead_letter_id"] = row["id"]
+
+
+async def _receive(request: Request, kind: str) -> Response:
+    is_batch = kind in ("batch", "import")
+    limit = MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES
+    check_content_type(request)
+    header_key = basic_auth_key(request)
+    # Authenticate from the header before reading, so strangers cannot make us read big bodies.
+    source = resolve_source(request, header_key) if header_key else None
+    body = await read_body(request, limit)
+    env = Envelope(
+        received_at=datetime.now(UTC),
+        channel="http",
+        ip=client_ip(request),
+        user_agent=request.headers.get("user-agent"),
+    )
+    try:
+        payload = _parse(body)
+        if not isinstance(payload, dict):
+            raise HttpProblem(
+                400, "invalid_body", "the body must be a JSON object", "send one JSON object"
+            )
+        if source is None:
+            body_key = payload.get("writeKey")
+            source = resolve_source(request, body_key if isinstance(body_key, str) else None)
+        if len(body) > limit:
+            raise HttpProblem(
+                413,
+                "payload_too_large",
+                f"the body is {len(body) // 1024} KB; the limit is {limit // 1024} KB",
+                "send smaller events, or fewer events per batch",
+            )
+    except HttpProblem as problem:
+        if source is not None and problem.status in (400, 413):
+            await _dead_letter_body(request, source, body, env, problem)
+        raise
+
+    if is_batch:
+        records = _batch_records(payload)
+        message_type = None
+    else:
+        payload.pop("writeKey", None)
+        records = [payload]
+        message_type = kind
+
+    pipeline: Pipeline = request.app.state.pipeline
+    try:
+        result = await pipeline.ingest(
+            records, source, env, message_type, max_event_bytes=MAX_EVENT_BYTES
+        )
+    except StoreUnavailableError as exc:
+        raise HttpProblem(
+            503, "store_busy", exc.message, "retry with backoff", headers={"Retry-After": "1"}
+        ) from None
+    return _answer(result, is_batch)
+
+
+def _batch_records(payload: dict[str, Any]) -> list[Any]:
+    batch = payload.get("batch")
+    if not isinstance(batch, list):
+        raise HttpProblem(
+            400,
+            "invalid_batch",
+            "batch must be a list of messages",
+            'send {"batch": [{"type": "track", ...}, ...]}',
+            path="batch",
+        )
+    if len(batch) > MAX_BATCH_EVENTS:
+        raise HttpProblem(
+            413,
+            "too_many_events",
+            f"the batch has {len(batch)} events; the limit is {MAX_BATCH_EVENTS}",
+            f"send at most {MAX_BATCH_EVENTS} events per batch",
+            path="batch",
+        )
+    shared_context = payload.get("context")
+    shared_integrations = payload.get("integrations")
+    sent_at = payload.get("sentAt")
+    records: list[Any] = []
+    for item in batch:
+        if isinstance(item, dict):
+            item = _merge_shared(item, shared_context, shared_integrations, sent_at)
+        records.append(item)
+    return records
+
+
+def _merge_shared(
+    item: dict[str, Any], context: Any, integrations: Any, sent_at: Any
+) -> dict[str, Any]:
+    merged = dict(item)
+    if isinstance(context, dict):
+        own = item.get("context")
+        merged["context"] = {**context, **own} if isinstance(own, dict) else dict(context)
+    if isinstance(integrations, dict):
+        own = item.get("integrations")
+        merged["integrations"] = (
+            {**integrations, **own} if isinstance(own, dict) else dict(integrations)
+        )
+    if sent_at is not None and "sentAt" not in item:
+        merged["sentAt"] = sent_at
+    return merged
+
+
+def _answer(result: IngestResult, is_batch: bool) -> Response:
+    rejected = [
+        {
+            "index": o.index,
+            "messageId": o.message_id,
+            "error": o.code,
+            "message": o.reason,
+            "path": o.path,
+            "fix": o.fix,
+            "dead_letter_id": o.dead_letter_id,
+        }
+        for o in result.rejected
+    ]
+    flagged = sum(1 for o in result.outcomes if o.status == "flagged")
+    if not is_batch and rejected:
+        first = rejected[0]
+        body = {"success": False, **first, "stored_in": "dead letter"}
+        return JsonResponse(body, status_code=400)
+    return JsonResponse(
+        {
+            "success": True,
+            "stored": result.stored,
+            "duplicates": result.duplicates,
+            "flagged": flagged,
+            "rejected": rejected,
+        }
+    )
+
+
+@router.post("/v1/{kind}")
+async def collect(kind: str, request: Request) -> Response:
+    if kind not in ("identify", "track", "page", "screen", "group", "alias", "batch", "import"):
+        raise HttpProblem(
+            404,
+            "unknown_endpoint",
+            f"there is no /v1/{kind[:40]} endpoint",
+            "use /v1/identify, track, page, screen, group, alias or batch",
+        )
+    return await _receive(request, kind)

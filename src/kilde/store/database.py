@@ -1,0 +1,81 @@
+"""Opening the DuckDB file, migrating it, and reading from it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from kilde.errors import KildeError
+from kilde.store.migrations import MIGRATIONS
+
+DB_FILE = "kilde.duckdb"
+
+
+class StoreLockedError(KildeError):
+    """Another process (usually a running `kilde serve`) holds the store."""
+
+
+class Store:
+    """The DuckDB file. One process writes; reads use their own cursor per call."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / DB_FILE
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise StoreLockedError(
+                    f"the store {self.path} is in use by another process",
+                    fix="stop that process, or run this command while `kilde serve` runs so it "
+                    "goes through the server",
+                ) from None
+            raise
+        self._lock = threading.Lock()
+        self.migrate()
+
+    def migrate(self) -> list[int]:
+        """Apply migrations not yet applied; return the versions applied now."""
+        con = self._con
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMPTZ DEFAULT now())"
+        )
+        done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+        applied = []
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            con.execute("BEGIN")
+            con.execute(sql)
+            con.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name]
+            )
+            con.execute("COMMIT")
+            applied.append(version)
+        return applied
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection for one thread; DuckDB connections are not shared across threads."""
+        with self._lock:
+            return self._con.cursor()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.cursor()
+        try:
+            result = cur.execute(sql, list(params or []))
+            names = [d[0] for d in result.description or []]
+            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+        finally:
+            cur.close()
+
+    def scalar(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        rows = self.query(sql, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    def close(self) -> None:
+        self._con.close()

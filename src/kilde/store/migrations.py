@@ -1,0 +1,58 @@
+"""Versioned schema migrations, applied in order on start.
+
+Append new migrations at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "events and dead letters",
+        """
+        CREATE TABLE events (
+            message_id VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,
+            type VARCHAR NOT NULL,
+            event VARCHAR,
+            user_id VARCHAR,
+            anonymous_id VARCHAR,
+            group_id VARCHAR,
+            previous_id VARCHAR,
+            timestamp TIMESTAMPTZ NOT NULL,
+            original_timestamp TIMESTAMPTZ,
+            sent_at TIMESTAMPTZ,
+            received_at TIMESTAMPTZ NOT NULL,
+            properties JSON,
+            traits JSON,
+            context JSON,
+            integrations JSON,
+            ip VARCHAR,
+            country VARCHAR,
+            browser VARCHAR,
+            browser_version VARCHAR,
+            os VARCHAR,
+            os_version VARCHAR,
+            device VARCHAR,
+            page_url VARCHAR,
+            page_path VARCHAR,
+            referrer VARCHAR,
+            plan_status VARCHAR NOT NULL,
+            plan_issues JSON
+        );
+        CREATE TABLE dead_letters (
+            id VARCHAR PRIMARY KEY,
+            received_at TIMESTAMPTZ NOT NULL,
+            source VARCHAR,
+            channel VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            path VARCHAR,
+            payload VARCHAR NOT NULL,
+            envelope JSON,
+            status VARCHAR NOT NULL,
+            replay_count INTEGER NOT NULL DEFAULT 0,
+            last_replayed_at TIMESTAMPTZ
+        );
+        """,
+    ),
+]

@@ -1,0 +1,259 @@
+"""The single writer: group commit with durable acknowledgements.
+
+Every request hands its rows to one thread. That thread takes everything queued, writes it in
+one DuckDB transaction, commits (DuckDB fdatasyncs its write-ahead log on commit), and only then
+resolves the requests' futures. So a 2xx is never sent before the data is on disk, and the
+cost of the sync is shared by all requests that arrived meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from kilde.errors import KildeError
+from kilde.store.database import Store
+
+log = logging.getLogger("kilde.store")
+
+UTC_US = pa.timestamp("us", tz="UTC")
+
+EVENT_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("message_id", pa.string()),
+    ("source", pa.string()),
+    ("type", pa.string()),
+    ("event", pa.string()),
+    ("user_id", pa.string()),
+    ("anonymous_id", pa.string()),
+    ("group_id", pa.string()),
+    ("previous_id", pa.string()),
+    ("timestamp", UTC_US),
+    ("original_timestamp", UTC_US),
+    ("sent_at", UTC_US),
+    ("received_at", UTC_US),
+    ("properties", pa.string()),
+    ("traits", pa.string()),
+    ("context", pa.string()),
+    ("integrations", pa.string()),
+    ("ip", pa.string()),
+    ("country", pa.string()),
+    ("browser", pa.string()),
+    ("browser_version", pa.string()),
+    ("os", pa.string()),
+    ("os_version", pa.string()),
+    ("device", pa.string()),
+    ("page_url", pa.string()),
+    ("page_path", pa.string()),
+    ("referrer", pa.string()),
+    ("plan_status", pa.string()),
+    ("plan_issues", pa.string()),
+]
+
+DEAD_LETTER_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("id", pa.string()),
+    ("received_at", UTC_US),
+    ("source", pa.string()),
+    ("channel", pa.string()),
+    ("reason", pa.string()),
+    ("path", pa.string()),
+    ("payload", pa.string()),
+    ("envelope", pa.string()),
+    ("status", pa.string()),
+]
+
+EVENT_SCHEMA = pa.schema(EVENT_COLUMNS)
+DEAD_LETTER_SCHEMA = pa.schema(DEAD_LETTER_COLUMNS)
+
+
+class StoreUnavailableError(KildeError):
+    """The writer is overloaded or stopped; the client should retry later."""
+
+
+@dataclass
+class WriteBatch:
+    """Rows from one request (or one import chunk), written atomically together."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    # Extra statements run in the same transaction, e.g. marking replayed dead letters.
+    statements: list[tuple[str, list[Any]]] = field(default_factory=list)
+
+
+@dataclass
+class WriteResult:
+    stored: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+
+class RecentIds:
+    """A bounded memory of (source, messageId) pairs already stored, for deduplication."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._ids
+
+    def add(self, key: tuple[str, str]) -> None:
+        self._ids[key] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def discard(self, key: tuple[str, str]) -> None:
+        self._ids.pop(key, None)
+
+
+_Item = tuple[WriteBatch, "concurrent.futures.Future[WriteResult]"]
+
+
+class Writer:
+    """Owns all writes to the store; see the module docstring."""
+
+    def __init__(
+        self, store: Store, *, dedupe_capacity: int = 500_000, max_queued_rows: int = 200_000
+    ) -> None:
+        self.store = store
+        self.max_queued_rows = max_queued_rows
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queued_rows = 0
+        self._count_lock = threading.Lock()
+        self.recent = RecentIds(dedupe_capacity)
+        self._seed_recent(dedupe_capacity)
+        self._con = store.cursor()
+        self._thread = threading.Thread(target=self._run, name="kilde-writer", daemon=True)
+        self._thread.start()
+
+    def _seed_recent(self, limit: int) -> None:
+        rows = self.store.query(
+            "SELECT source, message_id FROM events ORDER BY received_at DESC LIMIT ?", [limit]
+        )
+        for row in reversed(rows):
+            self.recent.add((row["source"], row["message_id"]))
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit(self, batch: WriteBatch) -> concurrent.futures.Future[WriteResult]:
+        rows = len(batch.events) + len(batch.dead_letters)
+        with self._count_lock:
+            if self._queued_rows + rows > self.max_queued_rows:
+                raise StoreUnavailableError(
+                    "the store is busy writing earlier data", fix="retry in a second"
+                )
+            self._queued_rows += rows
+        future: concurrent.futures.Future[WriteResult] = concurrent.futures.Future()
+        self._queue.put((batch, future))
+        return future
+
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        return await asyncio.wrap_future(self.submit(batch))
+
+    def write_sync(self, batch: WriteBatch) -> WriteResult:
+        return self.submit(batch).result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._con.close()
+
+    # -- the writer thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:  # take everything that queued up while the last commit ran
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self._commit_group(items)
+            if stop:
+                return
+
+    def _commit_group(self, items: list[_Item]) -> None:
+        try:
+            results = self._commit(items)
+        except Exception:
+            if len(items) == 1:
+                log.exception("write failed")
+                self._finish(items, None, StoreUnavailableError("the write failed", fix="retry"))
+                return
+            # Isolate the batch that broke the group so the others still commit.
+            for item in items:
+                self._commit_group([item])
+            return
+        self._finish(items, results, None)
+
+    def _finish(
+        self, items: list[_Item], results: list[WriteResult] | None, error: Exception | None
+    ) -> None:
+        rows = sum(len(b.events) + len(b.dead_letters) for b, _ in items)
+        with self._count_lock:
+            self._queued_rows -= rows
+        for index, (_, future) in enumerate(items):
+            if error is not None or results is None:
+                future.set_exception(error or StoreUnavailableError("the write failed"))
+            else:
+                future.set_result(results[index])
+
+    def _commit(self, items: list[_Item]) -> list[WriteResult]:
+        results: list[WriteResult] = []
+        events: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        statements: list[tuple[str, list[Any]]] = []
+        added: list[tuple[str, str]] = []
+        for batch, _ in items:
+            result = WriteResult(dead_lettered=len(batch.dead_letters))
+            for row in batch.events:
+                key = (row["source"], row["message_id"])
+                if key in self.recent:
+                    result.duplicates += 1
+                    continue
+                self.recent.add(key)
+                added.append(key)
+                events.append(row)
+                result.stored += 1
+            dead.extend(batch.dead_letters)
+            statements.extend(batch.statements)
+            results.append(result)
+        con = self._con
+        try:
+            con.execute("BEGIN")
+            if events:
+                event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
+                con.execute("INSERT INTO events BY NAME SELECT * FROM event_table")
+            if dead:
+                dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
+                con.execute("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
+            for sql, params in statements:
+                con.execute(sql, params)
+            con.execute("COMMIT")
+        except Exception:
+            with contextlib.suppress(Exception):  # the transaction may already be gone
+                con.execute("ROLLBACK")
+            for key in added:
+                self.recent.discard(key)
+            raise
+        return results
+
+
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)

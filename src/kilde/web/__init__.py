@@ -1,0 +1,1 @@
+"""The ASGI application: collection endpoints, admin API, and (later) the dashboard."""

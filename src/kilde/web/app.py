@@ -1,0 +1,172 @@
+"""Building the ASGI application that `kilde serve` runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from kilde import __version__
+from kilde.collect import segment_api
+from kilde.config import Settings
+from kilde.pipeline import Pipeline
+from kilde.plan import Plan, load_plan
+from kilde.plan.models import Source
+from kilde.store import Store, Writer
+from kilde.web import admin_api
+from kilde.web.admin_token import TokenCheck
+from kilde.web.errors import HttpProblem, JsonResponse, problem_response
+
+log = logging.getLogger("kilde.http")
+
+
+@dataclass
+class WriteKeys:
+    active: dict[str, Source] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, plan: Plan) -> WriteKeys:
+        keys = cls()
+        for source in plan.sources:
+            for key in source.write_keys:
+                keys.active[key] = source
+            keys.revoked.update(source.revoked_write_keys)
+        return keys
+
+
+class CorsForCollection:
+    """Browsers may post events from any site; the admin API stays same-origin."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.cors = CORSMiddleware(
+            app,
+            allow_origins=["*"],
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            max_age=86400,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> FastAPI:
+    plan = load_plan(settings.plan_path)
+    store = Store(settings.data_dir)
+    writer = Writer(store)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        writer.close()
+        store.close()
+
+    app = FastAPI(
+        title="Kilde",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.writer = writer
+    app.state.pipeline = Pipeline(plan, writer)
+    app.state.keys = WriteKeys.of(plan)
+    app.state.tokens = TokenCheck(settings.data_dir, extra_admin_token)
+
+    def use_plan(new_plan: Plan) -> None:
+        app.state.pipeline.use_plan(new_plan)
+        app.state.keys = WriteKeys.of(new_plan)
+
+    app.state.use_plan = use_plan
+
+    app.include_router(segment_api.router)
+    app.include_router(admin_api.public)
+    app.include_router(admin_api.router)
+    _install_error_handlers(app)
+    app.middleware("http")(_access_log)
+    app.add_middleware(CorsForCollection)
+    return app
+
+
+async def _access_log(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    # Path only: query strings and bodies may carry personal data, so they are never logged.
+    started = time.perf_counter()
+    response = await call_next(request)
+    log.info(
+        "%s %s %d %.1fms",
+        request.method,
+        request.url.path[:200],
+        response.status_code,
+        (time.perf_counter() - started) * 1000,
+    )
+    return response
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HttpProblem)
+    async def _problem(_: Request, exc: HttpProblem) -> Response:
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        # Describe the field and the rule, never the value that was sent.
+        details = [
+            {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        first = details[0] if details else {"path": "", "message": "invalid request"}
+        return problem_response(
+            HttpProblem(
+                400,
+                "invalid_request",
+                f"{first['path']}: {first['message']}",
+                "correct the named parameter; see /api/docs for the expected shape",
+                path=first["path"],
+                extra={"details": details},
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        messages = {404: "there is nothing at this address", 405: "this method is not allowed here"}
+        return JsonResponse(
+            {
+                "success": False,
+                "error": f"http_{exc.status_code}",
+                "message": messages.get(exc.status_code, str(exc.detail)),
+                "fix": "see /api/docs for the available endpoints",
+            },
+            status_code=exc.status_code,
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        # The exception text may quote input, so only its type reaches the log.
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        return JsonResponse(
+            {
+                "success": False,
+                "error": "internal_error",
+                "message": "Kilde failed to handle this request",
+                "fix": "retry; if it persists, report it with the time of the request",
+            },
+            status_code=500,
+        )

@@ -1,0 +1,52 @@
+"""JSON error bodies: what was wrong and how to fix it, never personal data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+
+class JsonResponse(Response):
+    """JSON rendered by orjson (datetimes as ISO 8601)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+class HttpProblem(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fix: str,
+        *,
+        path: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.fix = fix
+        self.path = path
+        self.extra = extra or {}
+        self.headers = headers
+
+
+def problem_response(problem: HttpProblem) -> JsonResponse:
+    body: dict[str, Any] = {
+        "success": False,
+        "error": problem.code,
+        "message": problem.message,
+        "fix": problem.fix,
+    }
+    if problem.path:
+        body["path"] = problem.path
+    body.update(problem.extra)
+    return JsonResponse(body, status_code=problem.status, headers=problem.headers)

@@ -37,7 +37,7 @@ app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 DataOpt = Annotated[
     Path | None, typer.Option("--data", help="Data directory [env KILDE_DATA, default kilde-data]")
@@ -126,13 +126,9 @@ def plan_check(file: Annotated[Path, typer.Argument(help="The plan file to check
         plan = load_plan(file)
     except PlanError as exc:
         for problem in exc.problems:
-            errors.print(
-                f"{file}:{problem.line}:{problem.column}: {problem.path or '(plan)'}: "
-                f"{problem.message}",
-                highlight=False,
-                markup=False,
-            )
-        errors.print(f"{len(exc.problems)} problem(s) found")
+            where = problem.path or "(plan)"
+            print(f"{file}:{problem.line}:{problem.column}: {where}: {problem.message}")
+        print(f"{len(exc.problems)} problem(s) found")
         raise typer.Exit(1) from None
     except KildeError as exc:
         _fail(exc)
@@ -141,6 +137,7 @@ def plan_check(file: Annotated[Path, typer.Argument(help="The plan file to check
         f"[green]ok[/]: {file} — {len(plan.sources)} sources, {len(plan.purposes)} purposes, "
         f"{len(plan.events)} events, {len(plan.traits)} traits",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -125,3 +125,18 @@ def own_server(tmp_path: Path) -> Iterator[Server]:
     server = start_server(tmp_path / "data", plan)
     yield server
     server.stop()
+
+
+def run_kilde(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the `kilde` CLI as a user would, with no server unless `env` points at one."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KILDE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "kilde.cli", *args],
+        env={**base, "COLUMNS": "200", **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -14,7 +14,7 @@ from typing import Any
 
 import fastjsonschema
 
-from kilde.plan.models import Plan, TraitSpec
+from kilde.plan.models import Plan, TraitSpec, compile_schema
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PlanChecker:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._events: dict[tuple[str, str | None], Callable[[Any], Any]] = {
-            spec.key: fastjsonschema.compile(spec.properties) for spec in plan.events
+            spec.key: compile_schema(spec.properties) for spec in plan.events
         }
         self._traits: dict[str, dict[str, TraitSpec]] = {"user": {}, "group": {}}
         for trait in plan.traits:

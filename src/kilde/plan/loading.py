@@ -80,23 +80,32 @@ def load_plan_text(
         raise PlanError(file, [PlanProblem(1, 1, "", "the plan is empty")])
 
     marks: dict[Loc, tuple[int, int]] = {}
+    keys: dict[Loc, tuple[int, int]] = {}
     problems: list[PlanProblem] = []
-    data = _to_python(root, (), marks, problems, env)
-    if problems:
-        raise PlanError(file, problems)
+    data = _to_python(root, (), marks, keys, problems, env)
     if not isinstance(data, dict):
         raise PlanError(file, [PlanProblem(1, 1, "", "the plan must be a mapping of sections")])
 
+    # Collect every problem before giving up: missing variables, the models, the cross checks.
+    plan: Plan | None = None
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
+            if error["type"] == "json_schema":
+                continue  # cross_check reports it at the failing line of the schema
             loc: Loc = tuple(error["loc"])
-            problems.append(_problem(marks, loc, _message(error)))
-        raise PlanError(file, problems) from None
-    for loc, message in cross_check(plan):
-        problems.append(_problem(marks, loc, message))
-    if problems:
+            where = keys if error["type"] == "extra_forbidden" else marks
+            problems.append(_problem(where, marks, loc, _message(error)))
+    for loc, message in cross_check(data):
+        problems.append(_problem(marks, marks, loc, message))
+    if problems or plan is None:
+        # A value with a missing variable is checked as written; its own complaints are noise.
+        unset = {p.path for p in problems if p.message.startswith("environment variable")}
+        problems = [
+            p for p in problems if p.path not in unset or p.message.startswith("environment")
+        ]
+        problems.sort(key=lambda p: (p.line, p.column))
         raise PlanError(file, problems)
     return plan
 
@@ -113,12 +122,17 @@ def _message(error: Any) -> str:
     return message.removeprefix("Value error, ")
 
 
-def _problem(marks: dict[Loc, tuple[int, int]], loc: Loc, message: str) -> PlanProblem:
+def _problem(
+    where: dict[Loc, tuple[int, int]], marks: dict[Loc, tuple[int, int]], loc: Loc, message: str
+) -> PlanProblem:
     # Pydantic adds model or tag names into some locations; keep only the parts that exist.
-    probe = loc
-    while probe and probe not in marks:
-        probe = probe[:-1]
-    line, column = marks.get(probe, (1, 1))
+    if loc in where:
+        line, column = where[loc]
+    else:
+        probe = loc
+        while probe and probe not in marks:
+            probe = probe[:-1]
+        line, column = marks.get(probe, (1, 1))
     return PlanProblem(line, column, ".".join(str(p) for p in loc), message)
 
 
@@ -126,6 +140,7 @@ def _to_python(
     node: yaml.Node,
     loc: Loc,
     marks: dict[Loc, tuple[int, int]],
+    keys: dict[Loc, tuple[int, int]],
     problems: list[PlanProblem],
     env: Mapping[str, str],
 ) -> Any:
@@ -134,11 +149,24 @@ def _to_python(
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = str(key_node.value)
-            result[key] = _to_python(value_node, (*loc, key), marks, problems, env)
+            key_loc = (*loc, key)
+            if key in result:
+                # YAML loaders keep the last of two equal keys silently; a plan must not.
+                problems.append(
+                    PlanProblem(
+                        key_node.start_mark.line + 1,
+                        key_node.start_mark.column + 1,
+                        ".".join(str(p) for p in key_loc),
+                        f"key {key!r} appears twice in this mapping; keep one",
+                    )
+                )
+                continue
+            keys[key_loc] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            result[key] = _to_python(value_node, key_loc, marks, keys, problems, env)
         return result
     if isinstance(node, yaml.SequenceNode):
         return [
-            _to_python(child, (*loc, index), marks, problems, env)
+            _to_python(child, (*loc, index), marks, keys, problems, env)
             for index, child in enumerate(node.value)
         ]
     value = yaml.SafeLoader(b"").construct_object(node)  # plain scalars: int, bool, str, null
@@ -169,6 +197,6 @@ def _substitute(
                 f"environment variable {name} is not set; set it or write ${{{name}:-default}}",
             )
         )
-        return ""
+        return match.group(0)  # checked further as written, so later problems show too
 
     return _VAR.sub(replace, value)

@@ -8,11 +8,14 @@ and how long it is kept (retention). Unknown keys are errors, so a typo never pa
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
+import fastjsonschema
 from jsonschema import Draft7Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 SourceKind = Literal["web", "server", "app", "email", "form", "import", "broker"]
 SourceMode = Literal["strict", "warn"]
@@ -32,6 +35,39 @@ IpPolicy = Literal["truncate", "full", "drop"]
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _RETENTION = re.compile(r"^\s*(\d+)\s*(d|day|days|w|week|weeks|m|month|months|y|year|years)\s*$")
 _DAYS_PER_UNIT = {"d": 1, "w": 7, "m": 30, "y": 365}
+
+
+def _refuse_remote(uri: str) -> Any:
+    raise ValueError("a $ref to another document is not supported; put the definition in the plan")
+
+
+class _NoRemoteRefs(dict[str, Callable[[str], Any]]):
+    """fastjsonschema fetches `$ref`s it has no handler for; this handles every scheme."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> Callable[[str], Any]:
+        return _refuse_remote
+
+
+def compile_schema(schema: dict[str, Any]) -> Callable[[Any], Any]:
+    """A fast validator for an event's properties; never reaches the network or the disk."""
+    return fastjsonschema.compile(schema, handlers=_NoRemoteRefs())
+
+
+def schema_problem(schema: Any) -> tuple[tuple[str | int, ...], str] | None:
+    """(path inside the schema, message) of what makes `schema` invalid, or None."""
+    try:
+        Draft7Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path) or "(top)"
+        return tuple(exc.path), f"not a valid JSON Schema at {where}: {exc.message}"
+    try:
+        compile_schema(schema)
+    except Exception as exc:  # fastjsonschema raises several kinds; all mean "cannot use it"
+        return (), f"the JSON Schema cannot be compiled: {exc}"
+    return None
 
 
 def retention_days(text: str) -> int:
@@ -93,6 +129,9 @@ class Purpose(_Strict):
     description: str
     legal_basis: LegalBasis
     double_opt_in: bool = False
+    # CCPA "sale or sharing" (e.g. cross-context behavioural advertising): a Global Privacy
+    # Control signal opts the person out of this purpose.
+    sale_or_sharing: bool = False
 
 
 class EventSpec(_Strict):
@@ -106,11 +145,10 @@ class EventSpec(_Strict):
     @field_validator("properties")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            Draft7Validator.check_schema(value)
-        except SchemaError as exc:
-            where = "/".join(str(p) for p in exc.path) or "(top)"
-            raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        problem = schema_problem(value)
+        if problem is not None:
+            # Its own error type: the plan loader reports it at the failing line instead.
+            raise PydanticCustomError("json_schema", problem[1])
         return value
 
     @field_validator("retention")
@@ -152,6 +190,22 @@ class Privacy(_Strict):
     ip: IpPolicy = "truncate"
 
 
+class WebTracking(_Strict):
+    """How the browser tracker (k.js), its cookie and the web beacon behave."""
+
+    # The purpose the first-party cookie `kilde_aid` serves; when its legal basis is consent,
+    # k.js stores no identifier until the visitor grants it. Empty: the purposes of page views.
+    cookie_purpose: str | None = None
+    # Without consent, still count page views without any identifier (path only).
+    cookieless_page_count: bool = False
+    # Let the collector (re)set `kilde_aid` as an HTTP cookie (lasts in Safari, unlike cookies
+    # set by scripts); useful when Kilde runs on a subdomain of the website.
+    server_cookie: bool = True
+    # Domain attribute of the server-set cookie, e.g. "shop.example" so that www.shop.example
+    # and collect.shop.example share it; host-only when empty.
+    cookie_domain: str | None = None
+
+
 class Plan(_Strict):
     version: Literal[1] = 1
     company: Company
@@ -161,6 +215,20 @@ class Plan(_Strict):
     events: list[EventSpec] = Field(default_factory=list)
     traits: list[TraitSpec] = Field(default_factory=list)
     privacy: Privacy = Field(default_factory=Privacy)
+    web: WebTracking = Field(default_factory=WebTracking)
+
+    @model_validator(mode="after")
+    def _cookie_purpose_declared(self) -> Plan:
+        wanted = self.web.cookie_purpose
+        if wanted is not None and not any(p.id == wanted for p in self.purposes):
+            raise ValueError(
+                f"web.cookie_purpose {wanted!r} is not one of the purposes; "
+                "name a declared purpose (usually analytics)"
+            )
+        return self
+
+    def purpose(self, purpose_id: str) -> Purpose | None:
+        return next((p for p in self.purposes if p.id == purpose_id), None)
 
     def source(self, name: str) -> Source | None:
         return next((s for s in self.sources if s.name == name), None)

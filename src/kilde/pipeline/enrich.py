@@ -48,24 +48,39 @@ def protect_ip(ip: str | None, policy: IpPolicy) -> str | None:
     """Apply the plan's IP policy: IPv4 keeps /24, IPv6 keeps /48 when truncating."""
     if ip is None or policy == "drop":
         return None
+    return _protect_ip(ip, policy)
+
+
+# Events come in sessions, so the same addresses recur; parsing one costs several µs.
+@lru_cache(maxsize=65536)
+def _protect_ip(ip: str, policy: IpPolicy) -> str | None:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return None
     if policy == "full":
         return str(address)
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    if address.version == 4:
+        return str(ipaddress.IPv4Address(int(address) & _V4_KEEP))
+    return str(ipaddress.IPv6Address(int(address) & _V6_KEEP))
+
+
+_V4_KEEP = ~((1 << 8) - 1) & ((1 << 32) - 1)  # the first 24 bits
+_V6_KEEP = ~((1 << 80) - 1) & ((1 << 128) - 1)  # the first 48 bits
 
 
 class Enricher:
     def __init__(self, ip_policy: IpPolicy) -> None:
         self.ip_policy = ip_policy
         self._geo = GeoIP2Fast(verbose=False)
+        self._country = lru_cache(maxsize=65536)(self._lookup_country)
 
     def country(self, ip: str | None) -> str | None:
         if not ip:
             return None
+        return self._country(ip)
+
+    def _lookup_country(self, ip: str) -> str | None:
         try:
             code = self._geo.lookup(ip).country_code
         except Exception:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import logging
-import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kilde.cli_common import (
+    DataOpt,
+    JsonOpt,
+    PlanOpt,
+    TokenOpt,
+    console,
+    fail,
+    print_json,
+    settings_from,
+)
 from kilde.client import Client, remove_server_file, write_server_file
-from kilde.config import Settings
 from kilde.errors import KildeError
 from kilde.plan import PlanError, load_plan
 
@@ -36,39 +41,14 @@ app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
 
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
-
-DataOpt = Annotated[
-    Path | None, typer.Option("--data", help="Data directory [env KILDE_DATA, default kilde-data]")
-]
-PlanOpt = Annotated[
-    Path | None, typer.Option("--plan", help="Plan file [env KILDE_PLAN, default kilde.yaml]")
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option("--token", help="Admin token of a running server [env KILDE_ADMIN_TOKEN]"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
-
-
 def example_plan_path() -> Path:
     return Path(str(resources.files("kilde") / "demo" / "kilde.yaml"))
 
 
-def _settings(data: Path | None, plan: Path | None, **extra: Any) -> Settings:
-    return Settings.from_env(data_dir=data, plan_path=plan, **extra)
-
-
-def _fail(exc: KildeError) -> None:
-    errors.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-    if exc.fix:
-        errors.print(f"[bold]fix:[/] {exc.fix}", highlight=False)
-    raise typer.Exit(1)
-
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+# Kept under their old names for the commands below.
+_settings = settings_from
+_fail = fail
+_print_json = print_json
 
 
 # -- serve --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
 
+
 def example_plan_path() -> Path:
     return Path(str(resources.files("kilde") / "demo" / "kilde.yaml"))
 

@@ -1,0 +1,1 @@
+"""Hosted forms and surveys: ask people, with consent done right."""

@@ -1,0 +1,427 @@
+"""Hosted forms and surveys at /f/{form_id}.
+
+GET renders an accessible form that works without JavaScript (and in an iframe). POST validates
+on the server, re-renders with the person's values and errors tied to fields, and on success
+sends one identify (the traits), one `Form Submitted`/`Survey Answered` event and the consent
+choices (one per box: unticked is a denial) through `Pipeline.ingest` in one transaction.
+Purposes marked `double_opt_in` become active only after the emailed link is clicked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict, deque
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import HTMLResponse, Response
+
+from kilde.collect.forms.mailer import SmtpSettings, send_mail
+from kilde.collect.forms.validation import HONEYPOT, Submission, validate
+from kilde.collect.segment_api import client_ip
+from kilde.pipeline import Envelope, Pipeline
+from kilde.pipeline.dead_letter import dead_letter_row
+from kilde.pipeline.enrich import protect_ip
+from kilde.plan.forms import Form
+from kilde.signing import TokenError, TokenSigner
+from kilde.store.writer import WriteBatch
+
+log = logging.getLogger("kilde.forms")
+
+MAX_BODY = 64 * 1024
+CSRF_TTL = 4 * 3600
+CONFIRM_TTL = 7 * 86400
+RATE_WINDOW = 600.0
+RATE_LIMIT = 20  # submissions per address and form per window
+
+templates = Environment(
+    loader=PackageLoader("kilde.web", "templates"), autoescape=select_autoescape(["html"])
+)
+router = APIRouter()
+
+
+class RateLimiter:
+    """Submissions per client address and form in a sliding window (in memory, per process)."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._hits: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        hits = self._hits[key]
+        while hits and now - hits[0] > self.window:
+            hits.popleft()
+        if len(hits) >= self.limit:
+            return False
+        hits.append(now)
+        return True
+
+
+limiter = RateLimiter(RATE_LIMIT, RATE_WINDOW)
+
+
+def _page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    plan = request.app.state.pipeline.plan
+    html = templates.get_template(f"forms/{template}").render(company=plan.company, **context)
+    # Embeddable by iframe on any site; never cached, since pages carry a CSRF token.
+    headers = {"Cache-Control": "no-store", "Content-Security-Policy": "frame-ancestors *"}
+    return HTMLResponse(html, status_code=status, headers=headers)
+
+
+def _message(request: Request, heading: str, message: str, status: int) -> HTMLResponse:
+    return _page(request, "message.html", status, title=heading, heading=heading, message=message)
+
+
+def _form(request: Request, form_id: str) -> Form | None:
+    plan = request.app.state.pipeline.plan
+    return next((f for f in plan.forms if f.id == form_id), None)
+
+
+class BadToken(Exception):
+    """A form, invitation or confirmation token that cannot be honoured; says why to a person."""
+
+
+def _signer(request: Request) -> TokenSigner:
+    state = request.app.state
+    signer = getattr(state, "token_signer", None)
+    if signer is None:
+        signer = state.token_signer = TokenSigner.for_data_dir(state.settings.data_dir)
+    return signer
+
+
+def _sign(request: Request, purpose: str, data: dict[str, Any], ttl: int) -> str:
+    expires = datetime.now(UTC) + timedelta(seconds=ttl)
+    return _signer(request).sign(purpose, data, expires_at=expires)
+
+
+def _verify(request: Request, purpose: str, token: str) -> dict[str, Any]:
+    try:
+        return _signer(request).verify(purpose, token)
+    except TokenError as exc:
+        if exc.code == "expired":
+            raise BadToken("This link has expired.") from None
+        raise BadToken(
+            "This link is not valid. Please use the link exactly as you received it."
+        ) from None
+
+
+def _render(
+    request: Request,
+    form: Form,
+    *,
+    status: int = 200,
+    sub: Submission | None = None,
+    token: str | None = None,
+    problem: str | None = None,
+) -> HTMLResponse:
+    csrf = _sign(request, "form-csrf", {"f": form.id}, CSRF_TTL)
+    return _page(
+        request,
+        "form.html",
+        status,
+        title=form.title,
+        form=form,
+        action=f"/f/{form.id}",
+        csrf=csrf,
+        token=token,
+        raw=sub.raw if sub else {},
+        errors=sub.errors if sub else {},
+        consents=sub.consents if sub else {},
+        problem=problem,
+        script_url="/f/static/forms.js",
+    )
+
+
+@router.get("/f/static/forms.js")
+def forms_script() -> Response:
+    script = (resources.files("kilde.web") / "static" / "forms.js").read_bytes()
+    return Response(
+        script,
+        media_type="text/javascript",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
+
+
+@router.get("/f/{form_id}")
+def show_form(request: Request, form_id: str, t: str | None = None) -> HTMLResponse:
+    form = _form(request, form_id)
+    if form is None:
+        return _message(request, "Form not found", "There is no form at this address.", 404)
+    if t is not None:
+        try:
+            _invite(request, form, t)
+        except BadToken as exc:
+            return _message(request, "This link does not work", str(exc), 400)
+    return _render(request, form, token=t)
+
+
+def _invite(request: Request, form: Form, token: str) -> dict[str, Any]:
+    """The personal invitation a survey link carries; raises BadToken when forged or used."""
+    claims = _verify(request, "survey-invite", token)
+    if claims.get("f") != form.id:
+        raise BadToken("This link is not for this survey.")
+    rows = request.app.state.store.query(
+        "SELECT user_id, email, used_at FROM form_invites WHERE id = ? AND form_id = ?",
+        [claims.get("i"), form.id],
+    )
+    if not rows:
+        raise BadToken("This link is not known.")
+    if rows[0]["used_at"] is not None:
+        raise BadToken("This survey has already been answered with this link. Thank you!")
+    return {"id": claims["i"], "user_id": rows[0]["user_id"], "email": rows[0]["email"]}
+
+
+@router.post("/f/{form_id}")
+async def submit_form(request: Request, form_id: str) -> Response:
+    form = _form(request, form_id)
+    if form is None:
+        return _message(request, "Form not found", "There is no form at this address.", 404)
+    ip = client_ip(request) or "unknown"
+    if not limiter.allow((ip, form.id)):
+        return _message(
+            request,
+            "Too many submissions",
+            "This address has sent this form too often. Please wait a few minutes.",
+            429,
+        )
+    length = int(request.headers.get("content-length") or 0)
+    if length > MAX_BODY:
+        return _message(request, "Too much text", "The answers are too long to accept.", 413)
+    try:
+        data = await request.form(max_files=0, max_fields=200, max_part_size=MAX_BODY)
+    except Exception:
+        return _message(request, "Unreadable form", "The submission could not be read.", 400)
+    fields: dict[str, list[str]] = defaultdict(list)
+    for key, value in data.multi_items():
+        if isinstance(value, str):
+            fields[key].append(value)
+    env = Envelope(
+        received_at=datetime.now(UTC),
+        channel="form",
+        ip=client_ip(request),
+        user_agent=request.headers.get("user-agent"),
+    )
+    token = next(iter(fields.get("t") or []), None)
+
+    csrf = next(iter(fields.get("csrf") or []), None)
+    origin = request.headers.get("origin")
+    if csrf is not None:
+        try:
+            claims = _verify(request, "form-csrf", csrf)
+            if claims.get("f") != form.id:
+                raise BadToken("not this form's token")
+        except BadToken:
+            return _render(
+                request,
+                form,
+                status=403,
+                token=token,
+                problem="This page has expired. Please fill in the form again.",
+            )
+    elif origin is None or origin not in form.allowed_origins:
+        return _message(
+            request,
+            "Form not accepted",
+            "This form must be sent from its own page or from a site the plan allows.",
+            403,
+        )
+
+    if fields.get(HONEYPOT, [""])[0]:
+        await _dead_letter(request, form, fields, env, "spam: the hidden honeypot field was filled")
+        return _message(request, form.title, form.thank_you, 200)  # tell bots nothing
+
+    sub = validate(form, fields)
+    if sub.tampered:
+        await _dead_letter(request, form, fields, env, "tampered form: " + "; ".join(sub.tampered))
+        return _message(
+            request,
+            "Form not accepted",
+            "The form was changed before it was sent. Please use the form on our page.",
+            400,
+        )
+    invite = None
+    if token is not None:
+        try:
+            invite = _invite(request, form, token)
+        except BadToken as exc:
+            return _message(request, "This link does not work", str(exc), 400)
+    if sub.errors:
+        return _render(request, form, status=400, sub=sub, token=token)
+    return await _store(request, form, sub, env, invite)
+
+
+async def _dead_letter(
+    request: Request, form: Form, fields: dict[str, list[str]], env: Envelope, reason: str
+) -> None:
+    pipeline: Pipeline = request.app.state.pipeline
+    kept = Envelope(
+        env.received_at, env.channel, protect_ip(env.ip, pipeline.plan.privacy.ip), env.user_agent
+    )
+    row = dead_letter_row(
+        {"form_id": form.id, "fields": fields},
+        source=form.source,
+        env=kept,
+        code="form_rejected",
+        reason=reason,
+        path=None,
+        message_type="form",
+    )
+    await pipeline.writer.write(WriteBatch(dead_letters=[row]))
+    log.info("form %s submission rejected", form.id)
+
+
+async def _store(
+    request: Request,
+    form: Form,
+    sub: Submission,
+    env: Envelope,
+    invite: dict[str, Any] | None,
+) -> Response:
+    pipeline: Pipeline = request.app.state.pipeline
+    plan = pipeline.plan
+    source = plan.source(form.source)
+    if source is None:
+        return _message(request, "Form unavailable", "This form is not set up correctly.", 503)
+    ids: dict[str, str] = {}
+    if invite and invite["user_id"]:
+        ids["userId"] = invite["user_id"]
+    visitor = request.cookies.get("kilde_aid")
+    ids["anonymousId"] = visitor if visitor and len(visitor) <= 64 else str(uuid.uuid4())
+    by_name = {f.name: f for f in form.fields}
+    traits = {by_name[n].trait: v for n, v in sub.values.items() if by_name[n].trait}
+    answers = {n: v for n, v in sub.values.items() if not by_name[n].trait}
+    if invite and invite["email"] and "email" not in traits:
+        traits["email"] = invite["email"]  # joins the answers to the person it was sent to
+    double = {p.id for p in plan.purposes if p.double_opt_in}
+    active = {p: granted for p, granted in sub.consents.items() if not (granted and p in double)}
+    awaiting = sorted(p for p, granted in sub.consents.items() if granted and p in double)
+    now = env.received_at.isoformat()
+    context: dict[str, Any] = {"kilde": {"form_id": form.id, "tier": "first_party"}}
+    if active:
+        context["consent"] = {
+            "categoryPreferences": active,
+            "evidence": f"form:{form.id}",
+        }
+    records: list[dict[str, Any]] = []
+    if traits:
+        records.append(
+            {"type": "identify", "traits": traits, "timestamp": now, "context": context, **ids}
+        )
+    properties: dict[str, Any] = {"form_id": form.id, "answers": answers}
+    if awaiting:
+        properties["consents_awaiting_confirmation"] = awaiting
+    records.append(
+        {
+            "type": "track",
+            "event": form.event_name,
+            "properties": properties,
+            "timestamp": now,
+            "context": context,
+            **ids,
+        }
+    )
+    batch, outcomes = pipeline.batch_for(records, source, env)
+    rejected = [o for o in outcomes if o.status == "dead_lettered"]
+    if rejected:
+        # Nothing half-stored: keep the whole submission as dead letters, store none of it.
+        batch.events.clear()
+        log.warning("form %s does not fit the plan: %s", form.id, rejected[0].reason)
+        await pipeline.writer.write(batch)
+        return _message(
+            request,
+            "Form unavailable",
+            "Your answers were kept, but this form is not set up correctly yet. "
+            "Please try again later.",
+            503,
+        )
+    if invite:
+        batch.statements.append(
+            (
+                "UPDATE form_invites SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                [env.received_at, invite["id"]],
+            )
+        )
+    await pipeline.writer.write(batch)
+    email = next((v for n, v in sub.values.items() if by_name[n].type == "email"), None)
+    if awaiting and email:
+        await _send_confirmation(request, form, email, ids, awaiting)
+    return _message(request, form.title, form.thank_you, 200)
+
+
+async def _send_confirmation(
+    request: Request, form: Form, email: str, ids: dict[str, str], purposes: list[str]
+) -> None:
+    smtp = SmtpSettings.from_env()
+    if smtp is None:
+        log.warning("double opt-in for form %s, but KILDE_SMTP_HOST is not set", form.id)
+        return
+    token = _sign(
+        request,
+        "form-confirm",
+        {"f": form.id, "u": ids.get("userId"), "a": ids["anonymousId"], "c": purposes},
+        CONFIRM_TTL,
+    )
+    base = str(getattr(request.app.state, "public_url", None) or request.base_url).rstrip("/")
+    link = f"{base}/f/{form.id}/confirm?t={token}"
+    plan = request.app.state.pipeline.plan
+    html = templates.get_template("forms/confirm_mail.html").render(
+        company=plan.company, form=form, link=link
+    )
+    text = f"Please confirm your subscription to {plan.company.name}:\n\n{link}\n"
+    try:
+        await run_in_threadpool(send_mail, smtp, email, f"Please confirm: {form.title}", text, html)
+    except OSError as exc:
+        log.error("confirmation mail for form %s failed: %s", form.id, type(exc).__name__)
+
+
+@router.get("/f/{form_id}/confirm")
+async def confirm(request: Request, form_id: str, t: str = "") -> Response:
+    form = _form(request, form_id)
+    if form is None:
+        return _message(request, "Form not found", "There is no form at this address.", 404)
+    try:
+        claims = _verify(request, "form-confirm", t)
+        if claims.get("f") != form.id:
+            raise BadToken("This link is not for this form.")
+    except BadToken as exc:
+        return _message(request, "This link does not work", str(exc), 400)
+    pipeline: Pipeline = request.app.state.pipeline
+    source = pipeline.plan.source(form.source)
+    if source is None:
+        return _message(request, "Form unavailable", "This form is not set up correctly.", 503)
+    env = Envelope(
+        received_at=datetime.now(UTC),
+        channel="form",
+        ip=client_ip(request),
+        user_agent=request.headers.get("user-agent"),
+    )
+    ids = {"anonymousId": claims["a"], **({"userId": claims["u"]} if claims.get("u") else {})}
+    record = {
+        "type": "track",
+        "event": "Consent Confirmed",
+        # The same link clicked twice records one confirmation (messageId dedupe).
+        "messageId": "confirm-" + uuid.uuid5(uuid.NAMESPACE_URL, t).hex,
+        "properties": {"form_id": form.id, "purposes": claims["c"]},
+        "context": {
+            "consent": {
+                "categoryPreferences": dict.fromkeys(claims["c"], True),
+                "evidence": f"double opt-in:{form.id}",
+            },
+            "kilde": {"form_id": form.id, "tier": "first_party"},
+        },
+        **ids,
+    }
+    result = await pipeline.ingest([record], source, env)
+    if result.rejected:
+        return _message(
+            request, "Form unavailable", "This confirmation could not be recorded yet.", 503
+        )
+    return _message(request, "Thank you", "Your subscription is confirmed.", 200)

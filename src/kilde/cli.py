@@ -68,9 +68,12 @@ def serve(
 
     from kilde.web.admin_token import ensure_admin_token
     from kilde.web.app import create_app
+    from kilde.web.errors import RedactExceptionText
 
     settings = _settings(data, plan, host=host, port=port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:  # exception texts may quote personal data
+        handler.addFilter(RedactExceptionText())
     try:
         new_token = ensure_admin_token(settings.data_dir, settings.admin_token)
         application = create_app(settings)

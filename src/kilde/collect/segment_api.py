@@ -20,6 +20,7 @@ from starlette.responses import Response
 from kilde.pipeline import Envelope, IngestResult, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.enrich import protect_ip
+from kilde.pipeline.normalize import batch_items
 from kilde.plan.models import Source
 from kilde.store.writer import StoreUnavailableError, WriteBatch
 from kilde.web.errors import HttpProblem, JsonResponse
@@ -44,7 +45,7 @@ def client_ip(request: Request) -> str | None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, gunzipping if needed, refusing more than READ_FACTOR x limit."""
+    """Read the raw body, refusing (unread) more than READ_FACTOR x limit."""
     hard = limit * READ_FACTOR
     chunks: list[bytes] = []
     size = 0
@@ -58,12 +59,17 @@ async def read_body(request: Request, limit: int) -> bytes:
                 f"send at most {limit // 1024} KB per request; split batches",
             )
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def inflate(request: Request, body: bytes, limit: int) -> bytes:
+    """Gunzip the body if its Content-Encoding says so, refusing more than READ_FACTOR x limit."""
+    hard = limit * READ_FACTOR
     encoding = request.headers.get("content-encoding", "").lower().strip()
     if encoding in ("gzip", "x-gzip"):
         inflater = zlib.decompressobj(wbits=47)  # gzip or zlib header
         try:
-            body = inflater.decompress(body, hard + 1)
+            inflated = inflater.decompress(body, hard + 1)
         except zlib.error:
             raise HttpProblem(
                 400,
@@ -71,14 +77,22 @@ async def read_body(request: Request, limit: int) -> bytes:
                 "the body says Content-Encoding: gzip but is not valid gzip",
                 "compress the body with gzip, or drop the Content-Encoding header",
             ) from None
-        if len(body) > hard or inflater.unconsumed_tail:
+        if len(inflated) > hard or inflater.unconsumed_tail:
             raise HttpProblem(
                 413,
                 "payload_too_large",
                 f"the body inflates to more than {hard // 1024} KB and was not read",
                 f"send at most {limit // 1024} KB per request",
             )
-    elif encoding not in ("", "identity"):
+        if not inflater.eof:
+            raise HttpProblem(
+                400,
+                "bad_gzip",
+                "the gzip body ends before its end marker (truncated)",
+                "send the whole gzip stream",
+            )
+        return inflated
+    if encoding not in ("", "identity"):
         raise HttpProblem(
             415,
             "unsupported_encoding",
@@ -189,11 +203,11 @@ async def _dead_letter_body(
 async def _receive(request: Request, kind: str) -> Response:
     is_batch = kind in ("batch", "import")
     limit = MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES
-    check_content_type(request)
     header_key = basic_auth_key(request)
     # Authenticate from the header before reading, so strangers cannot make us read big bodies.
     source = resolve_source(request, header_key) if header_key else None
-    body = await read_body(request, limit)
+    raw = await read_body(request, limit)
+    body = raw
     env = Envelope(
         received_at=datetime.now(UTC),
         channel="http",
@@ -201,6 +215,8 @@ async def _receive(request: Request, kind: str) -> Response:
         user_agent=request.headers.get("user-agent"),
     )
     try:
+        check_content_type(request)
+        body = inflate(request, raw, limit)
         payload = _parse(body)
         if not isinstance(payload, dict):
             raise HttpProblem(
@@ -216,18 +232,18 @@ async def _receive(request: Request, kind: str) -> Response:
                 f"the body is {len(body) // 1024} KB; the limit is {limit // 1024} KB",
                 "send smaller events, or fewer events per batch",
             )
+        if is_batch:
+            records = _batch_records(payload)
+            message_type = None
+        else:
+            payload.pop("writeKey", None)
+            records = [payload]
+            message_type = kind
     except HttpProblem as problem:
-        if source is not None and problem.status in (400, 413):
+        # Whatever a known source sent is kept, so it can be fixed and replayed.
+        if source is not None and problem.status in (400, 413, 415):
             await _dead_letter_body(request, source, body, env, problem)
         raise
-
-    if is_batch:
-        records = _batch_records(payload)
-        message_type = None
-    else:
-        payload.pop("writeKey", None)
-        records = [payload]
-        message_type = kind
 
     pipeline: Pipeline = request.app.state.pipeline
     try:
@@ -259,32 +275,7 @@ def _batch_records(payload: dict[str, Any]) -> list[Any]:
             f"send at most {MAX_BATCH_EVENTS} events per batch",
             path="batch",
         )
-    shared_context = payload.get("context")
-    shared_integrations = payload.get("integrations")
-    sent_at = payload.get("sentAt")
-    records: list[Any] = []
-    for item in batch:
-        if isinstance(item, dict):
-            item = _merge_shared(item, shared_context, shared_integrations, sent_at)
-        records.append(item)
-    return records
-
-
-def _merge_shared(
-    item: dict[str, Any], context: Any, integrations: Any, sent_at: Any
-) -> dict[str, Any]:
-    merged = dict(item)
-    if isinstance(context, dict):
-        own = item.get("context")
-        merged["context"] = {**context, **own} if isinstance(own, dict) else dict(context)
-    if isinstance(integrations, dict):
-        own = item.get("integrations")
-        merged["integrations"] = (
-            {**integrations, **own} if isinstance(own, dict) else dict(integrations)
-        )
-    if sent_at is not None and "sentAt" not in item:
-        merged["sentAt"] = sent_at
-    return merged
+    return batch_items(payload)
 
 
 def _answer(result: IngestResult, is_batch: bool) -> Response:

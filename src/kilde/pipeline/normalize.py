@@ -172,11 +172,15 @@ def normalize(message: Any, message_type: str | None, source: str, env: Envelope
     original = parse_time(message.get("timestamp") or message.get("originalTimestamp"), "timestamp")
     sent_at = parse_time(message.get("sentAt"), "sentAt")
     received = env.received_at
-    if original is not None and sent_at is not None:
-        timestamp = received - (sent_at - original)
-    else:
-        timestamp = original or received
-    if timestamp < EARLIEST or timestamp > received + FUTURE_SLACK:
+    timestamp: datetime | None
+    try:
+        if original is not None and sent_at is not None:
+            timestamp = received - (sent_at - original)
+        else:
+            timestamp = original or received
+    except OverflowError:  # a clock off by thousands of years
+        timestamp = None
+    if timestamp is None or timestamp < EARLIEST or timestamp > received + FUTURE_SLACK:
         raise Rejection(
             "timestamp_out_of_range",
             "the timestamp (after correcting the sender's clock with sentAt) is before 2000 or "
@@ -218,3 +222,26 @@ def normalize(message: Any, message_type: str | None, source: str, env: Envelope
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def batch_items(payload: dict[str, Any]) -> list[Any]:
+    """The messages of a Segment batch, with the batch's context, integrations and sentAt
+    merged into each (what the item says itself wins)."""
+    batch = payload.get("batch")
+    if not isinstance(batch, list):
+        return []
+    context = payload.get("context")
+    integrations = payload.get("integrations")
+    sent_at = payload.get("sentAt")
+    items: list[Any] = []
+    for item in batch:
+        if isinstance(item, dict):
+            item = dict(item)
+            for field, shared in (("context", context), ("integrations", integrations)):
+                own = item.get(field)
+                if isinstance(shared, dict) and (own is None or isinstance(own, dict)):
+                    item[field] = {**shared, **(own or {})}
+            if sent_at is not None and "sentAt" not in item:
+                item["sentAt"] = sent_at
+        items.append(item)
+    return items

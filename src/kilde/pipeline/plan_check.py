@@ -61,13 +61,20 @@ class PlanChecker:
 
     def check(self, row: dict[str, Any]) -> list[PlanIssue]:
         kind = row["type"]
+        # Traits are checked wherever a sender puts them, so no message type is a way around
+        # the plan (Segment's track or alias have no traits, but nothing stops a sender).
+        traits = self._check_traits("group" if kind == "group" else "user", row["traits"])
         if kind in ("track", "page", "screen"):
-            return self._check_event(kind, row["event"], row["properties"])
-        if kind == "identify":
-            return self._check_traits("user", row["traits"])
-        if kind == "group":
-            return self._check_traits("group", row["traits"])
-        return []  # alias carries no data beyond ids
+            return self._check_event(kind, row["event"], row["properties"]) + traits
+        if row["properties"]:
+            traits.append(
+                PlanIssue(
+                    "properties",
+                    f"a {kind} message carries no properties in the collection plan; "
+                    "send what you know about the person as traits",
+                )
+            )
+        return traits
 
     def _check_event(self, kind: str, name: str | None, properties: Any) -> list[PlanIssue]:
         validate = self._events.get((kind, name)) or (

@@ -14,7 +14,7 @@ import orjson
 
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.ingest import Pipeline
-from kilde.pipeline.normalize import Envelope
+from kilde.pipeline.normalize import Envelope, batch_items
 from kilde.store.writer import WriteBatch
 
 
@@ -33,9 +33,9 @@ def _records_of(letter: dict[str, Any], envelope: dict[str, Any]) -> tuple[list[
     payload = orjson.loads(letter["payload"])  # raises for bodies that are still not JSON
     if envelope.get("raw") and isinstance(payload, dict):
         if message_type in ("batch", "import") or (message_type is None and "batch" in payload):
-            batch = payload.get("batch")
-            records = batch if isinstance(batch, list) else [payload]
-            return records, None
+            if isinstance(payload.get("batch"), list):
+                return batch_items(payload), None
+            return [payload], None
         payload.pop("writeKey", None)
     return [payload], (None if message_type in ("batch", "import") else message_type)
 

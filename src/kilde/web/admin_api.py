@@ -80,7 +80,8 @@ def stats(request: Request) -> dict[str, Any]:
 
 _EVENT_FIELDS = (
     "message_id, source, type, event, user_id, anonymous_id, group_id, previous_id, timestamp, "
-    "received_at, properties, traits, context, ip, country, browser, os, device, page_url, "
+    "original_timestamp, sent_at, received_at, properties, traits, context, integrations, ip, "
+    "country, browser, browser_version, os, os_version, device, page_url, page_path, referrer, "
     "plan_status, plan_issues"
 )
 
@@ -149,7 +150,7 @@ def events(
     more = len(rows) > limit
     rows = rows[:limit]
     for row in rows:
-        for column in ("properties", "traits", "context", "plan_issues"):
+        for column in ("properties", "traits", "context", "integrations", "plan_issues"):
             if row[column] is not None:
                 row[column] = orjson.loads(row[column])
     return {

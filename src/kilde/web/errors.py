@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import traceback
 from typing import Any
 
 import orjson
@@ -50,3 +52,19 @@ def problem_response(problem: HttpProblem) -> JsonResponse:
         body["path"] = problem.path
     body.update(problem.extra)
     return JsonResponse(body, status_code=problem.status, headers=problem.headers)
+
+
+class RedactExceptionText(logging.Filter):
+    """Keep tracebacks in the log but drop exception messages, which may quote request data.
+
+    Starlette re-raises unhandled errors after answering, and uvicorn logs them with the
+    exception's text; `ValueError: invalid literal ... 'jane@example.com'` must not reach a log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            kind, _, tb = record.exc_info
+            frames = "".join(traceback.format_tb(tb))
+            name = kind.__name__ if kind else "Exception"
+            record.exc_text = f"Traceback (most recent call last):\n{frames}{name}: (text withheld)"
+        return True

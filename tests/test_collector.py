@@ -275,6 +275,11 @@ def test_enrichment_from_user_agent_and_public_ip(own_server: Server) -> None:
         "context": {"ip": "193.69.3.10", "userAgent": SAFARI_ON_IPHONE, "locale": "nb-NO"},
     }
     assert post(own_server, "/v1/track", body).status_code == 200
+    # Rejected records keep the address only as the plan allows, too.
+    off_plan = {**body, "event": "Tent Pitched", "context": {"ip": "193.69.3.11"}}
+    assert post(own_server, "/v1/track", off_plan).status_code == 400
+    broken = b'{"userId": "x", "context": {"ip": "193.69.3.12"}, "event": '
+    assert post(own_server, "/v1/track", None, content=broken).status_code == 400
     desktop = {"anonymousId": user, "name": "Home"}
     response = post(own_server, "/v1/page", desktop, headers={"User-Agent": CHROME_ON_WINDOWS})
     assert response.status_code == 200
@@ -295,9 +300,11 @@ def test_enrichment_from_user_agent_and_public_ip(own_server: Server) -> None:
     with duckdb.connect(str(own_server.data_dir / "kilde.duckdb"), read_only=True) as con:
         rows = con.execute("SELECT * FROM events").fetchall()
         letters = con.execute("SELECT * FROM dead_letters").fetchall()
-    assert rows
-    assert "193.69.3.10" not in repr(rows) + repr(letters)
+    assert rows and len(letters) == 2
+    for full in ("193.69.3.10", "193.69.3.11", "193.69.3.12"):
+        assert full not in repr(rows) + repr(letters)
     assert "193.69.3.0" in repr(rows)
+    assert "193.69.3.0" in repr(letters)
 
 
 def test_warn_mode_source_stores_off_plan_events_flagged(kilde_server: Server) -> None:

@@ -19,7 +19,6 @@ from starlette.responses import Response
 
 from kilde.pipeline import Envelope, IngestResult, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row
-from kilde.pipeline.enrich import protect_ip
 from kilde.pipeline.normalize import batch_items
 from kilde.plan.models import Source
 from kilde.store.writer import StoreUnavailableError, WriteBatch
@@ -184,17 +183,15 @@ async def _dead_letter_body(
 ) -> None:
     """Keep a whole rejected body from a known source, so nothing it sent is lost."""
     pipeline: Pipeline = request.app.state.pipeline
-    kept = Envelope(
-        env.received_at, env.channel, protect_ip(env.ip, pipeline.plan.privacy.ip), env.user_agent
-    )
     row = dead_letter_row(
         body.decode("utf-8", errors="backslashreplace"),
         source=source.name,
-        env=kept,
+        env=env,
         code=problem.code,
         reason=problem.message,
         path=problem.path,
         message_type=request.path_params.get("kind"),
+        ip_policy=pipeline.plan.privacy.ip,
     )
     await pipeline.writer.write(WriteBatch(dead_letters=[row]))
     problem.extra["dead_letter_id"] = row["id"]

@@ -129,6 +129,13 @@ def normalize(message: Any, message_type: str | None, source: str, env: Envelope
     integrations = _object(message, "integrations")
     if kind == "track":
         name = message.get("event")
+        if name is not None and not isinstance(name, str):
+            raise Rejection(
+                "invalid_field",
+                "event must be a string",
+                path="event",
+                fix='send the event name as a string, for example "Order Completed"',
+            )
         if not isinstance(name, str) or not name.strip():
             raise Rejection(
                 "missing_event",

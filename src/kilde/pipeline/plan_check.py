@@ -92,10 +92,14 @@ class PlanChecker:
         try:
             validate(properties)
         except fastjsonschema.JsonSchemaValueException as exc:
-            path = "properties" + "".join(
-                f"[{p}]" if isinstance(p, int) else f".{p}" for p in (exc.path or [])[1:]
+            # fastjsonschema names the field like data.products[0].sku; keep that shape.
+            name = exc.name or "data"
+            path = "properties" + name.removeprefix("data")
+            rule = (
+                exc.message[len(name) :].strip()
+                if exc.message.startswith(name)
+                else exc.message.split(" ", 1)[-1]
             )
-            rule = exc.message.split(" ", 1)[1] if " " in exc.message else exc.message
             return [PlanIssue(path, f"{path} {rule} (the plan's schema for this event)")]
         return []
 

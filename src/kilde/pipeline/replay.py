@@ -79,6 +79,7 @@ def replay(pipeline: Pipeline, letters: list[dict[str, Any]]) -> ReplayReport:
                                 reason=rejection.message,
                                 path=rejection.path,
                                 message_type=message_type,
+                                ip_policy=pipeline.plan.privacy.ip,
                             )
                         )
         if reason is None:

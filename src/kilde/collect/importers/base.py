@@ -1,0 +1,99 @@
+"""What every importer shares: rows read from a file, row errors, records ready to ingest."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from kilde.errors import KildeError
+
+Kind = Literal["transactions", "contacts", "interactions", "broker", "social_login"]
+KINDS: tuple[Kind, ...] = ("transactions", "contacts", "interactions", "broker", "social_login")
+Tier = Literal["first_party", "broker"]
+
+# uuid5 namespace of import message ids; never change it, or re-imports would store twice.
+NAMESPACE = uuid.UUID("6b1f3c9e-2a47-5d0c-9e1b-4f6a8d2c7e30")
+
+
+class ImportFailed(KildeError):
+    """The file as a whole cannot be imported (unreadable, no usable columns, ...)."""
+
+
+@dataclass
+class RowError:
+    """One row that cannot be imported, and why. Never holds the row's values."""
+
+    line: int
+    column: str | None
+    code: str
+    reason: str
+    fix: str
+    end_line: int | None = None  # when one broken row swallowed several lines
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "line": self.line,
+            "end_line": self.end_line,
+            "column": self.column,
+            "error": self.code,
+            "reason": self.reason,
+            "fix": self.fix,
+        }
+
+
+@dataclass
+class Row:
+    line: int
+    values: dict[str, Any]
+
+
+@dataclass
+class RowBatch:
+    """Rows read from a file, in file order, with the rows that could not even be read."""
+
+    rows: list[Row] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+    position: int = 0  # bytes or rows done, for the progress bar
+
+
+class Reader(Protocol):
+    """A file opened for streaming: its columns and its rows in batches."""
+
+    format: str
+    columns: list[str]
+    total: int | None  # what `RowBatch.position` counts up to, if known
+    details: dict[str, str]  # e.g. detected encoding and delimiter, for the dry run
+
+    def batches(self, size: int) -> Iterator[RowBatch]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Record:
+    """A Segment-spec message built from one or more rows (an order may span lines)."""
+
+    line: int
+    message: dict[str, Any]
+
+
+@dataclass
+class Converted:
+    records: list[Record] = field(default_factory=list)
+    errors: list[RowError] = field(default_factory=list)
+
+
+def message_id(source: str, kind: str, key: str) -> str:
+    """Deterministic: the same record from the same source always gets the same id."""
+    return str(uuid.uuid5(NAMESPACE, f"{source}\x1f{kind}\x1f{key}"))
+
+
+def content_key(values: dict[str, Any]) -> str:
+    """A key for records without an id column: a hash of what they say."""
+    raw = orjson.dumps(values, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()

@@ -1,0 +1,374 @@
+"""The import run: read a file in batches, convert rows to records, send them in chunks.
+
+The engine does not write to the store. It hands each chunk to a `Sink`: over the admin API
+(the CLI, whether or not `kilde serve` runs) or in the server process (dashboard uploads);
+either way the chunk ends in `Pipeline.ingest`. While one chunk is being stored the next one is
+read and converted, and memory stays flat whatever the size of the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kilde.collect.importers.base import (
+    Converted,
+    ImportFailed,
+    Kind,
+    Reader,
+    Record,
+    Row,
+    RowError,
+    Tier,
+)
+from kilde.collect.importers.broker import broker_provenance
+from kilde.collect.importers.contacts import ContactConverter
+from kilde.collect.importers.convert import Context
+from kilde.collect.importers.interactions import InteractionConverter
+from kilde.collect.importers.mapping import MappingFile, Resolved, resolve
+from kilde.collect.importers.readers import open_reader
+from kilde.collect.importers.social_login import SocialLoginConverter
+from kilde.collect.importers.transactions import TransactionConverter
+from kilde.plan.models import Plan
+
+CHUNK_ROWS = 5000
+MAX_CHUNK_RECORDS = 10_000
+REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
+
+
+class Converter(Protocol):
+    def feed(self, rows: list[Row]) -> Converted: ...
+
+    def finish(self) -> Converted: ...
+
+
+@dataclass
+class ChunkResult:
+    stored: int = 0
+    duplicates: int = 0
+    flagged: int = 0  # of the stored ones, how many the plan flagged (warn mode)
+    # Records the pipeline rejected: {"index", "error", "message", "path", "fix"}
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    preview: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunInfo:
+    kind: Kind
+    source: str
+    file_name: str
+    file_format: str
+    file_bytes: int
+    tier: Tier
+    provenance: dict[str, Any]
+    dry_run: bool
+
+
+class Sink(Protocol):
+    """Where chunks go: the admin API, or the server itself."""
+
+    def start(self, info: RunInfo) -> str | None: ...
+
+    def send(
+        self, records: list[dict[str, Any]], rejects: list[dict[str, Any]], preview: int
+    ) -> ChunkResult: ...
+
+    def finish(self, run_id: str | None, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Summary:
+    kind: str
+    source: str
+    file: str
+    run_id: str | None = None
+    dry_run: bool = False
+    rows_read: int = 0
+    records: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    flagged: int = 0
+    rejected: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    first_errors: list[dict[str, Any]] = field(default_factory=list)
+    preview: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+    mapping: dict[str, str] = field(default_factory=dict)
+    ignored_columns: list[str] = field(default_factory=list)
+    reject_file: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def imported(self) -> int:
+        """Records that are in the store now (new or from an earlier import)."""
+        return self.stored + self.duplicates
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "source": self.source,
+            "file": self.file,
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "rows_read": self.rows_read,
+            "records": self.records,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "flagged": self.flagged,
+            "rejected": self.rejected,
+            "reasons": dict(self.reasons.most_common()),
+            "first_errors": self.first_errors,
+            "details": self.details,
+            "mapping": self.mapping,
+            "ignored_columns": self.ignored_columns,
+            "reject_file": self.reject_file,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+Progress = Callable[[int, int | None, int], None]  # position, total, rows read
+
+
+def describe_mapping(resolved: Resolved) -> dict[str, str]:
+    shown = {}
+    for name, column in resolved.fields.items():
+        shown[name] = column + (" (detected)" if name in resolved.detected else "")
+    for name, column in resolved.traits.items():
+        shown[f"traits.{name}"] = column + (
+            " (detected)" if f"traits.{name}" in resolved.detected else ""
+        )
+    for name, column in resolved.properties.items():
+        shown[f"properties.{name}"] = column
+    return shown
+
+
+def make_converter(ctx: Context) -> Converter:
+    if ctx.kind == "transactions":
+        return TransactionConverter(ctx)
+    if ctx.kind in ("contacts", "broker"):
+        return ContactConverter(ctx)
+    if ctx.kind == "interactions":
+        return InteractionConverter(ctx)
+    return SocialLoginConverter(ctx)
+
+
+class RejectFile:
+    """The CSV of rejected rows: line, column, error, reason, fix (never the values)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._handle: Any = None
+        self._writer: Any = None
+
+    def write(self, error: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        if self._writer is None:
+            self._handle = self.path.open("w", newline="", encoding="utf-8")
+            self._writer = csv.DictWriter(self._handle, REJECT_COLUMNS, extrasaction="ignore")
+            self._writer.writeheader()
+        self._writer.writerow(error)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def run_import(
+    path: Path,
+    *,
+    kind: Kind,
+    source: str,
+    plan: Plan,
+    mapping: MappingFile,
+    sink: Sink,
+    file_format: str | None = None,
+    encoding: str | None = None,
+    delimiter: str | None = None,
+    display_name: str | None = None,
+    dry_run: bool = False,
+    preview_rows: int = 5,
+    reject_path: Path | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    on_start: Callable[[Reader], None] | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Import one file; see the module docstring. Raises ImportFailed for file-level problems."""
+    started = time.perf_counter()
+    plan_source = plan.source(source)
+    if plan_source is None:
+        raise ImportFailed(
+            f"the plan has no source named {source!r}",
+            fix="use one of: " + ", ".join(s.name for s in plan.sources),
+        )
+    if mapping.kind is not None and mapping.kind != kind:
+        raise ImportFailed(
+            f"the mapping is for {mapping.kind} files, not {kind}",
+            fix="use the mapping made for this kind of file",
+        )
+    tier: Tier = "broker" if kind == "broker" else "first_party"
+    provenance: dict[str, Any] = {}
+    if kind == "broker":
+        provenance = broker_provenance(mapping.broker, plan, plan_source)
+    elif plan_source.kind == "broker":
+        raise ImportFailed(
+            f"source {source!r} is a broker source; only bought data goes there",
+            fix="import it with `kilde import broker ...`, or choose a first-party source",
+        )
+    name = display_name or path.name
+    reader = open_reader(
+        path,
+        format=file_format or mapping.format,
+        encoding=encoding or mapping.encoding,
+        delimiter=delimiter or mapping.delimiter,
+        sheet=mapping.sheet,
+    )
+    rejects = RejectFile(reject_path)
+    summary = Summary(kind, source, name, dry_run=dry_run, details=dict(reader.details))
+    try:
+        resolved = resolve(kind, reader.columns, mapping, plan)
+        summary.mapping = describe_mapping(resolved)
+        summary.ignored_columns = resolved.ignored
+        ctx = Context(kind, source, plan, mapping, resolved, name, tier=tier, provenance=provenance)
+        converter = make_converter(ctx)
+        if on_start is not None:
+            on_start(reader)
+        run_id = sink.start(
+            RunInfo(
+                kind,
+                source,
+                name,
+                reader.format,
+                path.stat().st_size,
+                tier,
+                provenance,
+                dry_run,
+            )
+        )
+        ctx.run_id = run_id
+        summary.run_id = run_id
+        _pump(
+            reader, converter, sink, summary, rejects, resolved, chunk_rows, preview_rows, progress
+        )
+    except BaseException:
+        rejects.close()
+        reader.close()
+        raise
+    rejects.close()
+    reader.close()
+    summary.seconds = time.perf_counter() - started
+    if rejects.path is not None and summary.rejected:
+        summary.reject_file = str(rejects.path)
+    status = "failed" if summary.rows_read and not summary.imported else "done"
+    if not dry_run:
+        sink.finish(run_id, {**summary.as_dict(), "status": status})
+    return summary
+
+
+@dataclass
+class _Pending:
+    records: list[Record]
+    errors: list[RowError]
+    future: Future[ChunkResult]
+
+
+def _pump(
+    reader: Reader,
+    converter: Converter,
+    sink: Sink,
+    summary: Summary,
+    rejects: RejectFile,
+    resolved: Resolved,
+    chunk_rows: int,
+    preview_rows: int,
+    progress: Progress | None,
+) -> None:
+    in_flight: list[_Pending] = []
+    wanted_preview = preview_rows
+
+    def settle(item: _Pending) -> None:
+        result = item.future.result()
+        summary.stored += result.stored
+        summary.duplicates += result.duplicates
+        summary.flagged += result.flagged
+        summary.preview.extend(result.preview)
+        errors = [e.as_dict() for e in item.errors]
+        for rejection in result.rejected:
+            record = item.records[rejection["index"]]
+            path = rejection.get("path")
+            errors.append(
+                {
+                    "line": record.line,
+                    "end_line": None,
+                    "column": f"({path})" if path else None,
+                    "error": rejection.get("error"),
+                    "reason": rejection.get("message"),
+                    "fix": rejection.get("fix"),
+                }
+            )
+        errors.sort(key=lambda e: e["line"])
+        for error in errors:
+            summary.rejected += 1
+            summary.reasons[str(error["error"])] += 1
+            if len(summary.first_errors) < 20:
+                summary.first_errors.append(error)
+            rejects.write(error)
+
+    def submit(converted: Converted, rows: dict[int, Row]) -> None:
+        nonlocal wanted_preview
+        records = converted.records
+        reject_rows = []
+        for error in converted.errors:
+            row = rows.get(error.line)
+            payload = {
+                "import": summary.kind,
+                "file": summary.file,
+                "line": error.line,
+                "row": row.values if row is not None else None,
+            }
+            reject_rows.append({**error.as_dict(), "payload": payload})
+        summary.records += len(records)
+        preview, wanted_preview = wanted_preview, 0
+        messages = [r.message for r in records]
+        with_errors = [{**e, "payload": _jsonable(e["payload"])} for e in reject_rows]
+        future = executor.submit(sink.send, messages, with_errors, preview)
+        in_flight.append(_Pending(records, converted.errors, future))
+        while len(in_flight) > 1:
+            settle(in_flight.pop(0))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
+        try:
+            for batch in reader.batches(chunk_rows):
+                summary.rows_read += len(batch.rows) + len(batch.errors)
+                converted = converter.feed(batch.rows)
+                converted.errors = batch.errors + converted.errors
+                rows = {row.line: row for row in batch.rows} if converted.errors else {}
+                if converted.records or converted.errors:
+                    submit(converted, rows)
+                if progress is not None:
+                    progress(batch.position, reader.total, summary.rows_read)
+            last = converter.finish()
+            if last.records or last.errors:
+                submit(last, {})
+            while in_flight:
+                settle(in_flight.pop(0))
+        finally:
+            for item in in_flight:
+                item.future.cancel()
+
+
+def _jsonable(value: Any) -> Any:
+    """Row values as JSON can carry them (dates and decimals from Parquet and Excel)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

@@ -1,0 +1,1 @@
+"""Insight derived from what was collected: segments, RFM, CLV, churn, sentiment, ..."""

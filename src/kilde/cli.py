@@ -20,6 +20,7 @@ from kilde.cli_common import (
     print_json,
     settings_from,
 )
+from kilde.cli_email import email_app
 from kilde.client import Client, remove_server_file, write_server_file
 from kilde.errors import KildeError
 from kilde.plan import PlanError, load_plan
@@ -41,6 +42,7 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
+app.add_typer(email_app, name="email")
 
 
 def example_plan_path() -> Path:

@@ -55,4 +55,32 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "email campaigns",
+        # Tracked mail campaigns. Links are stored once per campaign and click tokens carry only
+        # the link's id and a digest of its URL. A recipient is a pseudonym (an HMAC of the user
+        # id or address) with the user id it stands for, if any; no email address is stored.
+        """
+        CREATE TABLE email_campaigns (
+            id VARCHAR PRIMARY KEY,
+            purpose VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE email_campaign_links (
+            campaign_id VARCHAR NOT NULL,
+            link_id INTEGER NOT NULL,
+            url VARCHAR NOT NULL,
+            label VARCHAR,
+            PRIMARY KEY (campaign_id, link_id)
+        );
+        CREATE TABLE email_campaign_recipients (
+            campaign_id VARCHAR NOT NULL,
+            recipient VARCHAR NOT NULL,
+            user_id VARCHAR,
+            rendered_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (campaign_id, recipient)
+        );
+        """,
+    ),
 ]

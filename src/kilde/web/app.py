@@ -22,7 +22,7 @@ from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
 from kilde.plan.models import Source
 from kilde.store import Store, Writer
-from kilde.web import admin_api
+from kilde.web import admin_api, email_api
 from kilde.web.admin_token import TokenCheck
 from kilde.web.errors import HttpProblem, JsonResponse, problem_response
 
@@ -97,6 +97,7 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.state.use_plan = use_plan
 
     app.include_router(segment_api.router)
+    app.include_router(email_api.router)
     app.include_router(admin_api.public)
     app.include_router(admin_api.router)
     _install_error_handlers(app)

@@ -1,0 +1,1 @@
+"""Unified customer profiles: traits with provenance and precedence, computed traits."""

@@ -1,0 +1,221 @@
+"""Profiles from stitched identities: computed traits (set-based) and traits with precedence.
+
+Computed traits are aggregations over every event of every identifier of a profile (Ibis
+expressions, so they run on DuckDB and Spark alike). Traits come from identify calls: each
+candidate value carries its provenance (source, tier, observed time) and the winner is the one
+from the most trusted tier, the newest within a tier (see traits.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import ibis
+import ibis.expr.types as ir
+import orjson
+import pyarrow as pa
+
+from kilde.plan.models import Plan
+from kilde.profiles.traits import TraitCandidate, choose, tier_of
+
+SESSION_GAP_MINUTES = 30
+PROFILE_COLUMNS = (
+    "profile_id",
+    "closure_id",
+    "anchor_type",
+    "first_seen",
+    "last_seen",
+    "identifiers",
+    "shared",
+    "events",
+    "sessions",
+    "page_views",
+    "screen_views",
+    "orders",
+    "total_revenue",
+    "average_order_value",
+    "last_order_at",
+    "favourite_categories",
+    "channels",
+    "email_opens",
+    "email_clicks",
+    "latest_nps",
+    "support_sentiment",
+    "updated_at",
+)
+TRAIT_SCHEMA = pa.schema(
+    [
+        ("profile_id", pa.string()),
+        ("closure_id", pa.string()),
+        ("name", pa.string()),
+        ("value", pa.string()),
+        ("source", pa.string()),
+        ("tier", pa.string()),
+        ("observed_at", pa.timestamp("us", tz="UTC")),
+        ("message_id", pa.string()),
+        ("candidates", pa.int64()),
+    ]
+)
+
+
+def profile_events(backend: Any, identities: ir.Table) -> ir.Table:
+    """Every event of the profiles in `identities`, with its profile_id and closure_id."""
+    records = backend.table("identity_records")
+    owners = identities.select(
+        primary_type=identities.id_type,
+        primary_value=identities.id_value,
+        profile_id=identities.profile_id,
+        closure_id=identities.closure_id,
+    )
+    owned = records.join(owners, ["primary_type", "primary_value"]).select(
+        "source", "message_id", "profile_id", "closure_id"
+    )
+    events = backend.table("events")
+    return events.join(owned, ["source", "message_id"])
+
+
+def computed_traits(backend: Any, identities: ir.Table, now: datetime) -> ir.Table:
+    """One row per profile with the computed traits (columns of the profiles table)."""
+    ev = profile_events(backend, identities)
+    props = ev.properties.cast("json")
+    ev = ev.select(
+        "profile_id",
+        "source",
+        "type",
+        "event",
+        "timestamp",
+        revenue=props["revenue"].float,
+        category=props["category"].str,
+        machine=props["machine_open"].bool,
+        nps=ibis.coalesce(props["nps"].int, props["score"].int),
+        sentiment=ibis.coalesce(props["sentiment"].float, props["sentiment_score"].float),
+    )
+    gap = ibis.window(group_by=ev.profile_id, order_by=[ev.timestamp])
+    previous = ev.timestamp.lag().over(gap)
+    ev = ev.mutate(
+        new_session=(
+            previous.isnull()
+            | (ev.timestamp > previous + ibis.interval(minutes=SESSION_GAP_MINUTES))
+        ).cast("int64")
+    )
+    is_order = ev.event == "Order Completed"
+    human_open = (ev.event == "Email Opened") & ~ev.machine.fill_null(False)
+    base = ev.group_by("profile_id").aggregate(
+        events=ev.count(),
+        sessions=ev.new_session.sum(),
+        page_views=(ev.type == "page").sum().cast("int64"),
+        screen_views=(ev.type == "screen").sum().cast("int64"),
+        orders=is_order.sum().cast("int64"),
+        total_revenue=ev.revenue.sum(where=is_order),
+        last_order_at=ev.timestamp.max(where=is_order),
+        email_opens=human_open.sum().cast("int64"),
+        email_clicks=(ev.event == "Email Link Clicked").sum().cast("int64"),
+        latest_nps=ev.nps.argmax(ev.timestamp, where=ev.nps.notnull()),
+        support_sentiment=ev.sentiment.mean(where=ev.event == "Support Interaction"),
+        channels=ev.source.collect(distinct=True, order_by=ev.source),
+    )
+    base = base.mutate(
+        total_revenue=base.total_revenue.fill_null(0.0),
+        average_order_value=ibis.ifelse(
+            base.orders > 0, base.total_revenue.fill_null(0.0) / base.orders, ibis.null()
+        ),
+    )
+    interest = ev.filter(ev.event.isin(["Product Viewed", "Product Added"]) & ev.category.notnull())
+    per_cat = interest.group_by("profile_id", "category").aggregate(n=interest.count())
+    ranked = per_cat.mutate(
+        rn=ibis.row_number().over(
+            group_by=per_cat.profile_id, order_by=[ibis.desc(per_cat.n), per_cat.category]
+        )
+    )
+    top = ranked.filter(ranked.rn < 3)
+    favourites = top.group_by("profile_id").aggregate(
+        favourite_categories=top.category.collect(order_by=[top.rn])
+    )
+    base = base.left_join(favourites, "profile_id").drop("profile_id_right")
+    profiles = identities.group_by("profile_id", "closure_id").aggregate(
+        first_seen=identities.first_seen.min(),
+        last_seen=identities.last_seen.max(),
+        identifiers=identities.count(),
+        shared=identities.shared.any(),
+        anchor_type=identities.anchor_type.min(),
+    )
+    joined = profiles.left_join(base, "profile_id")
+    return joined.select(
+        "profile_id",
+        "closure_id",
+        "anchor_type",
+        "first_seen",
+        "last_seen",
+        identifiers=joined.identifiers.cast("int32"),
+        shared=joined.shared,
+        events=joined.events.fill_null(0),
+        sessions=joined.sessions.fill_null(0),
+        page_views=joined.page_views.fill_null(0),
+        screen_views=joined.screen_views.fill_null(0),
+        orders=joined.orders.fill_null(0),
+        total_revenue=joined.total_revenue.fill_null(0.0),
+        average_order_value=joined.average_order_value,
+        last_order_at=joined.last_order_at,
+        favourite_categories=joined.favourite_categories,
+        channels=joined.channels,
+        email_opens=joined.email_opens.fill_null(0),
+        email_clicks=joined.email_clicks.fill_null(0),
+        latest_nps=joined.latest_nps.cast("int32"),
+        support_sentiment=joined.support_sentiment,
+        updated_at=ibis.literal(now),
+    )
+
+
+def trait_rows(backend: Any, plan: Plan, identities: ir.Table) -> pa.Table:
+    """The winning value of every trait of the profiles in `identities`, with provenance."""
+    ev = profile_events(backend, identities)
+    ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
+    ev = ev.select(
+        "profile_id", "closure_id", "source", "message_id", "timestamp", "traits", "context"
+    )
+    kinds = {s.name: s.kind for s in plan.sources}
+    candidates: dict[tuple[str, str], list[TraitCandidate]] = {}
+    closure_of: dict[str, str] = {}
+    for batch in ev.to_pyarrow().to_batches(max_chunksize=50_000):
+        for row in batch.to_pylist():
+            traits = _loads(row["traits"])
+            if not traits:
+                continue
+            tier = tier_of(kinds.get(row["source"]), _loads(row["context"]))
+            closure_of[row["profile_id"]] = row["closure_id"]
+            for name, value in traits.items():
+                if value is None or not isinstance(name, str):
+                    continue
+                candidates.setdefault((row["profile_id"], name), []).append(
+                    TraitCandidate(
+                        value=value,
+                        source=row["source"],
+                        tier=tier,
+                        observed_at=row["timestamp"],
+                        message_id=row["message_id"],
+                    )
+                )
+    out: dict[str, list[Any]] = {f.name: [] for f in TRAIT_SCHEMA}
+    for (profile_id, name), found in sorted(candidates.items()):
+        best = choose(found)
+        out["profile_id"].append(profile_id)
+        out["closure_id"].append(closure_of[profile_id])
+        out["name"].append(name)
+        out["value"].append(orjson.dumps(best.value).decode())
+        out["source"].append(best.source)
+        out["tier"].append(best.tier)
+        out["observed_at"].append(best.observed_at)
+        out["message_id"].append(best.message_id)
+        out["candidates"].append(len(found))
+    return pa.table(out, schema=TRAIT_SCHEMA)
+
+
+def _loads(text: Any) -> dict[str, Any]:
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -335,7 +335,8 @@ async def email_unsubscribe(token: str, request: Request) -> Response:
         await _dead_letter(request, "unsubscribe", token, refused.code, refused.reason, now)
         return _invalid_link(request, refused)
     form = parse_qs(body.decode("latin-1"), max_num_fields=10)
-    one_click = form.get("List-Unsubscribe") == ["One-Click"]
+    # RFC 8058 allows the one-click body as a form or as multipart/form-data.
+    one_click = form.get("List-Unsubscribe") == ["One-Click"] or b"One-Click" in body
     purpose = hit.purpose or "marketing_email"
     unsubscribed = _message(
         UNSUBSCRIBED,
@@ -348,7 +349,7 @@ async def email_unsubscribe(token: str, request: Request) -> Response:
     # ledger row in the same transaction as the Unsubscribed event).
     withdrawal = _message("Consent Updated", claims, hit, {}, now)
     withdrawal["properties"] = {
-        "purposes": {purpose: False},
+        "purposes": {purpose: "withdrawn"},
         "banner_version": f"email unsubscribe, campaign {claims['c']}",
     }
     await _ingest(request, [unsubscribed, withdrawal], now)

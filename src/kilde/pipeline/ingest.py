@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import orjson
 
+from kilde.pipeline.consent import is_consent_event, ledger_statements
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.enrich import Enricher, protect_ip
 from kilde.pipeline.normalize import Envelope, Rejection, normalize
@@ -93,7 +94,7 @@ class Pipeline:
                         fix="send fewer or shorter properties",
                     )
                 row = normalize(record, message_type, source.name, env)
-                issues = self.checker.check(row)
+                issues = [] if is_consent_event(row) else self.checker.check(row)
                 if issues and source.mode == "strict":
                     first = issues[0]
                     raise Rejection(
@@ -154,7 +155,8 @@ class Pipeline:
             )
             dead.append(row)
             prepared.outcomes[index].dead_letter_id = row["id"]
-        return WriteBatch(events=prepared.rows, dead_letters=dead), prepared.outcomes
+        consents = ledger_statements(prepared.rows, self.plan, env.channel)
+        return WriteBatch(prepared.rows, dead, consents), prepared.outcomes
 
     # -- the entry ----------------------------------------------------------------------------
 

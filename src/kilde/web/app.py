@@ -17,12 +17,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kilde import __version__
 from kilde.collect import segment_api
+from kilde.collect import website as website_routes
 from kilde.config import Settings
 from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
 from kilde.plan.models import Source
 from kilde.store import Store, Writer
-from kilde.web import admin_api, email_api, profiles_api
+from kilde.web import admin_api, email_api
 from kilde.web.admin_token import TokenCheck
 from kilde.web.errors import HttpProblem, JsonResponse, problem_response
 
@@ -56,9 +57,22 @@ class CorsForCollection:
             allow_headers=["*"],
             max_age=86400,
         )
+        # The server-set cookie needs credentialed requests: the origin is echoed, never '*'.
+        # Its cookie is SameSite=Lax, so only the website's own (sub)domains get it.
+        self.cors_credentials = CORSMiddleware(
+            app,
+            allow_origin_regex=r"https?://.+",
+            allow_methods=["POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials=True,
+            max_age=86400,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope["path"] if scope["type"] == "http" else ""
+        if path in website_routes.CREDENTIALED_PATHS:
+            await self.cors_credentials(scope, receive, send)
+        elif path.startswith("/v1/") or path in website_routes.CROSS_ORIGIN_PATHS:
             await self.cors(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -96,11 +110,11 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
 
     app.state.use_plan = use_plan
 
+    app.include_router(website_routes.router)  # before segment_api, see its docstring
     app.include_router(segment_api.router)
     app.include_router(email_api.router)
     app.include_router(admin_api.public)
     app.include_router(admin_api.router)
-    app.include_router(profiles_api.router)
     _install_error_handlers(app)
     app.middleware("http")(_access_log)
     app.add_middleware(CorsForCollection)

@@ -1,0 +1,307 @@
+"""k.js in a real headless Chromium on a test shop served from another port.
+
+What a website owner notices: the visitor gets a first-party cookie, page views (also single-page
+navigation) arrive with campaign and device context, signing in ties the earlier anonymous visit
+to the person, events made while the collector is down arrive once it is back, and the script
+itself is small and cached.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page
+
+from kilde.collect.tracker import snippet
+from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
+from tests.site import chromium, events, serve_site, wait_for
+
+YEAR = 365 * 24 * 3600
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    ctx = browser.new_context()
+    yield ctx
+    ctx.close()
+
+
+def ready(page: Page) -> str:
+    """Wait until k.js is set up; return the visitor's anonymous id."""
+    page.wait_for_function("window.kilde && window.kilde.live === true")
+    anonymous_id: str = page.evaluate("new Promise(r => kilde.ready(() => r(kilde.anonymousId())))")
+    return anonymous_id
+
+
+def arrived(server: Server, count: int, **params: str) -> list[dict[str, Any]]:
+    return wait_for(
+        lambda: (found := events(server, **params)) and len(found) >= count and found,
+        what=f"{count} events for {params}",
+    )
+
+
+def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campaign(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(
+            site.page("/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1")
+        )
+        anonymous_id = ready(page)
+
+        cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
+        assert cookie["value"] == anonymous_id
+        assert cookie["sameSite"] == "Lax"
+        assert cookie["secure"] is False  # plain http here; Secure on https
+        assert YEAR - 3600 < cookie["expires"] - time.time() <= YEAR + 60
+        assert page.evaluate("localStorage.getItem('kilde_aid')") == anonymous_id
+
+        page.click("#spa-tent")  # History API navigation, no page load
+        page.click("#view-tent")
+        stored = arrived(kilde_server, 3, anonymous_id=anonymous_id)
+
+    pages = [e for e in stored if e["type"] == "page"]
+    assert [e["page_url"].removeprefix(site.url) for e in pages] == [
+        "/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1",
+        "/products/tent",
+    ]
+    assert pages[1]["properties"]["referrer"] == pages[0]["page_url"]  # SPA: previous address
+    assert pages[1]["properties"]["title"] == "Tent - Fjord & Fell"
+    first = pages[0]["context"]
+    assert first["campaign"] == {
+        "source": "newsletter",
+        "medium": "email",
+        "name": "autumn",
+        "gclid": "g-1",
+    }
+    assert first["screen"]["width"] > 0 and first["locale"]
+    assert first["library"]["name"] == "kilde.js"
+    track = next(e for e in stored if e["type"] == "track")
+    assert track["event"] == "Product Viewed"
+    assert track["properties"]["product_id"] == "tent-2p"
+    assert track["plan_status"] == "ok"
+    assert pages[0]["browser"] == "HeadlessChrome" or pages[0]["browser"]
+
+
+def test_identify_after_browsing_ties_the_anonymous_visit_to_the_user(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        page.click("#spa-tent")
+        arrived(kilde_server, 2, anonymous_id=anonymous_id)
+
+        page.evaluate("kilde.identify('browser-user-1', {email: 'ingrid@example.com'})")
+        with page.expect_navigation():
+            page.click("#about")  # a full page load: the ids come from the cookie and storage
+        assert ready(page) == anonymous_id
+        stored = arrived(kilde_server, 4, anonymous_id=anonymous_id)
+
+    before, identify, after = stored[:2], stored[2], stored[3]
+    assert [e["user_id"] for e in before] == [None, None]
+    assert identify["type"] == "identify"
+    assert identify["user_id"] == "browser-user-1"
+    assert identify["traits"] == {"email": "ingrid@example.com"}
+    assert after["type"] == "page" and after["page_path"] == "/about.html"
+    assert after["user_id"] == "browser-user-1"
+    # Everything the visitor did, before and after signing in, shares one anonymous id.
+    assert {e["anonymous_id"] for e in stored} == {anonymous_id}
+
+
+def test_reset_on_sign_out_starts_a_new_anonymous_id(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        first = ready(page)
+        page.evaluate("kilde.identify('browser-user-2'); kilde.reset()")
+        second = page.evaluate("kilde.anonymousId()")
+        page.evaluate("kilde.page()")
+        stored = arrived(kilde_server, 1, anonymous_id=second)
+    assert second != first
+    assert next(c["value"] for c in context.cookies() if c["name"] == "kilde_aid") == second
+    assert stored[0]["user_id"] is None
+
+
+def test_the_collectors_cookie_outlives_a_lost_script_cookie(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    """Safari drops script-set cookies after 7 days; the HTTP cookie set by /v1/cookie stays."""
+    with serve_site(kilde_server.url) as site:
+        context.add_cookies(
+            [
+                {
+                    "name": "kilde_aid",
+                    "value": "server-kept-visitor-1",
+                    "domain": "127.0.0.1",
+                    "path": "/",
+                    "httpOnly": True,  # invisible to scripts: only the collector can read it
+                    "sameSite": "Lax",
+                }
+            ]
+        )
+        page = context.new_page()
+        page.goto(site.page("/"))
+        assert ready(page) == "server-kept-visitor-1"
+        assert page.evaluate("localStorage.getItem('kilde_aid')") == "server-kept-visitor-1"
+        stored = arrived(kilde_server, 1, anonymous_id="server-kept-visitor-1")
+    assert stored[0]["type"] == "page"
+
+
+def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
+    context: BrowserContext, tmp_path: Path
+) -> None:
+    plan = tmp_path / "kilde.yaml"
+    shutil.copy(DEMO_PLAN, plan)
+    server = start_server(tmp_path / "data", plan)
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        with serve_site(server.url) as site:
+            page = context.new_page()
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            arrived(server, 1, anonymous_id=anonymous_id)
+
+            server.stop()
+            page.click("#spa-tent")
+            page.click("#view-tent")
+            # Kept in localStorage while the collector cannot be reached.
+            wait_for(
+                lambda: (
+                    page.evaluate("JSON.parse(localStorage.getItem('kilde_queue')||'[]').length")
+                    >= 2
+                ),
+                what="the offline queue",
+            )
+            server = start_server(tmp_path / "data", plan, port=port)
+            stored = wait_for(
+                lambda: (
+                    (found := events(server, anonymous_id=anonymous_id))
+                    and len(found) >= 3
+                    and found
+                ),
+                timeout=90,
+                what="the queued events after the restart",
+            )
+            wait_for(
+                lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+                what="the queue to empty",
+            )
+    finally:
+        server.stop()
+    assert [(e["type"], e["event"] or e["page_path"]) for e in stored] == [
+        ("page", "/"),
+        ("page", "/products/tent"),
+        ("track", "Product Viewed"),
+    ]
+
+
+def test_script_is_small_cached_versioned_and_cross_origin(kilde_server: Server) -> None:
+    plain = httpx.get(f"{kilde_server.url}/k.js")
+    assert plain.status_code == 200
+    assert plain.headers["content-type"].startswith("text/javascript")
+    version = plain.headers["x-kilde-version"]
+    assert f'"{version}"' in plain.text  # the script knows its version
+    assert plain.headers["cache-control"] == "public, max-age=3600"
+
+    with httpx.Client(headers={"Accept-Encoding": "gzip"}) as client:
+        answer = client.send(client.build_request("GET", f"{kilde_server.url}/k.js"), stream=True)
+        zipped = b"".join(answer.iter_raw())  # the bytes on the wire
+        answer.close()
+    assert answer.headers["content-encoding"] == "gzip"
+    assert gzip.decompress(zipped) == plain.content
+    assert len(zipped) < 6 * 1024, f"k.js is {len(zipped)} bytes gzipped"
+
+    versioned = httpx.get(f"{kilde_server.url}/k.js", params={"v": version})
+    assert versioned.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert f"/k.js?v={version}" in snippet(kilde_server.url, WEB_KEY)
+    again = httpx.get(f"{kilde_server.url}/k.js", headers={"If-None-Match": plain.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_settings_and_cookie_endpoints_answer_browsers_from_other_origins(
+    kilde_server: Server,
+) -> None:
+    origin = "http://127.0.0.1:1"
+    settings = httpx.get(
+        f"{kilde_server.url}/v1/settings", params={"writeKey": WEB_KEY}, headers={"Origin": origin}
+    )
+    assert settings.status_code == 200
+    assert settings.headers["access-control-allow-origin"] == "*"
+    assert "set-cookie" not in settings.headers
+    body = settings.json()
+    assert body["purposes"]["advertising"] == {"consent": True, "sale": True}
+    assert body["cookie"] == ["analytics"]
+    assert body["events"]["track:Order Completed"] == ["order_fulfilment", "analytics"]
+    unknown = httpx.get(f"{kilde_server.url}/v1/settings", params={"writeKey": "not-a-key-123"})
+    assert unknown.status_code == 401 and unknown.json()["success"] is False
+    assert "not-a-key-123" not in unknown.text
+
+    made = httpx.post(
+        f"{kilde_server.url}/v1/cookie",
+        content=b'{"writeKey": "%s", "anonymousId": "browser-made-id-1"}' % WEB_KEY.encode(),
+        headers={"Origin": origin, "Content-Type": "text/plain"},
+    )
+    assert made.status_code == 200
+    assert made.json()["anonymousId"] == "browser-made-id-1"
+    assert made.headers["access-control-allow-origin"] == origin
+    assert made.headers["access-control-allow-credentials"] == "true"
+    assert made.headers["cache-control"] == "no-store"
+    set_cookie = made.headers["set-cookie"].lower()
+    for part in ("kilde_aid=browser-made-id-1", "max-age=31536000", "path=/", "samesite=lax"):
+        assert part in set_cookie
+    assert "secure" not in set_cookie and "httponly" not in set_cookie
+
+    # The cookie the browser already holds is the one that lasted: it wins.
+    kept = httpx.post(
+        f"{kilde_server.url}/v1/cookie",
+        json={"writeKey": WEB_KEY, "anonymousId": "fresh-id-after-itp"},
+        headers={"Cookie": "kilde_aid=durable-visitor-1"},
+    )
+    assert kept.json()["anonymousId"] == "durable-visitor-1"
+    # An id that is not ours is replaced, not echoed.
+    odd = httpx.post(
+        f"{kilde_server.url}/v1/cookie", json={"writeKey": WEB_KEY, "anonymousId": "<script>"}
+    )
+    assert odd.status_code == 200 and "<script>" not in odd.text
+    forgotten = httpx.post(
+        f"{kilde_server.url}/v1/cookie", json={"writeKey": WEB_KEY, "forget": True}
+    )
+    assert 'kilde_aid=""' in forgotten.headers["set-cookie"]
+    assert "max-age=0" in forgotten.headers["set-cookie"].lower()
+
+    for bad, status in ((b"not json", 400), (b'{"writeKey": "nope-nope-1"}', 401)):
+        answer = httpx.post(f"{kilde_server.url}/v1/cookie", content=bad)
+        assert answer.status_code == status
+        assert answer.json()["success"] is False and answer.json()["fix"]
+
+
+def test_cookie_is_secure_behind_an_https_proxy(own_server: Server) -> None:
+    own_server.stop()
+    server = start_server(own_server.data_dir, own_server.plan_path, KILDE_TRUST_PROXY="1")
+    try:
+        answer = httpx.post(
+            f"{server.url}/v1/cookie",
+            json={"writeKey": WEB_KEY},
+            headers={"X-Forwarded-Proto": "https"},
+        )
+    finally:
+        server.stop()
+    assert "; secure" in answer.headers["set-cookie"].lower()

@@ -291,7 +291,7 @@ def _answer(result: IngestResult, is_batch: bool) -> Response:
     flagged = sum(1 for o in result.outcomes if o.status == "flagged")
     if not is_batch and rejected:
         first = rejected[0]
-        body = {"success": False, **first, "stored_in": "dead letter"}
+        body = {"success": False, **first, "code": first["error"], "stored_in": "dead letter"}
         return JsonResponse(body, status_code=400)
     return JsonResponse(
         {

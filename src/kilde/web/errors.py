@@ -45,6 +45,7 @@ def problem_response(problem: HttpProblem) -> JsonResponse:
     body: dict[str, Any] = {
         "success": False,
         "error": problem.code,
+        "code": problem.code,  # what Segment's and RudderStack's SDKs read from an error
         "message": problem.message,
         "fix": problem.fix,
     }

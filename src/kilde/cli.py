@@ -21,6 +21,7 @@ from kilde.cli_common import (
     settings_from,
 )
 from kilde.cli_email import email_app
+from kilde.cli_profiles import register as register_profiles
 from kilde.cli_web import snippet as snippet_command
 from kilde.client import Client, remove_server_file, write_server_file
 from kilde.errors import KildeError
@@ -43,8 +44,9 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
-app.add_typer(email_app, name="email")
 app.command("snippet")(snippet_command)
+register_profiles(app)  # profile, profiles, identity
+app.add_typer(email_app, name="email")
 
 
 def example_plan_path() -> Path:

@@ -206,6 +206,77 @@ class WebTracking(_Strict):
     cookie_domain: str | None = None
 
 
+IdentifierType = Literal[
+    "user_id", "anonymous_id", "email", "email_sha256", "phone", "external_id", "mobile_ad_id"
+]
+IDENTIFIER_TYPES: tuple[str, ...] = (
+    "user_id",
+    "external_id",
+    "email",
+    "email_sha256",
+    "phone",
+    "mobile_ad_id",
+    "anonymous_id",
+)
+
+DEFAULT_LIMITS: dict[str, int] = {
+    "user_id": 1,
+    "external_id": 5,
+    "email": 5,
+    "email_sha256": 5,
+    "phone": 3,
+    "mobile_ad_id": 5,
+    "anonymous_id": 100,
+}
+DEFAULT_SHARED_AFTER: dict[str, int] = {
+    "anonymous_id": 3,
+    "mobile_ad_id": 3,
+    "email": 3,
+    "email_sha256": 3,
+    "phone": 3,
+}
+
+
+class IdentityRules(_Strict):
+    """How identifiers are stitched into profiles (the `identity:` section; all optional)."""
+
+    # Stronger identifiers first: a record's event belongs to the profile of its first one.
+    priority: list[IdentifierType] = Field(default_factory=lambda: list(IDENTIFIER_TYPES))
+    # The most identifiers of a type one profile may hold; a link that would exceed it is
+    # refused and recorded as a merge conflict.
+    limits: dict[IdentifierType, int] = Field(default_factory=dict)
+    # An identifier seen together with more than this many different one-per-person
+    # identifiers (types whose limit is 1, such as user_id) is shared (a kiosk, a bot, a
+    # family tablet) and links nothing.
+    shared_after: dict[IdentifierType, int] = Field(default_factory=dict)
+    fold_plus_addressing: bool = False
+    default_phone_region: str = "NO"
+    blocklist: list[str] = Field(default_factory=list)
+
+    @field_validator("limits")
+    @classmethod
+    def _limits_positive(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, limit in value.items():
+            if limit < 1:
+                raise ValueError(f"the limit of {name} must be at least 1")
+        return value
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _region_shape(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z]{2}", value):
+            raise ValueError("use a two-letter ISO 3166 country code such as NO or GB")
+        return value
+
+    def limit(self, id_type: str) -> int:
+        """The per-profile limit of a type: the plan's, else the default."""
+        return dict(self.limits).get(id_type, DEFAULT_LIMITS.get(id_type, 1))
+
+    def shared_threshold(self, id_type: str) -> int | None:
+        """Partners above which an identifier of this type is shared (None: never)."""
+        return dict(self.shared_after).get(id_type, DEFAULT_SHARED_AFTER.get(id_type))
+
+
 class Plan(_Strict):
     version: Literal[1] = 1
     company: Company
@@ -216,6 +287,7 @@ class Plan(_Strict):
     traits: list[TraitSpec] = Field(default_factory=list)
     privacy: Privacy = Field(default_factory=Privacy)
     web: WebTracking = Field(default_factory=WebTracking)
+    identity: IdentityRules = Field(default_factory=IdentityRules)
 
     @model_validator(mode="after")
     def _cookie_purpose_declared(self) -> Plan:

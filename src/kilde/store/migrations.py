@@ -108,4 +108,136 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        6,
+        "identity graph and profiles",
+        # identity_records/observations: which identifiers each event carried (normalised);
+        # identity_map: identifier -> profile; the rest is derived and can be rebuilt from the
+        # events at any time (`kilde profiles rebuild`), except identity_separations (unmerges
+        # an admin made) and identity_state (the profile id salt).
+        """
+        CREATE TABLE identity_records (
+            source VARCHAR NOT NULL,
+            message_id VARCHAR NOT NULL,
+            ts TIMESTAMPTZ NOT NULL,
+            received_at TIMESTAMPTZ NOT NULL,
+            kind VARCHAR NOT NULL,
+            primary_type VARCHAR,
+            primary_value VARCHAR,
+            dropped JSON
+        );
+        CREATE TABLE identity_observations (
+            source VARCHAR NOT NULL,
+            message_id VARCHAR NOT NULL,
+            ts TIMESTAMPTZ NOT NULL,
+            id_type VARCHAR NOT NULL,
+            id_value VARCHAR NOT NULL,
+            role VARCHAR NOT NULL
+        );
+        CREATE TABLE identity_map (
+            id_type VARCHAR NOT NULL,
+            id_value VARCHAR NOT NULL,
+            profile_id VARCHAR NOT NULL,
+            closure_id VARCHAR NOT NULL,
+            first_seen TIMESTAMPTZ,
+            last_seen TIMESTAMPTZ,
+            shared BOOLEAN NOT NULL DEFAULT false
+        );
+        CREATE TABLE identity_conflicts (
+            closure_id VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            id_type VARCHAR,
+            id_value VARCHAR,
+            kept_profile VARCHAR,
+            refused_profile VARCHAR,
+            source VARCHAR,
+            message_id VARCHAR,
+            first_at TIMESTAMPTZ,
+            occurrences INTEGER NOT NULL DEFAULT 1,
+            detail VARCHAR
+        );
+        CREATE TABLE identity_separations (
+            id VARCHAR PRIMARY KEY,
+            created_at TIMESTAMPTZ NOT NULL,
+            profile_id VARCHAR NOT NULL,
+            keep JSON NOT NULL,
+            split JSON NOT NULL,
+            reason VARCHAR
+        );
+        CREATE TABLE identity_state (key VARCHAR PRIMARY KEY, value VARCHAR);
+        CREATE TABLE profiles (
+            profile_id VARCHAR NOT NULL,
+            closure_id VARCHAR NOT NULL,
+            anchor_type VARCHAR NOT NULL,
+            first_seen TIMESTAMPTZ,
+            last_seen TIMESTAMPTZ,
+            identifiers INTEGER NOT NULL,
+            shared BOOLEAN NOT NULL DEFAULT false,
+            events BIGINT,
+            sessions BIGINT,
+            page_views BIGINT,
+            screen_views BIGINT,
+            orders BIGINT,
+            total_revenue DOUBLE,
+            average_order_value DOUBLE,
+            last_order_at TIMESTAMPTZ,
+            favourite_categories VARCHAR[],
+            channels VARCHAR[],
+            email_opens BIGINT,
+            email_clicks BIGINT,
+            latest_nps INTEGER,
+            support_sentiment DOUBLE,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE profile_traits (
+            profile_id VARCHAR NOT NULL,
+            closure_id VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            value JSON,
+            source VARCHAR,
+            tier VARCHAR,
+            observed_at TIMESTAMPTZ,
+            message_id VARCHAR,
+            candidates INTEGER
+        );
+        CREATE TABLE profile_ids (
+            profile_id VARCHAR NOT NULL,
+            anchor_type VARCHAR NOT NULL,
+            anchor_value VARCHAR NOT NULL
+        );
+        """,
+    ),
+    (
+        5,
+        "import runs",
+        # One row per file imported: where it came from and what became of it. Broker files
+        # keep their provenance here (broker, acquisition date, licence expiry, purpose and its
+        # lawful basis); each record carries the run id in context.provenance.import_run.
+        """
+        CREATE TABLE import_runs (
+            id VARCHAR PRIMARY KEY,
+            kind VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,
+            file_name VARCHAR NOT NULL,
+            file_format VARCHAR,
+            file_bytes BIGINT,
+            tier VARCHAR NOT NULL,
+            broker VARCHAR,
+            acquired_on DATE,
+            licence_expires_on DATE,
+            purpose VARCHAR,
+            lawful_basis VARCHAR,
+            started_at TIMESTAMPTZ NOT NULL,
+            finished_at TIMESTAMPTZ,
+            status VARCHAR NOT NULL,
+            rows_read BIGINT,
+            records BIGINT,
+            stored BIGINT,
+            duplicates BIGINT,
+            flagged BIGINT,
+            rejected BIGINT,
+            summary JSON
+        );
+        """,
+    ),
 ]

@@ -575,3 +575,31 @@ def test_render_leaves_everything_but_the_links_as_it_was(server: Server) -> Non
         "https://fjordfell.example/x", "TRACKED"
     )
     assert mail == expected
+
+
+def test_secret_key_from_the_environment(tmp_path: Path) -> None:
+    key = "k" * 48
+    running = start_server(tmp_path / "data", KILDE_SECRET_KEY=key)
+    try:
+        result = render(running, "env-key", [{"user_id": "env"}], base_url=running.url)
+        mail = result["mails"][0]["html"]
+        token = pixel_of(mail).rsplit("/", 1)[1].removesuffix(".gif")
+        assert TokenSigner([key.encode()]).verify(OPEN, token)["c"] == "env-key"
+        assert not (running.data_dir / "secret.key").exists()
+        link = clicks_of(mail)[0]
+    finally:
+        running.stop()
+    # A key too short to be safe: tracking says so and never redirects; the pixel still answers.
+    weak = start_server(tmp_path / "data", KILDE_SECRET_KEY="short")
+    try:
+        refused = httpx.post(
+            f"{weak.url}/api/email/campaigns/env-key/render",
+            json={"html": TEMPLATE, "recipients": [{"user_id": "env"}]},
+            headers=weak.admin,
+        )
+        assert refused.status_code == 503 and "KILDE_SECRET_KEY" in refused.json()["message"]
+        click = httpx.get(link.replace(urlsplit(link).netloc, urlsplit(weak.url).netloc))
+        assert click.status_code == 503 and "location" not in click.headers
+        assert_gif(httpx.get(f"{weak.url}/e/o/{token}.gif"))
+    finally:
+        weak.stop()

@@ -41,7 +41,8 @@ OLD_SECRETS_ENV = "KILDE_OLD_SECRET_KEYS"
 KEY_FILE = "secret.key"
 MIN_KEY_LENGTH = 32
 MAX_TOKEN_LENGTH = 2048
-_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
+# itsdangerous marks a zlib-compressed payload (chosen when it is shorter) with a leading dot.
+_TOKEN_SHAPE = re.compile(r"^\.?[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
 
 TokenProblem = Literal["malformed", "tampered", "expired", "oversized"]
 

@@ -41,6 +41,7 @@ from kilde.collect.email_campaigns import (
     look_up,
 )
 from kilde.collect.mail_proxies import classify
+from kilde.errors import KildeError
 from kilde.pipeline import Envelope, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.enrich import protect_ip
@@ -135,7 +136,12 @@ def _verify(request: Request, purpose: str, token: str) -> dict[str, Any]:
     if len(token) > MAX_TOKEN_LENGTH:
         raise Refused("oversized_token", f"the token is longer than {MAX_TOKEN_LENGTH} characters")
     try:
-        claims = app_signer(request.app.state).verify(purpose, token)
+        signer = app_signer(request.app.state)
+    except KildeError as exc:  # e.g. KILDE_SECRET_KEY too short: say so, never redirect
+        log.error("email tracking cannot check tokens: %s", exc.message)
+        raise Refused("kilde_misconfigured", exc.message) from None
+    try:
+        claims = signer.verify(purpose, token)
     except TokenError as exc:
         raise Refused(f"{exc.code}_token", exc.message) from None
     campaign, recipient = claims.get("c"), claims.get("r")
@@ -263,6 +269,8 @@ button {{ background: {color}; color: #fff; border: 0; border-radius: .3rem; pad
 def _invalid_link(request: Request, refused: Refused) -> HTMLResponse:
     if refused.code == "expired_token":
         message = "This link has expired."
+    elif refused.code == "kilde_misconfigured":
+        return _page("Not available", "<p>Please try again later.</p>", 503, request)
     else:
         message = "This link is not valid. Please use the link exactly as you received it."
     return _page("Link not valid", f"<p>{message}</p>", 400, request)

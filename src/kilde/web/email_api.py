@@ -29,6 +29,7 @@ from kilde.collect.email_campaigns import (
     list_campaigns,
     render_campaign,
 )
+from kilde.errors import KildeError
 from kilde.signing import app_signer
 from kilde.store.writer import StoreUnavailableError, WriteBatch
 from kilde.web.admin_api import require_admin
@@ -78,7 +79,12 @@ async def render(campaign: str, body: RenderRequest, request: Request) -> dict[s
     state = request.app.state
     now = datetime.now(UTC)
     base_url = body.base_url or str(request.base_url)
-    signer = await run_in_threadpool(app_signer, state)
+    try:
+        signer = await run_in_threadpool(app_signer, state)
+    except KildeError as exc:
+        raise HttpProblem(
+            503, "kilde_misconfigured", exc.message, exc.fix or "check the secret key"
+        ) from None
     recipients = [Recipient(r.user_id or None, r.email or None) for r in body.recipients]
     async with _lock(request):  # link ids are assigned once per campaign
         try:
@@ -133,7 +139,7 @@ def report(campaign: str, request: Request) -> dict[str, Any]:
             404,
             "unknown_campaign",
             "there is no campaign with that id",
-            "list them with GET /api/email/campaigns or `kilde email report --help`",
+            "list them with GET /api/email/campaigns or `kilde email campaigns`",
         )
     return found
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from kilde.plan.forms import form_problems
 from kilde.plan.models import schema_problem
 
 Path = tuple[str | int, ...]
@@ -100,4 +101,5 @@ def cross_check(data: Mapping[str, Any]) -> list[tuple[Path, str]]:
                             f"declare it or use one of {shown}",
                         )
                     )
+    problems.extend(form_problems(data))
     return problems

@@ -17,6 +17,8 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kilde.plan.forms import Form
+
 SourceKind = Literal["web", "server", "app", "email", "form", "import", "broker"]
 SourceMode = Literal["strict", "warn"]
 LegalBasis = Literal[
@@ -287,6 +289,7 @@ class Plan(_Strict):
     traits: list[TraitSpec] = Field(default_factory=list)
     privacy: Privacy = Field(default_factory=Privacy)
     web: WebTracking = Field(default_factory=WebTracking)
+    forms: list[Form] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
 
     @model_validator(mode="after")

@@ -109,6 +109,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
     (
+        4,
+        "personal survey invitations",
+        # A survey link carries only a signed invite id; who it was for stays here, so no
+        # email ever appears in a URL. `used_at` makes each link answer once.
+        """
+        CREATE TABLE form_invites (
+            id VARCHAR PRIMARY KEY,
+            form_id VARCHAR NOT NULL,
+            user_id VARCHAR,
+            email VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            used_at TIMESTAMPTZ
+        );
+        """,
+    ),
+    (
         6,
         "identity graph and profiles",
         # identity_records/observations: which identifiers each event carried (normalised);

@@ -18,6 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kilde import __version__
 from kilde.collect import segment_api
 from kilde.collect import website as website_routes
+from kilde.collect.forms import admin as form_admin
+from kilde.collect.forms import routes as form_routes
+from kilde.collect.importers import api as import_routes
 from kilde.config import Settings
 from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
@@ -111,7 +114,10 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.state.use_plan = use_plan
 
     app.include_router(website_routes.router)  # before segment_api, see its docstring
+    app.include_router(import_routes.router)  # before segment_api: /v1/social-login
     app.include_router(segment_api.router)
+    app.include_router(form_routes.router)
+    app.include_router(form_admin.router)
     app.include_router(email_api.router)
     app.include_router(admin_api.public)
     app.include_router(admin_api.router)

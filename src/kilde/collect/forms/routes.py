@@ -305,11 +305,6 @@ async def _store(
     awaiting = sorted(p for p, granted in sub.consents.items() if granted and p in double)
     now = env.received_at.isoformat()
     context: dict[str, Any] = {"kilde": {"form_id": form.id, "tier": "first_party"}}
-    if active:
-        context["consent"] = {
-            "categoryPreferences": active,
-            "evidence": f"form:{form.id}",
-        }
     records: list[dict[str, Any]] = []
     if traits:
         records.append(
@@ -328,6 +323,9 @@ async def _store(
             **ids,
         }
     )
+    if active:
+        # One ledger row per consent box: ticked is granted, unticked is denied.
+        records.append(consent_record(form, active, ids, now, evidence=f"form:{form.id}"))
     batch, outcomes = pipeline.batch_for(records, source, env)
     rejected = [o for o in outcomes if o.status == "dead_lettered"]
     if rejected:
@@ -354,6 +352,29 @@ async def _store(
     if awaiting and email:
         await _send_confirmation(request, form, email, ids, awaiting)
     return _message(request, form.title, form.thank_you, 200)
+
+
+def consent_record(
+    form: Form,
+    choices: dict[str, bool],
+    ids: dict[str, str],
+    at: str,
+    *,
+    evidence: str,
+    message_id: str | None = None,
+) -> dict[str, Any]:
+    """A `Consent Updated` event: the consent ledger records one row per purpose."""
+    record: dict[str, Any] = {
+        "type": "track",
+        "event": "Consent Updated",
+        "properties": {"purposes": choices, "banner_version": evidence},
+        "timestamp": at,
+        "context": {"kilde": {"form_id": form.id, "tier": "first_party"}},
+        **ids,
+    }
+    if message_id:
+        record["messageId"] = message_id
+    return record
 
 
 async def _send_confirmation(
@@ -404,21 +425,15 @@ async def confirm(request: Request, form_id: str, t: str = "") -> Response:
         user_agent=request.headers.get("user-agent"),
     )
     ids = {"anonymousId": claims["a"], **({"userId": claims["u"]} if claims.get("u") else {})}
-    record = {
-        "type": "track",
-        "event": "Consent Confirmed",
+    record = consent_record(
+        form,
+        dict.fromkeys(claims["c"], True),
+        ids,
+        env.received_at.isoformat(),
+        evidence=f"double-opt-in:form:{form.id}",
         # The same link clicked twice records one confirmation (messageId dedupe).
-        "messageId": "confirm-" + uuid.uuid5(uuid.NAMESPACE_URL, t).hex,
-        "properties": {"form_id": form.id, "purposes": claims["c"]},
-        "context": {
-            "consent": {
-                "categoryPreferences": dict.fromkeys(claims["c"], True),
-                "evidence": f"double opt-in:{form.id}",
-            },
-            "kilde": {"form_id": form.id, "tier": "first_party"},
-        },
-        **ids,
-    }
+        message_id="confirm-" + uuid.uuid5(uuid.NAMESPACE_URL, t).hex,
+    )
     result = await pipeline.ingest([record], source, env)
     if result.rejected:
         return _message(

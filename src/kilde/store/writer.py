@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -114,7 +115,24 @@ class RecentIds:
         self._ids.pop(key, None)
 
 
-_Item = tuple[WriteBatch, "concurrent.futures.Future[WriteResult]"]
+@dataclass
+class _Item:
+    """One queued batch and whom to tell when it is on disk."""
+
+    batch: WriteBatch
+    rows: int
+    # Exactly one of these: a thread waits on `future`; a coroutine awaits `waiter` on `loop`.
+    future: concurrent.futures.Future[WriteResult] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[WriteResult] | None = None
+
+
+_Outcome = tuple["asyncio.Future[WriteResult]", WriteResult | None, BaseException | None]
+
+# The writer thread releases the GIL inside DuckDB and to wake the event loop; each time it
+# must win the GIL back from the busy event-loop thread, which only yields it every switch
+# interval (5 ms by default). A shorter interval keeps acknowledgements from waiting on that.
+SWITCH_INTERVAL = 0.001
 
 
 class Writer:
@@ -131,6 +149,8 @@ class Writer:
         self.recent = RecentIds(dedupe_capacity)
         self._seed_recent(dedupe_capacity)
         self._con = store.cursor()
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="kilde-writer", daemon=True)
         self._thread.start()
 
@@ -143,7 +163,7 @@ class Writer:
 
     # -- submitting ---------------------------------------------------------------------------
 
-    def submit(self, batch: WriteBatch) -> concurrent.futures.Future[WriteResult]:
+    def _reserve(self, batch: WriteBatch) -> int:
         rows = len(batch.events) + len(batch.dead_letters)
         with self._count_lock:
             if self._queued_rows + rows > self.max_queued_rows:
@@ -151,12 +171,20 @@ class Writer:
                     "the store is busy writing earlier data", fix="retry in a second"
                 )
             self._queued_rows += rows
+        return rows
+
+    def submit(self, batch: WriteBatch) -> concurrent.futures.Future[WriteResult]:
+        """Queue a batch; the future resolves once it is committed (or failed)."""
         future: concurrent.futures.Future[WriteResult] = concurrent.futures.Future()
-        self._queue.put((batch, future))
+        self._queue.put(_Item(batch, self._reserve(batch), future=future))
         return future
 
     async def write(self, batch: WriteBatch) -> WriteResult:
-        return await asyncio.wrap_future(self.submit(batch))
+        """Write a batch durably; returns after the commit that contains it."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[WriteResult] = loop.create_future()
+        self._queue.put(_Item(batch, self._reserve(batch), loop=loop, waiter=waiter))
+        return await waiter
 
     def write_sync(self, batch: WriteBatch) -> WriteResult:
         return self.submit(batch).result()
@@ -191,9 +219,10 @@ class Writer:
     def _commit_group(self, items: list[_Item]) -> None:
         try:
             results = self._commit(items)
-        except Exception:
+        except Exception as exc:
             if len(items) == 1:
-                log.exception("write failed")
+                # The message may quote stored values, so only the type is logged.
+                log.error("write failed: %s", type(exc).__name__)
                 self._finish(items, None, StoreUnavailableError("the write failed", fix="retry"))
                 return
             # Isolate the batch that broke the group so the others still commit.
@@ -205,14 +234,24 @@ class Writer:
     def _finish(
         self, items: list[_Item], results: list[WriteResult] | None, error: Exception | None
     ) -> None:
-        rows = sum(len(b.events) + len(b.dead_letters) for b, _ in items)
         with self._count_lock:
-            self._queued_rows -= rows
-        for index, (_, future) in enumerate(items):
-            if error is not None or results is None:
-                future.set_exception(error or StoreUnavailableError("the write failed"))
-            else:
-                future.set_result(results[index])
+            self._queued_rows -= sum(item.rows for item in items)
+        if results is None:
+            error = error or StoreUnavailableError("the write failed", fix="retry")
+        # One wake-up per event loop for the whole group, not one per request.
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for index, item in enumerate(items):
+            result = results[index] if results is not None else None
+            if item.future is not None:
+                if error is not None:
+                    item.future.set_exception(error)
+                else:
+                    item.future.set_result(result)  # type: ignore[arg-type]
+            elif item.loop is not None and item.waiter is not None:
+                by_loop.setdefault(item.loop, []).append((item.waiter, result, error))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, outcomes)
 
     def _commit(self, items: list[_Item]) -> list[WriteResult]:
         results: list[WriteResult] = []
@@ -220,7 +259,8 @@ class Writer:
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
         added: list[tuple[str, str]] = []
-        for batch, _ in items:
+        for item in items:
+            batch = item.batch
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             for row in batch.events:
                 key = (row["source"], row["message_id"])
@@ -235,17 +275,24 @@ class Writer:
             statements.extend(batch.statements)
             results.append(result)
         con = self._con
+        # Each execute() releases the GIL and must win it back from the event loop thread,
+        # which can take a switch interval; so the whole group is one call when it can be.
+        script = ["BEGIN TRANSACTION"]
+        if events:
+            event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
+            script.append("INSERT INTO events BY NAME SELECT * FROM event_table")
+        if dead:
+            dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
+            script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
         try:
-            con.execute("BEGIN")
-            if events:
-                event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
-                con.execute("INSERT INTO events BY NAME SELECT * FROM event_table")
-            if dead:
-                dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
-                con.execute("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
-            for sql, params in statements:
-                con.execute(sql, params)
-            con.execute("COMMIT")
+            if statements:
+                con.execute("; ".join(script))
+                for sql, params in statements:
+                    con.execute(sql, params)
+                con.execute("COMMIT")
+            else:
+                script.append("COMMIT")
+                con.execute("; ".join(script))
         except Exception:
             with contextlib.suppress(Exception):  # the transaction may already be gone
                 con.execute("ROLLBACK")
@@ -253,6 +300,17 @@ class Writer:
                 self.recent.discard(key)
             raise
         return results
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    """Runs on the event loop: hand each waiting request its result."""
+    for waiter, result, error in outcomes:
+        if waiter.done():  # the request was cancelled meanwhile
+            continue
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(result)  # type: ignore[arg-type]
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -21,6 +21,7 @@ from kilde.cli_common import (
     settings_from,
 )
 from kilde.cli_email import email_app
+from kilde.cli_import import import_file
 from kilde.cli_profiles import register as register_profiles
 from kilde.cli_web import snippet as snippet_command
 from kilde.client import Client, remove_server_file, write_server_file
@@ -47,6 +48,7 @@ app.add_typer(events_app, name="events")
 app.command("snippet")(snippet_command)
 register_profiles(app)  # profile, profiles, identity
 app.add_typer(email_app, name="email")
+app.command("import")(import_file)
 
 
 def example_plan_path() -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -31,14 +31,15 @@ from kilde.cli_common import (
     print_json,
     settings_from,
 )
-from kilde.client import Client
-from kilde.collect.importers.base import KINDS, Kind, Reader
-from kilde.collect.importers.engine import ChunkResult, RunInfo, Summary, run_import
-from kilde.collect.importers.mapping import load_mapping
 from kilde.errors import KildeError
-from kilde.plan import load_plan
 
-RETRIES = 8
+if TYPE_CHECKING:
+    from kilde.collect.importers.base import Kind
+    from kilde.collect.importers.engine import Summary
+    from kilde.collect.importers.sink import ApiSink
+
+# Kept here so `kilde --help` does not import the importers.
+KINDS = ("transactions", "contacts", "interactions", "broker", "social_login")
 
 KindArg = Annotated[
     str,
@@ -48,68 +49,6 @@ KindArg = Annotated[
         show_default=False,
     ),
 ]
-
-
-class ApiSink:
-    """Chunks to the admin API of the running server, or of the in-process one."""
-
-    def __init__(self, client: Client, kind: str, source: str, dry_run: bool) -> None:
-        self.client = client
-        self.kind = kind
-        self.source = source
-        self.dry_run = dry_run
-
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        delay = 0.25
-        for attempt in range(RETRIES):
-            try:
-                return self.client.post(path, json=body)
-            except KildeError as exc:
-                if "(503)" not in exc.message or attempt == RETRIES - 1:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        raise KildeError("the server stayed busy", fix="try again later")
-
-    def start(self, info: RunInfo) -> str | None:
-        if info.dry_run:
-            return None
-        body = {
-            "kind": info.kind,
-            "source": info.source,
-            "file_name": info.file_name,
-            "file_format": info.file_format,
-            "file_bytes": info.file_bytes,
-            "tier": info.tier,
-            "provenance": info.provenance,
-        }
-        return str(self._post("/api/imports", body)["id"])
-
-    def send(
-        self, records: list[dict[str, Any]], rejects: list[dict[str, Any]], preview: int
-    ) -> ChunkResult:
-        answer = self._post(
-            "/api/imports/chunks",
-            {
-                "source": self.source,
-                "kind": self.kind,
-                "dry_run": self.dry_run,
-                "preview": preview,
-                "records": records,
-                "rejects": rejects,
-            },
-        )
-        return ChunkResult(
-            stored=answer["stored"],
-            duplicates=answer["duplicates"],
-            flagged=answer["flagged"],
-            rejected=answer["rejected"],
-            preview=answer.get("preview") or [],
-        )
-
-    def finish(self, run_id: str | None, summary: dict[str, Any]) -> None:
-        if run_id is not None:
-            self._post(f"/api/imports/{run_id}/finish", {"summary": summary})
 
 
 def _default_rejects(file: Path) -> Path:
@@ -184,8 +123,15 @@ def import_file(
     """
     if kind not in KINDS:
         fail(KildeError(f"{kind!r} is not a kind of import", fix="use one of: " + ", ".join(KINDS)))
+    from kilde.client import Client
+    from kilde.collect.importers.mapping import load_mapping
+    from kilde.collect.importers.sink import ApiSink
+    from kilde.plan import load_plan
+
     chosen: Kind = kind  # type: ignore[assignment]
     settings = settings_from(data, plan)
+    if delimiter is not None:
+        delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
     try:
         loaded_plan = load_plan(settings.plan_path)
         loaded = load_mapping(mapping)
@@ -257,6 +203,9 @@ def _run(
     *,
     quiet: bool,
 ) -> Summary:
+    from kilde.collect.importers.base import Reader
+    from kilde.collect.importers.engine import run_import
+
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -75,6 +75,16 @@ class CsvReader:
             self._lines(), delimiter=self.delimiter, quotechar=quotechar, strict=True
         )
         self.columns = self._read_header()
+        if len(self.columns) == 1:
+            others = [d for d in DELIMITERS if d != self.delimiter and d in self.columns[0]]
+            if others:
+                shown = others[0].replace("\t", "\\t")
+                raise ImportFailed(
+                    "the header has one column but contains the "
+                    f"{delimiter_name(others[0])}: the file seems separated by "
+                    f"{delimiter_name(others[0])}, not {delimiter_name(self.delimiter)}",
+                    fix=f"pass --delimiter '{shown}', or leave --delimiter out to detect it",
+                )
 
     # -- lines and header ---------------------------------------------------------------------
 

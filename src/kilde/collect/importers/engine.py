@@ -344,23 +344,31 @@ def _pump(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
         try:
+            previous: list[Row] = []
             for batch in reader.batches(chunk_rows):
                 summary.rows_read += len(batch.rows) + len(batch.errors)
                 converted = converter.feed(batch.rows)
                 converted.errors = batch.errors + converted.errors
-                rows = {row.line: row for row in batch.rows} if converted.errors else {}
                 if converted.records or converted.errors:
-                    submit(converted, rows)
+                    # An order may span two batches, so rows of the one before count too.
+                    submit(converted, _by_line(previous, batch.rows, converted.errors))
+                previous = batch.rows
                 if progress is not None:
                     progress(batch.position, reader.total, summary.rows_read)
             last = converter.finish()
             if last.records or last.errors:
-                submit(last, {})
+                submit(last, _by_line(previous, [], last.errors))
             while in_flight:
                 settle(in_flight.pop(0))
         finally:
             for item in in_flight:
                 item.future.cancel()
+
+
+def _by_line(previous: list[Row], current: list[Row], errors: list[RowError]) -> dict[int, Row]:
+    if not errors:
+        return {}
+    return {row.line: row for rows in (previous, current) for row in rows}
 
 
 def _jsonable(value: Any) -> Any:

@@ -161,7 +161,14 @@ TRAIT_SYNONYMS: dict[str, list[str]] = {
     "phone": ["phone", "phone_number", "mobile", "telephone", "tel", "telefon", "mobil"],
     "city": ["city", "town", "poststed", "sted"],
     "country": ["country", "country_code", "land"],
-    "created_at": ["created_at", "signup_date", "signed_up", "signed_up_at", "registered_at", "created"],
+    "created_at": [
+        "created_at",
+        "signup_date",
+        "signed_up",
+        "signed_up_at",
+        "registered_at",
+        "created",
+    ],
 }
 _NORMAL = re.compile(r"[^a-z0-9]+")
 

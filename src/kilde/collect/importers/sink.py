@@ -1,0 +1,74 @@
+"""The client side of an import: chunks to the admin API (of `kilde serve`, or in-process)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kilde.client import Client
+from kilde.collect.importers.engine import ChunkResult, RunInfo
+from kilde.errors import KildeError
+
+RETRIES = 8
+
+
+class ApiSink:
+    """Chunks to the admin API of the running server, or of the in-process one."""
+
+    def __init__(self, client: Client, kind: str, source: str, dry_run: bool) -> None:
+        self.client = client
+        self.kind = kind
+        self.source = source
+        self.dry_run = dry_run
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        delay = 0.25
+        for attempt in range(RETRIES):
+            try:
+                return self.client.post(path, json=body)
+            except KildeError as exc:
+                if "(503)" not in exc.message or attempt == RETRIES - 1:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        raise KildeError("the server stayed busy", fix="try again later")
+
+    def start(self, info: RunInfo) -> str | None:
+        if info.dry_run:
+            return None
+        body = {
+            "kind": info.kind,
+            "source": info.source,
+            "file_name": info.file_name,
+            "file_format": info.file_format,
+            "file_bytes": info.file_bytes,
+            "tier": info.tier,
+            "provenance": info.provenance,
+        }
+        return str(self._post("/api/imports", body)["id"])
+
+    def send(
+        self, records: list[dict[str, Any]], rejects: list[dict[str, Any]], preview: int
+    ) -> ChunkResult:
+        answer = self._post(
+            "/api/imports/chunks",
+            {
+                "source": self.source,
+                "kind": self.kind,
+                "dry_run": self.dry_run,
+                "preview": preview,
+                "records": records,
+                "rejects": rejects,
+            },
+        )
+        return ChunkResult(
+            stored=answer["stored"],
+            duplicates=answer["duplicates"],
+            flagged=answer["flagged"],
+            rejected=answer["rejected"],
+            preview=answer.get("preview") or [],
+        )
+
+    def finish(self, run_id: str | None, summary: dict[str, Any]) -> None:
+        if run_id is not None:
+            self._post(f"/api/imports/{run_id}/finish", {"summary": summary})

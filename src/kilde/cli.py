@@ -21,6 +21,7 @@ from kilde.cli_common import (
     settings_from,
 )
 from kilde.cli_email import email_app
+from kilde.cli_forms import forms_app, surveys_app
 from kilde.cli_import import import_file
 from kilde.cli_profiles import register as register_profiles
 from kilde.cli_web import snippet as snippet_command
@@ -45,9 +46,11 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
-app.command("snippet")(snippet_command)
 register_profiles(app)  # profile, profiles, identity
 app.add_typer(email_app, name="email")
+app.command("snippet")(snippet_command)
+app.add_typer(forms_app, name="forms")
+app.add_typer(surveys_app, name="surveys")
 app.command("import")(import_file)
 
 
@@ -361,17 +364,25 @@ def demo(
     token: TokenOpt = None,
 ) -> None:
     """Generate a realistic synthetic shop and send it through the collection API."""
+    import dataclasses
+
+    from kilde.demo.forms_demo import send_form_demo
     from kilde.demo.generator import send_demo
 
+    # The demo posts many forms from one address; an in-process run lifts the rate limit.
+    settings = dataclasses.replace(_settings(data, plan), form_rate_limit=0)
     try:
-        with Client(_settings(data, plan), token) as client:
+        with Client(settings, token) as client:
             summary = send_demo(client, customers=customers, days=days, seed=seed, console=console)
+            forms = send_form_demo(client, customers=customers, seed=seed)
     except KildeError as exc:
         _fail(exc)
         return
     console.print(
         f"[green]demo shop ready[/]: {summary['events']} events sent, {summary['stored']} stored, "
-        f"{summary['duplicates']} already there, {summary['rejected']} in the dead letter"
+        f"{summary['duplicates']} already there, {summary['rejected']} in the dead letter; "
+        f"forms: {forms['newsletter']} newsletter signups, {forms['b2b-lead']} group requests, "
+        f"{forms['nps']} NPS answers ({forms['refused']} refused)"
     )
 
 

@@ -90,6 +90,11 @@ class Client:
         else:
             self._http.__exit__(kind, exc, tb)
 
+    def raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The response itself, for pages that answer HTML (hosted forms)."""
+        response: httpx.Response = self._http.request(method, path, **kwargs)
+        return response
+
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         response: httpx.Response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
@@ -97,7 +102,10 @@ class Client:
                 body = response.json()
                 message = body.get("message", response.text)
                 fix = body.get("fix")
-            except ValueError:
+                problems = body.get("problems")
+                if isinstance(problems, list) and problems:  # e.g. why the plan did not load
+                    message += "".join(f"\n  {problem}" for problem in problems)
+            except (ValueError, AttributeError):
                 message, fix = response.text, None
             raise KildeError(f"{method} {path} failed ({response.status_code}): {message}", fix=fix)
         return response.json()

@@ -17,6 +17,7 @@ class Settings:
     port: int = DEFAULT_PORT
     admin_token: str | None = None  # KILDE_ADMIN_TOKEN: set the token up front instead
     trust_proxy: bool = False  # take the client address from X-Forwarded-For
+    form_rate_limit: int = 20  # form posts per client address and form in 10 minutes; 0: off
 
     @classmethod
     def from_env(
@@ -35,4 +36,5 @@ class Settings:
             port=port or int(env.get("KILDE_PORT", DEFAULT_PORT)),
             admin_token=env.get("KILDE_ADMIN_TOKEN") or None,
             trust_proxy=env.get("KILDE_TRUST_PROXY", "").lower() in ("1", "true", "yes"),
+            form_rate_limit=int(env.get("KILDE_FORM_RATE_LIMIT", "20")),
         )

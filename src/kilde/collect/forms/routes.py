@@ -37,8 +37,7 @@ log = logging.getLogger("kilde.forms")
 MAX_BODY = 64 * 1024
 CSRF_TTL = 4 * 3600
 CONFIRM_TTL = 7 * 86400
-RATE_WINDOW = 600.0
-RATE_LIMIT = 20  # submissions per address and form per window
+RATE_WINDOW = 600.0  # seconds; the limit per window is Settings.form_rate_limit
 
 templates = Environment(
     loader=PackageLoader("kilde.web", "templates"), autoescape=select_autoescape(["html"])
@@ -55,6 +54,8 @@ class RateLimiter:
         self._hits: dict[tuple[str, str], deque[float]] = defaultdict(deque)
 
     def allow(self, key: tuple[str, str]) -> bool:
+        if self.limit <= 0:
+            return True
         now = time.monotonic()
         hits = self._hits[key]
         while hits and now - hits[0] > self.window:
@@ -65,7 +66,12 @@ class RateLimiter:
         return True
 
 
-limiter = RateLimiter(RATE_LIMIT, RATE_WINDOW)
+def _limiter(request: Request) -> RateLimiter:
+    state = request.app.state
+    limiter = getattr(state, "form_limiter", None)
+    if limiter is None:
+        limiter = state.form_limiter = RateLimiter(state.settings.form_rate_limit, RATE_WINDOW)
+    return limiter
 
 
 def _page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
@@ -185,7 +191,7 @@ async def submit_form(request: Request, form_id: str) -> Response:
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     ip = client_ip(request) or "unknown"
-    if not limiter.allow((ip, form.id)):
+    if not _limiter(request).allow((ip, form.id)):
         return _message(
             request,
             "Too many submissions",

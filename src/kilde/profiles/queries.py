@@ -148,9 +148,9 @@ def consents(store: Store, identities: list[dict[str, Any]]) -> dict[str, Any] |
     users = [i["value"] for i in identities if i["type"] == "user_id"]
     anons = [i["value"] for i in identities if i["type"] == "anonymous_id"]
     rows = store.query(
-        "SELECT purpose, state, at AS changed_at, source FROM ("
-        " SELECT *, row_number() OVER (PARTITION BY purpose ORDER BY at DESC, recorded_at DESC,"
-        " id DESC) AS rn FROM consent_ledger"
+        "SELECT purpose, state, decided_at AS changed_at, source FROM ("
+        " SELECT *, row_number() OVER (PARTITION BY purpose ORDER BY decided_at DESC,"
+        " seq DESC) AS rn FROM consent_ledger"
         " WHERE list_contains(?, user_id) OR list_contains(?, anonymous_id)"
         ") WHERE rn = 1 ORDER BY purpose",
         [users, anons],

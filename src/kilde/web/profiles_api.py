@@ -88,7 +88,7 @@ def _identifiers(request: Request, body: Lookup) -> list[Identifier]:
                 400,
                 "invalid_identifier",
                 f"the {id_type} given is not a valid {id_type} (or is a junk value)",
-                f"send a real {id_type}; junk values like 'null' or 'test@test.com' link nobody",
+                f"send a real {id_type}; placeholder values such as 'null' link nobody",
                 path=id_type,
             )
         found.append(Identifier(id_type, value))

@@ -305,3 +305,15 @@ def test_cookie_is_secure_behind_an_https_proxy(own_server: Server) -> None:
     finally:
         server.stop()
     assert "; secure" in answer.headers["set-cookie"].lower()
+
+
+def test_snippet_command_prints_the_snippet_for_a_source(kilde_server: Server) -> None:
+    printed = kilde_server.kilde("snippet", "--source", "web").stdout
+    # Without --collector it points at the running server, with the plan's write key.
+    assert f'"{kilde_server.url}","{WEB_KEY}"' in printed
+    assert printed.strip() == snippet(kilde_server.url, WEB_KEY)
+    public = kilde_server.kilde("snippet", "--source", "web", "--collector", "https://c.example/")
+    assert '"https://c.example","demo-web-write-key"' in public.stdout
+    missing = kilde_server.kilde("snippet", "--source", "nope", check=False)
+    assert missing.returncode == 1
+    assert "no source 'nope'" in missing.stderr and "fix:" in missing.stderr

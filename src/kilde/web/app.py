@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kilde import __version__
 from kilde.collect import segment_api
@@ -123,25 +123,45 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(admin_api.router)
     app.include_router(profiles_api.router)
     _install_error_handlers(app)
-    app.middleware("http")(_access_log)
+    app.add_middleware(AccessLog)
     app.add_middleware(CorsForCollection)
     return app
 
 
-async def _access_log(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    # Path only: query strings and bodies may carry personal data, so they are never logged.
-    started = time.perf_counter()
-    response = await call_next(request)
-    log.info(
-        "%s %s %d %.1fms",
-        request.method,
-        request.url.path[:200],
-        response.status_code,
-        (time.perf_counter() - started) * 1000,
-    )
-    return response
+class AccessLog:
+    """One log line per request: method, path, status, time.
+
+    Path only: query strings and bodies may carry personal data, so they are never logged.
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware (`app.middleware("http")`) costs
+    a task group and memory streams per request, a quarter of the time of a small request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            log.info(
+                "%s %s %d %.1fms",
+                scope["method"],
+                scope["path"][:200],
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -49,3 +49,18 @@ def dead_letters(server: Server, source: str) -> list[dict[str, Any]]:
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.write_bytes(text.encode(encoding))
     return path
+
+
+class FixedAnalyzer:
+    """A stand-in model for the plug-in test: every text scores 0.5."""
+
+    name = "fixed-test-model"
+
+    def analyze(self, text: str) -> object:
+        from kilde.insights.sentiment import Sentiment
+
+        return Sentiment(0.5, "positive")
+
+
+def fixed_analyzer() -> FixedAnalyzer:
+    return FixedAnalyzer()

@@ -278,9 +278,11 @@ class LocalSink:
         self.source = source
         self.dry_run = dry_run
         self.run_id: str | None = None
+        self.started = threading.Event()
 
     def start(self, info: RunInfo) -> str | None:
         self.run_id = None if info.dry_run else start_run(self.svc, info)
+        self.started.set()
         return self.run_id
 
     def send(
@@ -322,13 +324,9 @@ def run_upload(request: Request, upload_id: str, body: UploadRunBody) -> dict[st
     except KildeError as exc:
         raise _problem(exc) from None
     sink = LocalSink(svc, body.kind, body.source, body.dry_run)
-    started = threading.Event()
     outcome: dict[str, Any] = {}
 
     def work() -> None:
-        def on_start(_: Any) -> None:
-            started.set()
-
         try:
             summary = run_import(
                 files[0],
@@ -339,17 +337,16 @@ def run_upload(request: Request, upload_id: str, body: UploadRunBody) -> dict[st
                 sink=sink,
                 dry_run=body.dry_run,
                 reject_path=folder / "rejects.csv",
-                on_start=on_start,
             )
             outcome["summary"] = summary.as_dict()
         except KildeError as exc:
             outcome["error"] = exc
         finally:
-            started.set()
+            sink.started.set()
 
     thread = threading.Thread(target=work, name=f"kilde-upload-{upload_id}", daemon=True)
     thread.start()
-    started.wait(timeout=60)
+    sink.started.wait(timeout=60)
     if body.dry_run:
         thread.join()
     error = outcome.get("error")
@@ -363,10 +360,11 @@ def rejects(request: Request, run_id: str) -> Response:
     row = run_row(services(request), run_id)
     if row is None:
         raise _no_run()
-    for folder in _uploads(request).iterdir():
-        candidate = folder / "rejects.csv"
-        summary = row.get("summary") or {}
-        if candidate.is_file() and summary.get("reject_file") == str(candidate):
+    uploads = _uploads(request).resolve()
+    recorded = (row.get("summary") or {}).get("reject_file")
+    if isinstance(recorded, str):
+        candidate = Path(recorded).resolve()
+        if candidate.is_relative_to(uploads) and candidate.is_file():
             return FileResponse(candidate, media_type="text/csv", filename=f"{run_id}-rejects.csv")
     raise HttpProblem(
         404,

@@ -168,7 +168,15 @@ def _count(summary: dict[str, Any], key: str) -> int:
 
 def _summary_kept(summary: dict[str, Any]) -> dict[str, Any]:
     # Errors hold line numbers, columns and reasons only; never cell values.
-    keep = ("reasons", "first_errors", "details", "mapping", "ignored_columns", "seconds")
+    keep = (
+        "reasons",
+        "first_errors",
+        "details",
+        "mapping",
+        "ignored_columns",
+        "seconds",
+        "reject_file",
+    )
     return {k: summary[k] for k in keep if k in summary}
 
 

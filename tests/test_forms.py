@@ -409,3 +409,51 @@ def test_nps_results(tmp_path: Path) -> None:
     improve = summary["questions"][2]["distribution"]
     assert improve == {"Delivery time": 1, "Prices": 2, "Product range": 0, "Customer service": 0}
     assert "NPS 0.0: 2 promoters, 1 passives, 2 detractors" in shown.stdout
+
+
+def test_a_company_form_on_an_allowed_site_posts_without_a_token(own_server: Server) -> None:
+    plan = own_server.plan_path.read_text()
+    plan = plan.replace(
+        "    submit_label: Subscribe\n",
+        "    submit_label: Subscribe\n    allowed_origins: [https://fjordfell.example]\n",
+    )
+    own_server.plan_path.write_text(plan)
+    reloaded = httpx.post(f"{own_server.url}/api/plan/reload", headers=admin(own_server))
+    assert reloaded.status_code == 200, reloaded.text
+    data = {"email": "own-form@example.com", "consent.marketing_email": "yes"}
+    ours = httpx.post(
+        f"{own_server.url}/f/newsletter", data=data, headers={"Origin": "https://fjordfell.example"}
+    )
+    assert ours.status_code == 200
+    theirs = httpx.post(
+        f"{own_server.url}/f/newsletter", data=data, headers={"Origin": "https://other.example"}
+    )
+    assert theirs.status_code == 403
+    assert identify_with(own_server, "email", "own-form@example.com")
+
+
+def test_oversized_posts_are_refused(forms_server: Server) -> None:
+    client = httpx.Client(base_url=forms_server.url)
+    token = csrf_of(client.get("/f/b2b-lead").text)
+    answer = client.post("/f/b2b-lead", data={"csrf": token, "needs": "x" * 70_000})
+    assert answer.status_code == 413
+    assert "too long" in answer.text
+
+
+def test_forms_list_and_demo_answers(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data")
+    try:
+        listed = server.kilde("forms", "list", "--json")
+        server.kilde("demo", "--customers", "60")
+        results = server.kilde("surveys", "results", "nps", "--json")
+    finally:
+        server.stop()
+    import json
+
+    forms = {f["id"]: f for f in json.loads(listed.stdout)["forms"]}
+    assert set(forms) == {"newsletter", "b2b-lead", "nps"}
+    assert forms["newsletter"]["url"] == f"{server.url}/f/newsletter"
+    assert forms["newsletter"]["consents"] == ["marketing_email"]
+    summary = json.loads(results.stdout)
+    assert summary["submissions"] > 0
+    assert summary["questions"][0]["responses"] == summary["submissions"]

@@ -317,3 +317,73 @@ def test_snippet_command_prints_the_snippet_for_a_source(kilde_server: Server) -
     missing = kilde_server.kilde("snippet", "--source", "nope", check=False)
     assert missing.returncode == 1
     assert "no source 'nope'" in missing.stderr and "fix:" in missing.stderr
+
+
+def test_local_storage_keeps_the_visitor_when_the_cookie_is_gone_and_back_is_a_page_view(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        page.click("#spa-tent")
+        page.go_back()  # popstate: a page view of "/" again
+        arrived(kilde_server, 3, anonymous_id=anonymous_id)
+        context.clear_cookies()
+        page.reload()
+        assert ready(page) == anonymous_id  # from the localStorage copy
+        assert next(c for c in context.cookies() if c["name"] == "kilde_aid")["value"] == (
+            anonymous_id
+        )
+        page.evaluate("kilde.alias('browser-user-3')")
+        stored = arrived(kilde_server, 5, anonymous_id=anonymous_id)
+    assert [e["page_path"] for e in stored if e["type"] == "page"] == [
+        "/",
+        "/products/tent",
+        "/",
+        "/",
+    ]
+    alias = next(e for e in stored if e["type"] == "alias")
+    assert alias["user_id"] == "browser-user-3" and alias["previous_id"] == anonymous_id
+
+
+def test_events_made_just_before_leaving_are_sent_with_send_beacon(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        # Leave for another site at once: no later page of this site can send it.
+        page.evaluate("kilde.track('Signed In'); location.href = 'about:blank'")
+        page.wait_for_url("about:blank")
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+    assert stored[-1]["event"] == "Signed In"
+    assert stored[-1]["context"]["transport"] == "beacon"  # sent by navigator.sendBeacon
+    assert "transport" not in stored[0]["context"]  # the page view went by fetch
+
+
+def test_tracking_works_when_local_storage_is_blocked(
+    kilde_server: Server, browser: Browser
+) -> None:
+    context = browser.new_context()
+    context.add_init_script(
+        "Object.defineProperty(window, 'localStorage', {get() {"
+        " throw new DOMException('blocked', 'SecurityError') }})"
+    )
+    try:
+        with serve_site(kilde_server.url) as site:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            page.click("#view-tent")
+            stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+            cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
+    finally:
+        context.close()
+    assert cookie["value"] == anonymous_id
+    assert {e["type"] for e in stored} == {"page", "track"}
+    assert errors == []

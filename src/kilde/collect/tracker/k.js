@@ -171,7 +171,11 @@
     queue = queue.filter(function (f) { return !ids[f.messageId]; });
     save();
   }
-  function body(batch) { return { writeKey: key, sentAt: new Date().toISOString(), batch: batch }; }
+  function body(batch, how) {
+    var b = { writeKey: key, sentAt: new Date().toISOString(), batch: batch };
+    if (how) b.context = { transport: how }; // shared by the batch's messages
+    return b;
+  }
   function flush() {
     timer = 0;
     if (sending || !queue.length) return;
@@ -189,7 +193,7 @@
     if (tries || !queue.length || !nav.sendBeacon) return; // collector down: kept for next page
     while (queue.length) {
       var batch = chunk();
-      if (!nav.sendBeacon(host + "/v1/batch", new Blob([JSON.stringify(body(batch))], { type: "text/plain" }))) return;
+      if (!nav.sendBeacon(host + "/v1/batch", new Blob([JSON.stringify(body(batch, "beacon"))], { type: "text/plain" }))) return;
       done(batch);
     }
   }

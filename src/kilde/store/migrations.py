@@ -256,4 +256,63 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        7,
+        "segments and insights",
+        # Segments defined through the API (the plan's own live in kilde.yaml); memberships with
+        # the time each profile entered and left; one row per refresh of each segment. Profile
+        # insights (RFM, lifetime value, churn, preferences) are derived from the profiles and
+        # events and can be recomputed at any time (`kilde insights refresh`).
+        """
+        CREATE TABLE segment_definitions (
+            id VARCHAR PRIMARY KEY,
+            name VARCHAR NOT NULL,
+            description VARCHAR,
+            rule JSON NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE segment_memberships (
+            segment_id VARCHAR NOT NULL,
+            profile_id VARCHAR NOT NULL,
+            entered_at TIMESTAMPTZ NOT NULL,
+            exited_at TIMESTAMPTZ
+        );
+        CREATE TABLE segment_runs (
+            segment_id VARCHAR NOT NULL,
+            refreshed_at TIMESTAMPTZ NOT NULL,
+            members BIGINT NOT NULL,
+            entered BIGINT NOT NULL,
+            exited BIGINT NOT NULL,
+            seconds DOUBLE,
+            error VARCHAR
+        );
+        CREATE TABLE profile_insights (
+            profile_id VARCHAR NOT NULL,
+            recency_days DOUBLE,
+            frequency BIGINT,
+            monetary DOUBLE,
+            r_score INTEGER,
+            f_score INTEGER,
+            m_score INTEGER,
+            rfm_score VARCHAR,
+            rfm_group VARCHAR,
+            expected_purchases DOUBLE,
+            p_alive DOUBLE,
+            expected_spend DOUBLE,
+            clv DOUBLE,
+            churn_risk DOUBLE,
+            churn_flag BOOLEAN,
+            churn_basis VARCHAR,
+            days_inactive DOUBLE,
+            usual_gap_days DOUBLE,
+            favourite_products VARCHAR[],
+            preferred_channel VARCHAR,
+            preferred_time VARCHAR,
+            recommended_products VARCHAR[],
+            computed_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE insight_state (key VARCHAR PRIMARY KEY, value JSON, updated_at TIMESTAMPTZ);
+        """,
+    ),
 ]

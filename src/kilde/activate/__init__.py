@@ -1,0 +1,1 @@
+"""Activation: destinations, retargeting audiences, partner exports."""

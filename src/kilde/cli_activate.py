@@ -1,0 +1,105 @@
+"""`kilde destinations`: where data goes, run it now, see what was delivered."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kilde.cli_common import DataOpt, JsonOpt, PlanOpt, TokenOpt, console, fail, print_json
+from kilde.cli_common import settings_from as _settings
+from kilde.client import Client
+from kilde.errors import KildeError
+
+destinations_app = typer.Typer(
+    help="Destinations: webhooks, ad-platform lists, files, partner exports.",
+    no_args_is_help=True,
+)
+NameArg = Annotated[str, typer.Argument(help="The destination's name in the plan")]
+
+
+def _call(data: Any, plan: Any, token: Any, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        with Client(_settings(data, plan), token) as client:
+            return client.request(method, path, **kwargs)
+    except KildeError as exc:
+        fail(exc)
+
+
+@destinations_app.command("list")
+def destinations_list(
+    data: DataOpt = None, plan: PlanOpt = None, token: TokenOpt = None, json: JsonOpt = False
+) -> None:
+    """Every destination with its purpose and delivery counts."""
+    result = _call(data, plan, token, "GET", "/api/destinations")
+    if json:
+        print_json(result)
+        return
+    table = Table(title="Destinations")
+    for column in ("name", "kind", "purpose", "sends", "delivered", "pending", "dead"):
+        table.add_column(column, overflow="fold")
+    for d in result["destinations"]:
+        sends = ", ".join(d["events"] + [f"segment {s}" for s in d["segments"]])
+        counts = d["deliveries"]
+        table.add_row(
+            d["name"],
+            d["kind"],
+            d["purpose"],
+            sends,
+            str(counts["delivered"]),
+            str(counts["pending"]),
+            str(counts["dead"]),
+        )
+    console.print(table)
+
+
+@destinations_app.command("test")
+def destinations_test(
+    name: NameArg, data: DataOpt = None, plan: PlanOpt = None, token: TokenOpt = None
+) -> None:
+    """Send one signed test request, or check that the output folder is writable."""
+    result = _call(data, plan, token, "POST", f"/api/destinations/{name}/test")
+    print_json(result)
+    if not result.get("ok"):
+        raise typer.Exit(1)
+
+
+@destinations_app.command("run")
+def destinations_run(
+    name: NameArg,
+    full: Annotated[bool, typer.Option(help="Send every member, not only the changes")] = False,
+    data: DataOpt = None,
+    plan: PlanOpt = None,
+    token: TokenOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Deliver what is due now (webhooks) or sync the audiences now (lists, files)."""
+    result = _call(data, plan, token, "POST", f"/api/destinations/{name}/run", json={"full": full})
+    if json:
+        print_json(result)
+        return
+    if result["kind"] == "webhook":
+        console.print(
+            f"{name}: {result['enqueued']} new, {result['delivered']} delivered, "
+            f"{result['failed']} to retry, {result['dead']} dead, {result['skipped']} skipped "
+            "(no consent)"
+        )
+        return
+    for sync in result["syncs"]:
+        console.print(
+            f"{name} / {sync['segment']}: {sync['members']} members, +{sync['added']} "
+            f"-{sync['removed']}; left out {sync['excluded_no_consent']} without consent and "
+            f"{sync['excluded_do_not_sell']} who opted out of sale or sharing"
+        )
+        for file in sync["files"]:
+            console.print(f"  wrote {file}", highlight=False)
+
+
+@destinations_app.command("replay")
+def destinations_replay(
+    name: NameArg, data: DataOpt = None, plan: PlanOpt = None, token: TokenOpt = None
+) -> None:
+    """Make dead deliveries due again."""
+    result = _call(data, plan, token, "POST", f"/api/destinations/{name}/replay")
+    console.print(f"{name}: {result['requeued']} dead deliveries queued again")

@@ -1,0 +1,123 @@
+"""Destinations declared in the plan: where data goes, for which purpose, in which shape.
+
+Kinds:
+- `webhook`: real-time events and segment changes as signed JSON POSTs;
+- `google_customer_match`, `meta_custom_audience`: hashed customer lists of segments;
+- `file`: CSV or Parquet of a segment with chosen traits;
+- `partner_export`: a file for a partner or broker that excludes everyone who opted out of
+  sale or sharing or lacks consent for the purpose, with a manifest of what was shared.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DestinationKind = Literal[
+    "webhook", "google_customer_match", "meta_custom_audience", "file", "partner_export"
+]
+_INTERVAL = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def interval_seconds(text: str) -> int:
+    """'30s', '15m', '1h' or '1d' as seconds."""
+    match = _INTERVAL.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not an interval; write for example 15m, 1h or 1d")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+class Destination(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_\-]*$")
+    kind: DestinationKind
+    purpose: str  # consent (or another basis) for this purpose is checked at the moment of use
+    description: str | None = None
+    recipient: str | None = None  # who receives the data, for the register and manifests
+    url: str | None = None  # webhook endpoint
+    secret: str | None = None  # webhook signing secret (use ${VAR})
+    events: list[str] = Field(default_factory=list)  # real-time events to forward
+    segments: list[str] = Field(default_factory=list)  # audiences to sync
+    traits: list[str] = Field(default_factory=list)  # traits in files and payloads
+    mapping: dict[str, str] = Field(default_factory=dict)  # output field -> Kilde field
+    schedule: str | None = None  # audience sync interval, e.g. 1h
+    format: Literal["csv", "parquet"] = "csv"
+    directory: str = "exports"  # files, under the data directory unless absolute
+    rate_limit: float = Field(20.0, gt=0)  # webhook requests per second
+    max_attempts: int = Field(8, ge=1, le=100)
+    timeout: float = Field(10.0, gt=0, le=120)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            interval_seconds(value)
+        return value
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> Destination:
+        if self.kind == "webhook":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError("a webhook needs an http(s) url")
+            if not self.secret or len(self.secret) < 16:
+                raise ValueError("a webhook needs a secret of at least 16 characters to sign with")
+            if not self.events and not self.segments:
+                raise ValueError("a webhook needs events or segments to send")
+        elif not self.segments:
+            raise ValueError(f"a {self.kind} destination needs the segments to send")
+        return self
+
+
+def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """Cross checks of `destinations` against purposes, events and traits (on the raw YAML)."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    items = data.get("destinations")
+    if not isinstance(items, list):
+        return problems
+
+    def names(section: str, key: str) -> set[Any]:
+        value = data.get(section)
+        return (
+            {i.get(key) for i in value if isinstance(i, Mapping)}
+            if isinstance(value, list)
+            else set()
+        )
+
+    purposes, events, traits = (
+        names("purposes", "id"),
+        names("events", "name"),
+        names("traits", "name"),
+    )
+    seen: set[Any] = set()
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            continue
+        if item.get("name") in seen:
+            problems.append((("destinations", index, "name"), "declared twice"))
+        seen.add(item.get("name"))
+        if item.get("purpose") not in purposes:
+            problems.append(
+                (("destinations", index, "purpose"), "not a purpose of the plan; declare it first")
+            )
+        for e_index, event in enumerate(item.get("events") or []):
+            if event not in events:
+                problems.append(
+                    (
+                        ("destinations", index, "events", e_index),
+                        f"event {event!r} is not in the plan",
+                    )
+                )
+        for t_index, trait in enumerate(item.get("traits") or []):
+            if trait not in traits:
+                problems.append(
+                    (
+                        ("destinations", index, "traits", t_index),
+                        f"trait {trait!r} is not in the plan",
+                    )
+                )
+    return problems

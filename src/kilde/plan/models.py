@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from kilde.plan.forms import Form
+from kilde.plan.segments import Segments
 
 SourceKind = Literal["web", "server", "app", "email", "form", "import", "broker"]
 SourceMode = Literal["strict", "warn"]
@@ -291,6 +292,7 @@ class Plan(_Strict):
     web: WebTracking = Field(default_factory=WebTracking)
     forms: list[Form] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
+    segments: Segments = Field(default_factory=Segments)
 
     @model_validator(mode="after")
     def _cookie_purpose_declared(self) -> Plan:

@@ -75,7 +75,7 @@ class ServerProcess:
                 self.process.wait()
 
 
-def start_server(data_dir: Path) -> ServerProcess:
+def start_server(data_dir: Path, *, identity: bool = True) -> ServerProcess:
     port = free_port()
     env = {
         **os.environ,
@@ -83,6 +83,7 @@ def start_server(data_dir: Path) -> ServerProcess:
         "KILDE_PLAN": str(DEMO_PLAN),
         "KILDE_ADMIN_TOKEN": ADMIN_TOKEN,
         "KILDE_PORT": str(port),
+        "KILDE_IDENTITY_BACKGROUND": "1" if identity else "0",
     }
     log_path = data_dir.parent / "server.log"
     with log_path.open("ab") as log:
@@ -139,9 +140,16 @@ class MemoryWatch:
         return max(self.peak, self.high_water_mark())
 
 
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
+def cpu_seconds(proc: psutil.Process) -> tuple[float, float]:
+    """CPU seconds of the process: (event-loop thread, all other threads)."""
+    main = other = 0.0
+    for thread in proc.threads():
+        seconds = thread.user_time + thread.system_time
+        if thread.id == proc.pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other
 
 
 @dataclass
@@ -151,6 +159,8 @@ class Scenario:
     events: int
     wall_s: float
     server_cpu_s: float
+    loop_cpu_s: float  # the event-loop thread: HTTP, parsing, the pipeline (holds the GIL)
+    other_cpu_s: float  # the writer thread and DuckDB's threads
 
     @property
     def events_per_s(self) -> float:
@@ -172,17 +182,20 @@ def drive(
     seed: int,
 ) -> Scenario:
     proc = psutil.Process(server.process.pid)
-    cpu0 = cpu_seconds(proc)
+    loop0, other0 = cpu_seconds(proc)
     future = pool.submit(
         run_load, "127.0.0.1", server.port, connections, duration, batch_size, seed, name
     )
     load = future.result()
-    server_cpu = cpu_seconds(proc) - cpu0
+    loop1, other1 = cpu_seconds(proc)
     if load.failed or load.events_rejected:
         print(f"  {name}: {load.failed} failed requests, {load.events_rejected} rejected events")
         for sample in load.error_samples:
             print(f"    {sample}")
-    return Scenario(name, load, load.events_acked, load.wall_s, server_cpu)
+    loop_cpu, other_cpu = loop1 - loop0, other1 - other0
+    return Scenario(
+        name, load, load.events_acked, load.wall_s, loop_cpu + other_cpu, loop_cpu, other_cpu
+    )
 
 
 def measure_ceiling(bodies: list[tuple[str, bytes]], concurrency: int) -> tuple[float, int]:
@@ -261,6 +274,11 @@ def main() -> None:
     parser.add_argument(
         "--single-connections", type=int, default=32, help="connections sending single events"
     )
+    parser.add_argument(
+        "--no-identity",
+        action="store_true",
+        help="stop the server's background identity resolution (ingestion alone)",
+    )
     args = parser.parse_args()
     duration = 5.0 if args.quick else args.duration
     single_duration = 3.0 if args.quick else max(5.0, duration / 2)
@@ -269,14 +287,15 @@ def main() -> None:
     print(f"kilde ingestion benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     print(
         f"batched: {args.connections} connections x {BATCH} events/request for {duration:.0f} s; "
-        f"single: {args.single_connections} connections for {single_duration:.0f} s"
+        f"single: {args.single_connections} connections for {single_duration:.0f} s; "
+        f"background identity resolution {'off' if args.no_identity else 'on (as shipped)'}"
     )
     stamper = Stamper(event_pool(7), "ceiling")
     sample = stamper.events(1000)
     mean_size = sum(len(orjson.dumps(e)) for e in sample) / len(sample)
 
     ctx = get_context("spawn")
-    server = start_server(base / "data")
+    server = start_server(base / "data", identity=not args.no_identity)
     try:
         memory = MemoryWatch(server.process.pid)
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
@@ -329,6 +348,11 @@ def main() -> None:
         f"{percentile(lb.latencies_ms, 99):.1f} ms")  # fmt: skip
     row("failed requests (non-2xx)", f"{lb.failed}")
     row("server CPU (both cores = 200%)", f"{batched.server_cpu_s / batched.wall_s:.0%}")
+    row("  event-loop thread CPU per event", f"{batched.loop_cpu_s / batched.events * 1e6:.1f} µs")
+    row(
+        "  writer + DuckDB threads CPU per event",
+        f"{batched.other_cpu_s / batched.events * 1e6:.1f} µs",
+    )
     row("load process CPU", f"{lb.cpu_s / lb.wall_s:.0%}")
     row("ceiling: Pipeline+Writer in-process, events/s", f"{ceiling:,.0f}")
     row("ratio HTTP / ceiling", f"{batched.events_per_s / ceiling:.2f}")
@@ -340,6 +364,11 @@ def main() -> None:
         f"{percentile(ls.latencies_ms, 99):.1f} ms")  # fmt: skip
     row("failed requests (non-2xx)", f"{ls.failed}")
     row("server CPU (both cores = 200%)", f"{single.server_cpu_s / single.wall_s:.0%}")
+    row("  event-loop thread CPU per request", f"{single.loop_cpu_s / single.events * 1e6:.0f} µs")
+    row(
+        "  writer + DuckDB threads CPU per request",
+        f"{single.other_cpu_s / single.events * 1e6:.0f} µs",
+    )
     row("load process CPU", f"{ls.cpu_s / ls.wall_s:.0%}")
     row("ceiling: one event per Pipeline.ingest, events/s", f"{single_ceiling:,.0f}")
     row("ratio HTTP / ceiling", f"{single.requests_per_s / single_ceiling:.2f}")

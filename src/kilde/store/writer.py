@@ -278,13 +278,13 @@ class Writer:
         # Each execute() releases the GIL and must win it back from the event loop thread,
         # which can take a switch interval; so the whole group is one call when it can be.
         script = ["BEGIN TRANSACTION"]
-        if events:
-            event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
-            script.append("INSERT INTO events BY NAME SELECT * FROM event_table")
-        if dead:
-            dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
-            script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
         try:
+            if events:
+                event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
+                script.append("INSERT INTO events BY NAME SELECT * FROM event_table")
+            if dead:
+                dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
+                script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
             if statements:
                 con.execute("; ".join(script))
                 for sql, params in statements:

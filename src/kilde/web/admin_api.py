@@ -86,10 +86,12 @@ _EVENT_FIELDS = (
 )
 
 
-def _cursor_decode(cursor: str) -> tuple[datetime, str]:
+def _cursor_decode(cursor: str) -> tuple[datetime, str, str]:
     try:
         raw = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(raw[0]), str(raw[1])
+        if not isinstance(raw, list) or len(raw) != 3:
+            raise ValueError("not a cursor")
+        return datetime.fromisoformat(raw[0]), str(raw[1]), str(raw[2])
     except Exception:
         raise HttpProblem(
             400,
@@ -101,7 +103,8 @@ def _cursor_decode(cursor: str) -> tuple[datetime, str]:
 
 
 def _cursor_encode(row: dict[str, Any]) -> str:
-    raw = orjson.dumps([row["timestamp"].isoformat(), row["message_id"]])
+    # message_id alone does not identify a row: dedupe is per source.
+    raw = orjson.dumps([row["timestamp"].isoformat(), row["message_id"], row["source"]])
     return base64.urlsafe_b64encode(raw).decode()
 
 
@@ -138,13 +141,13 @@ def events(
         where.append("timestamp < ?")
         params.append(until)
     if cursor:
-        at, message_id = _cursor_decode(cursor)
-        where.append("(timestamp, message_id) < (?, ?)")
-        params.extend([at, message_id])
+        at, message_id, from_source = _cursor_decode(cursor)
+        where.append("(timestamp, message_id, source) < (?, ?, ?)")
+        params.extend([at, message_id, from_source])
     sql = f"SELECT {_EVENT_FIELDS} FROM events"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY timestamp DESC, message_id DESC LIMIT ?"
+    sql += " ORDER BY timestamp DESC, message_id DESC, source DESC LIMIT ?"
     params.append(limit + 1)
     rows = _store(request).query(sql, params)
     more = len(rows) > limit

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from kilde.cli_activate import destinations_app
 from kilde.cli_common import (
     DataOpt,
     JsonOpt,
@@ -50,6 +51,7 @@ register_profiles(app)  # profile, profiles, identity
 app.add_typer(email_app, name="email")
 app.command("snippet")(snippet_command)
 app.add_typer(forms_app, name="forms")
+app.add_typer(destinations_app, name="destinations")
 app.add_typer(surveys_app, name="surveys")
 app.command("import")(import_file)
 

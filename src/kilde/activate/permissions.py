@@ -25,9 +25,20 @@ WITH ids AS (
     LEFT JOIN ids a ON a.id_type = 'anonymous_id' AND a.id_value = l.anonymous_id
     WHERE l.purpose = ?
 )
-SELECT profile_id FROM decisions WHERE profile_id IS NOT NULL
+SELECT profile_id, state FROM decisions WHERE profile_id IS NOT NULL
 QUALIFY row_number() OVER (PARTITION BY profile_id ORDER BY decided_at DESC, seq DESC) = 1
-    AND state = ?
+"""
+
+# The latest decision per raw identifier, for people identity resolution has not seen yet.
+_LATEST_IDS = """
+SELECT key, state FROM (
+    SELECT 'user_id:' || user_id AS key, state, decided_at, seq FROM consent_ledger
+    WHERE purpose = ? AND user_id IS NOT NULL
+    UNION ALL
+    SELECT 'anonymous_id:' || anonymous_id, state, decided_at, seq FROM consent_ledger
+    WHERE purpose = ? AND anonymous_id IS NOT NULL
+)
+QUALIFY row_number() OVER (PARTITION BY key ORDER BY decided_at DESC, seq DESC) = 1
 """
 
 
@@ -35,16 +46,25 @@ QUALIFY row_number() OVER (PARTITION BY profile_id ORDER BY decided_at DESC, seq
 class Permission:
     purpose: str
     needs_consent: bool
-    consented: frozenset[str]  # profiles whose latest decision for the purpose is granted
-    opted_out: frozenset[str]  # profiles that opted out of sale or sharing
+    decisions: dict[str, str]  # profile -> latest state for the purpose
+    id_decisions: dict[str, str]  # "user_id:x" / "anonymous_id:y" -> latest state
+    opted_out: frozenset[str]  # profiles and raw ids that opted out of sale or sharing
 
-    def allows(self, profile_id: str | None, *, sale: bool) -> tuple[bool, str | None]:
-        """(allowed, why not) for one profile."""
-        if profile_id is None:
-            return (not self.needs_consent and not sale), "the person is not known yet"
-        if sale and profile_id in self.opted_out:
+    def allows(
+        self, profile_id: str | None, ids: tuple[str, ...] = (), *, sale: bool
+    ) -> tuple[bool, str | None]:
+        """(allowed, why not) for a person known by a profile and/or raw identifiers."""
+        if sale and (profile_id in self.opted_out or any(i in self.opted_out for i in ids)):
             return False, "opted out of sale or sharing"
-        if self.needs_consent and profile_id not in self.consented:
+        if not self.needs_consent:
+            return True, None
+        state: str | None
+        if profile_id is not None and profile_id in self.decisions:
+            state = self.decisions[profile_id]
+        else:  # not resolved yet: the person's own identifiers speak for them
+            states = [self.id_decisions[i] for i in ids if i in self.id_decisions]
+            state = "granted" if "granted" in states and len(set(states)) == 1 else None
+        if state != "granted":
             return False, f"no consent for {self.purpose}"
         return True, None
 
@@ -58,17 +78,31 @@ def _table_exists(store: Store, name: str) -> bool:
 def permission(store: Store, plan: Plan, purpose: str) -> Permission:
     spec = next((p for p in plan.purposes if p.id == purpose), None)
     needs_consent = spec is None or spec.legal_basis == "consent"  # unknown purpose: refuse
-    consented: set[str] = set()
+    decisions: dict[str, str] = {}
+    id_decisions: dict[str, str] = {}
     opted_out: set[str] = set()
     if _table_exists(store, "consent_ledger") and _table_exists(store, "identity_map"):
         if needs_consent:
-            rows = store.query(_LATEST, [purpose, "granted"])
-            consented = {r["profile_id"] for r in rows}
+            decisions = {r["profile_id"]: r["state"] for r in store.query(_LATEST, [purpose])}
+            id_decisions = {
+                r["key"]: r["state"] for r in store.query(_LATEST_IDS, [purpose, purpose])
+            }
         for sale_purpose in (p.id for p in plan.purposes if p.sale_or_sharing):
-            for state in ("denied", "withdrawn"):
-                rows = store.query(_LATEST, [sale_purpose, state])
-                opted_out.update(r["profile_id"] for r in rows)
-    return Permission(purpose, needs_consent, frozenset(consented), frozenset(opted_out))
+            for row in store.query(_LATEST, [sale_purpose]):
+                if row["state"] != "granted":
+                    opted_out.add(row["profile_id"])
+            for row in store.query(_LATEST_IDS, [sale_purpose, sale_purpose]):
+                if row["state"] != "granted":
+                    opted_out.add(row["key"])
+    return Permission(purpose, needs_consent, decisions, id_decisions, frozenset(opted_out))
+
+
+def raw_ids(user_id: str | None, anonymous_id: str | None) -> tuple[str, ...]:
+    return tuple(
+        f"{kind}:{value}"
+        for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id))
+        if value
+    )
 
 
 def profile_of(store: Store, user_id: str | None, anonymous_id: str | None) -> str | None:

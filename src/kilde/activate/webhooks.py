@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import orjson
 
-from kilde.activate.permissions import Permission, permission, profile_of
+from kilde.activate.permissions import Permission, permission, profile_of, raw_ids
 from kilde.plan.destinations import Destination
 from kilde.plan.models import Plan
 from kilde.store import Store, WriteBatch, Writer
@@ -34,6 +34,7 @@ from kilde.store import Store, WriteBatch, Writer
 log = logging.getLogger("kilde.activate")
 
 RESCAN = timedelta(seconds=60)  # events may commit slightly out of arrival order
+UNKNOWN_GRACE = timedelta(minutes=5)  # how long to wait for identity resolution to see someone
 BATCH = 200
 SALE_KINDS = ("google_customer_match", "meta_custom_audience", "partner_export")
 _FIELDS = ("message_id", "source", "type", "event", "user_id", "anonymous_id", "timestamp")
@@ -223,12 +224,13 @@ class WebhookDispatcher:
     async def deliver(self, destination: Destination) -> RunReport:
         """Send every due delivery of one destination once; record the outcomes."""
         report = RunReport()
-        allowed = permission(self.store, self.plan, destination.purpose)
         async with httpx.AsyncClient() as client:
             while True:
                 due = self.due(destination)
                 if not due:
                     break
+                # Checked at the moment of use: a withdrawal counts from the next round on.
+                allowed = permission(self.store, self.plan, destination.purpose)
                 statements = await self._round(client, destination, due, allowed, report)
                 # Failed deliveries are due again only after their backoff, so this ends.
                 await self.writer.write(WriteBatch(statements=statements))
@@ -244,12 +246,22 @@ class WebhookDispatcher:
     ) -> list[tuple[str, list[Any]]]:
         statements: list[tuple[str, list[Any]]] = []
         sendable = []
+        now = datetime.now(UTC)
         for delivery in due:
             event = orjson.loads(delivery["event"])
             profile = profile_of(self.store, event.get("user_id"), event.get("anonymous_id"))
-            ok, why = allowed.allows(profile, sale=destination.kind in SALE_KINDS)
+            ids = raw_ids(event.get("user_id"), event.get("anonymous_id"))
+            ok, why = allowed.allows(profile, ids, sale=destination.kind in SALE_KINDS)
             if ok:
                 sendable.append(delivery)
+            elif profile is None and now - delivery["created_at"] < UNKNOWN_GRACE:
+                # Identity resolution has not seen this person yet: ask again shortly.
+                statements.append(
+                    (
+                        "UPDATE deliveries SET next_attempt_at = ? WHERE id = ?",
+                        [now + timedelta(seconds=2), delivery["id"]],
+                    )
+                )
             else:
                 report.skipped += 1
                 statements.append(
@@ -264,8 +276,8 @@ class WebhookDispatcher:
             attempt = delivery["attempts"] + 1
             statements.append(
                 (
-                    "INSERT INTO delivery_log (delivery_id, destination, attempt, at, status, "
-                    "error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO delivery_log (delivery_id, destination, attempt, attempted_at, "
+                    "status, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [delivery["id"], destination.name, attempt, now, status, error, elapsed * 1000],
                 )
             )

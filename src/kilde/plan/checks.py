@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from kilde.plan.destinations import destination_problems
 from kilde.plan.forms import form_problems
 from kilde.plan.models import schema_problem
 
@@ -102,4 +103,5 @@ def cross_check(data: Mapping[str, Any]) -> list[tuple[Path, str]]:
                         )
                     )
     problems.extend(form_problems(data))
+    problems.extend(destination_problems(data))
     return problems

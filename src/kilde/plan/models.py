@@ -17,6 +17,7 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kilde.plan.destinations import Destination
 from kilde.plan.forms import Form
 from kilde.plan.segments import Segments
 
@@ -191,6 +192,14 @@ class TraitSpec(_Strict):
 
 class Privacy(_Strict):
     ip: IpPolicy = "truncate"
+    # The consent gate at collection (docs/privacy-and-compliance.md). `enforce`: a record (or
+    # trait) whose purposes all rest on consent is stored only when the person granted one of
+    # them. `refusals`: only a recorded denial or withdrawal keeps it out, for consent asked
+    # and enforced before the data reaches Kilde. `off`: no gate.
+    consent_gate: Literal["enforce", "refusals", "off"] = "enforce"
+    # What `kilde privacy retain` does with events past their retention: delete them, or keep
+    # them without anything that identifies the person.
+    retention_action: Literal["delete", "anonymise"] = "delete"
 
 
 class WebTracking(_Strict):
@@ -291,6 +300,7 @@ class Plan(_Strict):
     privacy: Privacy = Field(default_factory=Privacy)
     web: WebTracking = Field(default_factory=WebTracking)
     forms: list[Form] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
     identity: IdentityRules = Field(default_factory=IdentityRules)
     segments: Segments = Field(default_factory=Segments)
 

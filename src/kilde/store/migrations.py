@@ -315,4 +315,140 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE insight_state (key VARCHAR PRIMARY KEY, value JSON, updated_at TIMESTAMPTZ);
         """,
     ),
+    (
+        12,
+        "activation: delivery outbox, audience state, export manifests",
+        """
+        CREATE SEQUENCE delivery_seq;
+        CREATE TABLE deliveries (
+            id VARCHAR PRIMARY KEY,
+            destination VARCHAR NOT NULL,
+            person VARCHAR,  -- ordering key: deliveries of one person go out in order
+            seq BIGINT NOT NULL,
+            event JSON NOT NULL,
+            state VARCHAR NOT NULL,  -- pending, delivered, skipped, dead
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TIMESTAMPTZ NOT NULL,
+            last_status INTEGER,
+            last_error VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            delivered_at TIMESTAMPTZ
+        );
+        CREATE TABLE delivery_log (
+            delivery_id VARCHAR NOT NULL,
+            destination VARCHAR NOT NULL,
+            attempt INTEGER NOT NULL,
+            attempted_at TIMESTAMPTZ NOT NULL,
+            status INTEGER,
+            error VARCHAR,
+            duration_ms DOUBLE
+        );
+        CREATE TABLE destination_state (
+            destination VARCHAR PRIMARY KEY,
+            watermark TIMESTAMPTZ,
+            last_run_at TIMESTAMPTZ
+        );
+        CREATE TABLE audience_syncs (
+            destination VARCHAR NOT NULL,
+            segment VARCHAR NOT NULL,
+            profile_id VARCHAR NOT NULL,
+            synced_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE export_manifests (
+            destination VARCHAR NOT NULL,
+            segment VARCHAR,
+            file VARCHAR NOT NULL,
+            sha256 VARCHAR NOT NULL,
+            rows_added INTEGER NOT NULL,
+            rows_removed INTEGER NOT NULL,
+            purpose VARCHAR NOT NULL,
+            legal_basis VARCHAR,
+            recipient VARCHAR,
+            excluded_no_consent INTEGER NOT NULL,
+            excluded_do_not_sell INTEGER NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+    (
+        13,
+        "privacy: suppression list, erasures, requests, audit log, retention runs",
+        # No table here holds personal data in clear: people appear as salted hashes (the salt
+        # is in privacy_state), so the proof of an erasure does not undo it.
+        """
+        CREATE TABLE privacy_state (key VARCHAR PRIMARY KEY, value VARCHAR);
+        CREATE TABLE suppression_list (
+            hash VARCHAR PRIMARY KEY,  -- salted SHA-256 of type:normalised value
+            id_type VARCHAR NOT NULL,
+            added_at TIMESTAMPTZ NOT NULL,
+            reason VARCHAR NOT NULL,  -- erasure, admin
+            erasure_id VARCHAR,
+            hits BIGINT NOT NULL DEFAULT 0,  -- records dropped at the door since
+            last_hit_at TIMESTAMPTZ
+        );
+        CREATE TABLE suppression_counts (
+            day DATE NOT NULL,
+            source VARCHAR NOT NULL,
+            channel VARCHAR NOT NULL,
+            records BIGINT NOT NULL,
+            PRIMARY KEY (day, source, channel)
+        );
+        CREATE TABLE consent_gate_counts (
+            day DATE NOT NULL,
+            source VARCHAR NOT NULL,
+            purpose VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,  -- event: a record not stored; trait: a trait left out
+            records BIGINT NOT NULL,
+            PRIMARY KEY (day, source, purpose, kind)
+        );
+        CREATE TABLE erasures (
+            id VARCHAR PRIMARY KEY,
+            requested_at TIMESTAMPTZ NOT NULL,
+            completed_at TIMESTAMPTZ,
+            request_id VARCHAR,
+            subject VARCHAR NOT NULL,  -- salted hash of the identifier the request named
+            identifiers INTEGER NOT NULL,
+            profiles INTEGER NOT NULL,
+            removed JSON NOT NULL,  -- rows removed per table, files cleaned
+            compacted BOOLEAN NOT NULL,
+            actor VARCHAR
+        );
+        CREATE TABLE privacy_requests (
+            id VARCHAR PRIMARY KEY,
+            kind VARCHAR NOT NULL,  -- access, erasure, correction, opt_out
+            law VARCHAR NOT NULL,  -- gdpr (30 days), ccpa (45 days)
+            subject VARCHAR,  -- salted hash of the identifier the person gave
+            received_at TIMESTAMPTZ NOT NULL,
+            due_at TIMESTAMPTZ NOT NULL,
+            extended BOOLEAN NOT NULL DEFAULT false,
+            verification VARCHAR NOT NULL,  -- pending, verified, failed
+            verification_method VARCHAR,
+            verified_at TIMESTAMPTZ,
+            state VARCHAR NOT NULL,  -- open, in_progress, done, refused
+            outcome VARCHAR,
+            closed_at TIMESTAMPTZ,
+            note VARCHAR,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE SEQUENCE audit_seq;
+        CREATE TABLE audit_log (
+            seq BIGINT NOT NULL DEFAULT nextval('audit_seq'),
+            logged_at TIMESTAMPTZ NOT NULL,
+            actor VARCHAR NOT NULL,  -- which token (a fingerprint), and the client program
+            action VARCHAR NOT NULL,  -- method and route template, never the URL itself
+            status INTEGER,
+            personal_data BOOLEAN NOT NULL,  -- the answer carried personal data
+            subject VARCHAR,  -- salted hash of the person concerned, if one was named
+            detail JSON
+        );
+        CREATE TABLE retention_runs (
+            id VARCHAR PRIMARY KEY,
+            started_at TIMESTAMPTZ NOT NULL,
+            finished_at TIMESTAMPTZ,
+            trigger VARCHAR NOT NULL,  -- command, schedule
+            dry_run BOOLEAN NOT NULL,
+            report JSON
+        );
+        """,
+    ),
 ]

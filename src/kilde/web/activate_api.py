@@ -195,8 +195,8 @@ def deliveries(
         [*params, min(max(limit, 1), 1000)],
     )
     log_rows = request.app.state.store.query(
-        "SELECT delivery_id, attempt, at, status, error, duration_ms FROM delivery_log "
-        "WHERE destination = ? ORDER BY at DESC LIMIT ?",
+        "SELECT delivery_id, attempt, attempted_at, status, error, duration_ms FROM delivery_log "
+        "WHERE destination = ? ORDER BY attempted_at DESC LIMIT ?",
         [name, min(max(limit, 1), 1000)],
     )
     return {"deliveries": rows, "log": log_rows}

@@ -26,7 +26,7 @@ from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
 from kilde.plan.models import Source
 from kilde.store import Store, Writer
-from kilde.web import admin_api, email_api, profiles_api
+from kilde.web import activate_api, admin_api, email_api, profiles_api
 from kilde.web.admin_token import TokenCheck
 from kilde.web.errors import HttpProblem, JsonResponse, problem_response
 
@@ -122,6 +122,7 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(admin_api.public)
     app.include_router(admin_api.router)
     app.include_router(profiles_api.router)
+    app.include_router(activate_api.router)
     _install_error_handlers(app)
     app.add_middleware(AccessLog)
     app.add_middleware(CorsForCollection)

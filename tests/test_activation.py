@@ -1,0 +1,269 @@
+"""Destinations against real receivers: a webhook endpoint on loopback that fails, answers
+slowly and recovers; customer lists checked against the platforms' normalisation rules."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from kilde.activate import hashing
+from kilde.activate.webhooks import verify_signature
+from tests.conftest import ADMIN_TOKEN, BACKEND_KEY, free_port, start_server
+
+SECRET = "test-webhook-secret-0123456789"
+
+
+class Receiver:
+    """A webhook receiver whose behaviour the test scripts: fail, stall, then accept."""
+
+    def __init__(self) -> None:
+        self.script: list[str] = []  # per request: "500", "slow", "ok"; empty means ok
+        self.received: list[tuple[dict[str, str], bytes, str]] = []  # headers, body, outcome
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # the stdlib calls it by this name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    step = receiver.script.pop(0) if receiver.script else "ok"
+                    receiver.received.append((dict(self.headers), body, step))
+                if step == "slow":
+                    time.sleep(3)
+                code = 500 if step == "500" else 200
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def accepted(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [orjson.loads(b) for _, b, step in self.received if step == "ok"]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def plan_with(server_plan: Path, destinations: str) -> None:
+    server_plan.write_text(server_plan.read_text() + "\ndestinations:\n" + destinations)
+
+
+def wait_for(check: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def order(user: str, n: int) -> dict[str, Any]:
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": user,
+        "messageId": f"{user}-order-{n}",
+        "properties": {"order_id": f"{user}-{n}", "revenue": 100.0 + n, "currency": "NOK"},
+    }
+
+
+def test_webhook_survives_failures_and_slowness_in_order_signed(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
+    plan_with(
+        plan,
+        f"""  - name: order-hook
+    kind: webhook
+    purpose: order_fulfilment
+    url: {receiver.url}
+    secret: {SECRET}
+    events: [Order Completed]
+    max_attempts: 20
+    timeout: 1
+""",
+    )
+    # The first requests fail, one stalls past the timeout, then the receiver recovers.
+    receiver.script = ["500", "500", "slow", "500"]
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    try:
+        sent = [order(user, n) for n in range(4) for user in ("ann", "bob", "cid")]
+        for message in sent:  # one request each, as an order service would send them
+            response = httpx.post(f"{server.url}/v1/track", json=message, auth=(BACKEND_KEY, ""))
+            assert response.status_code == 200
+        # Collection does not wait for the receiver: all acknowledged while it was failing.
+
+        def all_arrived() -> bool:
+            ids = {d["data"]["message_id"] for d in receiver.accepted()}
+            return ids >= {m["messageId"] for m in sent}
+
+        wait_for(all_arrived)
+        status = httpx.get(
+            f"{server.url}/api/destinations/order-hook/deliveries",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ).json()
+    finally:
+        server.stop()
+
+    accepted = receiver.accepted()
+    # Exactly as sent: the properties survive unchanged.
+    by_id = {d["data"]["message_id"]: d["data"] for d in accepted}
+    for message in sent:
+        got = by_id[message["messageId"]]
+        assert got["properties"] == message["properties"]
+        assert got["user_id"] == message["userId"]
+        assert got["event"] == "Order Completed"
+    # In order per person: the first successful arrival of each person's orders is ascending.
+    for user in ("ann", "bob", "cid"):
+        seen: list[str] = []
+        for d in accepted:
+            mid = d["data"]["message_id"]
+            if d["data"]["user_id"] == user and mid not in seen:
+                seen.append(mid)
+        assert seen == [f"{user}-order-{n}" for n in range(4)]
+    # Signed: every request verifies with the shared secret, and a changed body does not.
+    for headers, body, _ in receiver.received:
+        assert verify_signature(SECRET, headers["Kilde-Signature"], body)
+        assert not verify_signature(SECRET, headers["Kilde-Signature"], body + b" ")
+    # The failures are in the delivery log with their reasons.
+    errors = {row["error"] for row in status["log"]}
+    assert "HTTP 500" in errors
+    assert "ReadTimeout" in errors
+    assert all(d["state"] == "delivered" for d in status["deliveries"])
+
+
+def test_dead_deliveries_can_be_replayed(tmp_path: Path, receiver: Receiver) -> None:
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
+    plan_with(
+        plan,
+        f"""  - name: flaky
+    kind: webhook
+    purpose: order_fulfilment
+    url: {receiver.url}
+    secret: {SECRET}
+    events: [Order Completed]
+    max_attempts: 1
+""",
+    )
+    receiver.script = ["500"]
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        httpx.post(f"{server.url}/v1/track", json=order("dora", 1), auth=(BACKEND_KEY, ""))
+
+        def dead() -> bool:
+            listed = httpx.get(f"{server.url}/api/destinations", headers=admin).json()
+            return bool(listed["destinations"][0]["deliveries"]["dead"] == 1)
+
+        wait_for(dead)
+        replayed = server.kilde("destinations", "replay", "flaky")
+        assert "1 dead deliveries queued again" in replayed.stdout
+        wait_for(lambda: receiver.accepted())
+    finally:
+        server.stop()
+    assert receiver.accepted()[0]["data"]["message_id"] == "dora-order-1"
+
+
+def test_webhook_sends_only_people_with_consent_for_its_purpose(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
+    plan_with(
+        plan,
+        f"""  - name: newsletter-tool
+    kind: webhook
+    purpose: marketing_email
+    url: {receiver.url}
+    secret: {SECRET}
+    events: [Order Completed]
+""",
+    )
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        consent = {
+            "type": "track",
+            "event": "Consent Updated",
+            "userId": "yes-person",
+            "properties": {"purposes": {"marketing_email": True}},
+        }
+        refusal = {**consent, "userId": "no-person"}
+        refusal["properties"] = {"purposes": {"marketing_email": False}}
+        for message in (consent, refusal):
+            httpx.post(f"{server.url}/v1/track", json=message, auth=(BACKEND_KEY, ""))
+        for user in ("yes-person", "no-person", "silent-person"):
+            httpx.post(f"{server.url}/v1/track", json=order(user, 1), auth=(BACKEND_KEY, ""))
+
+        def settled() -> bool:
+            rows = httpx.get(
+                f"{server.url}/api/destinations/newsletter-tool/deliveries", headers=admin
+            ).json()["deliveries"]
+            return len(rows) == 3 and all(r["state"] != "pending" for r in rows)
+
+        wait_for(settled)
+    finally:
+        server.stop()
+    assert [d["data"]["user_id"] for d in receiver.accepted()] == ["yes-person"]
+
+
+# -- customer lists: the platforms' published normalisation rules ------------------------------
+
+
+def test_google_customer_match_normalisation() -> None:
+    # Trim, lower-case; gmail.com and googlemail.com lose the dots before the @.
+    assert hashing.google_email("  Jane.Doe@Gmail.com ") == "janedoe@gmail.com"
+    assert hashing.google_email("jane.doe@googlemail.com") == "janedoe@googlemail.com"
+    assert hashing.google_email("Jane.Doe@Example.com") == "jane.doe@example.com"
+    # Phones in E.164 with the leading +.
+    assert hashing.google_phone("+1 (650) 253-0000") == "+16502530000"
+    assert hashing.google_phone("+47 912 34 567") == "+4791234567"
+    assert hashing.google_phone("not a phone") is None
+    row = hashing.hashed(hashing.google_email("  Jane.Doe@Gmail.com "))
+    assert row == hashlib.sha256(b"janedoe@gmail.com").hexdigest()
+    assert len(row) == 64 and row == row.lower()
+
+
+def test_meta_custom_audience_normalisation() -> None:
+    # Email trimmed and lower-cased (no gmail dot folding); phone digits with country code only.
+    assert hashing.meta_email(" John.Smith@Gmail.com") == "john.smith@gmail.com"
+    assert hashing.meta_phone("+1 (650) 253-0000") == "16502530000"
+    assert hashing.meta_phone("+44 20 7946 0958") == "442079460958"
+    # Names lower-cased without punctuation; UTF-8 letters kept; country as ISO code.
+    assert hashing.meta_name("Mary-Jane") == "maryjane"
+    assert hashing.meta_name("Ødegård") == "ødegård"
+    assert hashing.meta_country("US ") == "us"
+    assert (
+        hashing.hashed(hashing.meta_email("test@fb.com"))
+        == hashlib.sha256(b"test@fb.com").hexdigest()
+    )

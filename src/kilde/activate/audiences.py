@@ -59,7 +59,7 @@ def segment_members(store: Store, segment: str) -> list[str]:
         )
     rows = store.query(
         "SELECT DISTINCT profile_id FROM segment_memberships "
-        "WHERE segment = ? AND exited_at IS NULL ORDER BY profile_id",
+        "WHERE segment_id = ? AND exited_at IS NULL ORDER BY profile_id",
         [segment],
     )
     return [r["profile_id"] for r in rows]

@@ -451,4 +451,28 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        14,
+        "dashboard users and sessions",
+        # People who log in to the dashboard (staff, not customers): argon2id hashes only, each
+        # with its own salt and parameters. A session row is keyed by the SHA-256 of the cookie's
+        # random value, so the table alone cannot be used to log in.
+        """
+        CREATE TABLE dashboard_users (
+            username VARCHAR PRIMARY KEY,
+            password_hash VARCHAR NOT NULL,
+            role VARCHAR NOT NULL CHECK (role IN ('admin', 'analyst', 'viewer')),
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            last_login_at TIMESTAMPTZ
+        );
+        CREATE TABLE dashboard_sessions (
+            id VARCHAR PRIMARY KEY,
+            username VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            last_seen_at TIMESTAMPTZ NOT NULL,
+            expires_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class BgNbd:
     customers: int
     repeaters: int
     iterations: int = 0
+    regularised: bool = False
 
     def params(self) -> dict[str, float]:
         return {"r": self.r, "alpha": self.alpha, "a": self.a, "b": self.b}
@@ -107,6 +108,7 @@ class GammaGamma:
     log_likelihood: float
     customers: int
     iterations: int = 0
+    regularised: bool = False
 
     def params(self) -> dict[str, float]:
         return {"p": self.p, "q": self.q, "gamma": self.gamma}
@@ -190,22 +192,46 @@ def _check_data(x: Array, t_x: Array, T: Array) -> None:
 
 
 def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
-    """Fit BG/NBD by maximum likelihood; refuses (InsufficientDataError) too little data."""
+    """Fit BG/NBD by maximum likelihood; refuses (InsufficientDataError) too little data.
+
+    When customers are all alike (no spread of purchase rates or of dropout), the maximum lies
+    at infinity: r and alpha (or a and b) grow without bound at a fixed ratio. The fit is then
+    repeated with a small ridge penalty, which keeps the parameters finite and the predictions
+    the same in effect; `regularised` says so.
+    """
     x, t_x, T = _arrays(x, t_x, T)
     _check_data(x, t_x, T)
+    # Fitted in units of the mean T (alpha scales with the unit of time, nothing else does),
+    # so that the penalty below means the same whatever the unit.
     scale = float(np.mean(T)) or 1.0
+    t_s, T_s = t_x / scale, T / scale
+    start = np.array([1.0, 1.0, 1.0, 1.0])
 
-    def negative(log_params: Array) -> float:
-        params = np.exp(log_params)
-        value = -float(np.sum(bgnbd_log_likelihood(params, x, t_x, T)))
-        return value if math.isfinite(value) else 1e300
+    def negative_with(penalty: float) -> Any:
+        def negative(log_params: Array) -> float:
+            params = np.exp(log_params)
+            value = -float(np.sum(bgnbd_log_likelihood(params, x, t_s, T_s)))
+            value += penalty * float(np.sum(params**2))
+            return value if math.isfinite(value) else 1e300
 
-    start = np.array([1.0, scale, 1.0, 1.0])
-    params, ll, iterations = _maximise(negative, start)
+        return negative
+
+    params, ll, iterations = _maximise(negative_with(0.0), start)
+    regularised = False
+    if np.any(params > RUNAWAY) or np.any(params < 1 / RUNAWAY):
+        params, _, iterations = _maximise(negative_with(RIDGE), start)
+        regularised = True
+    _check_fit(dict(zip(("r", "alpha", "a", "b"), (float(v) for v in params), strict=True)))
+    params[1] *= scale
+    ll = float(np.sum(bgnbd_log_likelihood(params, x, t_x, T)))
     r, alpha, a, b = (float(v) for v in params)
-    fit = BgNbd(r, alpha, a, b, ll, len(x), int(np.count_nonzero(x > 0)), iterations)
-    _check_fit(fit.params())
-    return fit
+    return BgNbd(
+        r, alpha, a, b, ll, len(x), int(np.count_nonzero(x > 0)), iterations, regularised
+    )
+
+
+RUNAWAY = 1e5
+RIDGE = 1e-4
 
 
 def fit_gamma_gamma(x: Array, m: Array) -> GammaGamma:
@@ -220,16 +246,30 @@ def fit_gamma_gamma(x: Array, m: Array) -> GammaGamma:
             fix="collect more orders; until then the value uses the average order value",
         )
 
-    def negative(log_params: Array) -> float:
-        params = np.exp(log_params)
-        value = -float(np.sum(gamma_gamma_log_likelihood(params, x, m)))
-        return value if math.isfinite(value) else 1e300
+    # Fitted on spend in units of its mean (gamma scales with the currency, p and q do not).
+    scale = float(np.mean(m))
+    m_s = m / scale
 
-    start = np.array([1.0, 1.0, float(np.mean(m))])
-    params, ll, iterations = _maximise(negative, start)
+    def negative_with(penalty: float) -> Any:
+        def negative(log_params: Array) -> float:
+            params = np.exp(log_params)
+            value = -float(np.sum(gamma_gamma_log_likelihood(params, x, m_s)))
+            value += penalty * float(np.sum(params**2))
+            return value if math.isfinite(value) else 1e300
+
+        return negative
+
+    start = np.array([1.0, 2.0, 1.0])
+    params, _, iterations = _maximise(negative_with(0.0), start)
+    regularised = False
+    if np.any(params > RUNAWAY) or np.any(params < 1 / RUNAWAY):
+        params, _, iterations = _maximise(negative_with(RIDGE), start)
+        regularised = True
+    _check_fit(dict(zip(("p", "q", "gamma"), (float(v) for v in params), strict=True)))
+    params[2] *= scale
+    ll = float(np.sum(gamma_gamma_log_likelihood(params, x, m)))
     p, q, v = (float(value) for value in params)
-    fit = GammaGamma(p, q, v, ll, len(x), iterations)
-    _check_fit(fit.params())
+    fit = GammaGamma(p, q, v, ll, len(x), iterations, regularised)
     if q <= 1:
         raise InsufficientDataError(
             "the spend model has no finite mean (q <= 1): spend per order varies too wildly "
@@ -387,3 +427,83 @@ def cdnow_validation(directory: Path) -> dict[str, Any]:
         "fit": asdict(fit),
         "spend_fit": asdict(spend),
     }
+
+
+# -- per profile ----------------------------------------------------------------------------------
+
+HORIZON_WEEKS = 52.0
+
+
+def purchase_summary(backend: Any, now: datetime) -> Any:
+    """Ibis table: profile_id, x, t_x, T (weeks) and m (mean repeat spend) from the orders."""
+    import ibis
+
+    from kilde.insights.data import days_between, orders
+
+    o = orders(backend)
+    o = o.filter(o.timestamp <= ibis.literal(now))
+    daily = o.group_by("profile_id", day=o.timestamp.truncate("D")).aggregate(
+        value=o.revenue.sum()
+    )
+    per = daily.group_by("profile_id").aggregate(
+        days=daily.count(),
+        first=daily.day.min(),
+        last=daily.day.max(),
+        total=daily.value.sum(),
+        first_value=daily.value.argmin(daily.day),
+    )
+    x = (per.days - 1).cast("float64")
+    return per.select(
+        "profile_id",
+        x=x,
+        t_x=days_between(per.last, per.first) / WEEK,
+        T=ibis.greatest(days_between(now, per.first), 1.0) / WEEK,
+        m=ibis.ifelse(x > 0, (per.total - per.first_value) / x, 0.0),
+    )
+
+
+@dataclass
+class ProfileValues:
+    """Per-profile results of the lifetime-value models, aligned with `profile_id`."""
+
+    profile_id: list[str]
+    expected_purchases: Array
+    p_alive: Array
+    expected_spend: Array
+    clv: Array
+    fit: BgNbd | None
+    spend_fit: GammaGamma | None
+    problem: str | None
+    horizon_weeks: float
+
+
+def score_profiles(summary: Any, horizon_weeks: float = HORIZON_WEEKS) -> ProfileValues:
+    """Fit both models on the profiles' purchase summaries (a pyarrow table) and score them.
+
+    When a model cannot be fitted (too little data), the values are NaN and `problem` says why.
+    """
+    ids = [str(v) for v in summary.column("profile_id").to_pylist()]
+    x = summary.column("x").to_numpy(zero_copy_only=False).astype(np.float64)
+    t_x = summary.column("t_x").to_numpy(zero_copy_only=False).astype(np.float64)
+    T = summary.column("T").to_numpy(zero_copy_only=False).astype(np.float64)
+    m = summary.column("m").to_numpy(zero_copy_only=False).astype(np.float64)
+    t_x = np.minimum(t_x, T)
+    nan = np.full(len(ids), np.nan)
+    try:
+        fit = fit_bgnbd(x, t_x, T)
+    except InsufficientDataError as exc:
+        return ProfileValues(ids, nan, nan, nan, nan, None, None, exc.message, horizon_weeks)
+    purchases = fit.expected_purchases(horizon_weeks, x, t_x, T)
+    alive = fit.p_alive(x, t_x, T)
+    problem = None
+    spend_fit: GammaGamma | None
+    try:
+        spend_fit = fit_gamma_gamma(x, m)
+        spend = spend_fit.expected_spend(x, m)
+    except InsufficientDataError as exc:
+        spend_fit = None
+        problem = exc.message
+        spend = nan
+    return ProfileValues(
+        ids, purchases, alive, spend, purchases * spend, fit, spend_fit, problem, horizon_weeks
+    )

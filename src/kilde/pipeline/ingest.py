@@ -19,6 +19,7 @@ from kilde.pipeline.enrich import Enricher, protect_ip
 from kilde.pipeline.normalize import Envelope, Rejection, normalize
 from kilde.pipeline.plan_check import PlanChecker
 from kilde.plan.models import Plan, Source
+from kilde.privacy.enforcement import CollectionScreen, Tally
 from kilde.store.writer import WriteBatch, Writer
 
 _JSON_COLUMNS = ("properties", "traits", "context", "integrations")
@@ -29,7 +30,9 @@ class Outcome:
     """What happened to one record."""
 
     index: int
-    status: Literal["stored", "flagged", "dead_lettered"]
+    # suppressed: the person is on the suppression list; withheld: no lawful basis (consent
+    # gate). Neither is stored anywhere, not even as a dead letter (kilde.privacy).
+    status: Literal["stored", "flagged", "dead_lettered", "suppressed", "withheld"]
     message_id: str | None = None
     code: str | None = None
     reason: str | None = None
@@ -57,6 +60,7 @@ class Prepared:
     rows: list[dict[str, Any]]
     outcomes: list[Outcome]
     rejections: list[tuple[int, Rejection]]
+    privacy: Tally = field(default_factory=Tally)
 
 
 class Pipeline:
@@ -65,12 +69,14 @@ class Pipeline:
         self.plan = plan
         self.checker = PlanChecker(plan)
         self.enricher = Enricher(plan.privacy.ip)
+        self.privacy = CollectionScreen(plan, writer)
 
     def use_plan(self, plan: Plan) -> None:
         """Switch to a new plan (for example after fixing it, before a replay)."""
         self.plan = plan
         self.checker = PlanChecker(plan)
         self.enricher.ip_policy = plan.privacy.ip
+        self.privacy.use_plan(plan)
 
     # -- the stages ---------------------------------------------------------------------------
 
@@ -85,7 +91,11 @@ class Pipeline:
         rows: list[dict[str, Any]] = []
         outcomes: list[Outcome] = []
         rejections: list[tuple[int, Rejection]] = []
+        tally = self.privacy.tally()
         for index, record in enumerate(records):
+            if self.privacy.door(record, tally):  # a suppressed person: nothing is kept
+                outcomes.append(Outcome(index, "suppressed"))
+                continue
             try:
                 if max_event_bytes is not None and len(orjson.dumps(record)) > max_event_bytes:
                     raise Rejection(
@@ -120,6 +130,19 @@ class Pipeline:
                     )
                 )
                 continue
+            withheld = self.privacy.gate(row, env.channel, tally)
+            if withheld:
+                outcomes.append(
+                    Outcome(
+                        index,
+                        "withheld",
+                        message_id=row["message_id"],
+                        code="no_lawful_basis",
+                        reason="not stored: the person has not consented to "
+                        + " or ".join(withheld),
+                    )
+                )
+                continue
             row["plan_status"] = "warn" if issues else "ok"
             row["plan_issues"] = (
                 orjson.dumps([dataclasses.asdict(i) for i in issues]).decode() if issues else None
@@ -130,7 +153,7 @@ class Pipeline:
             outcomes.append(
                 Outcome(index, "flagged" if issues else "stored", message_id=row["message_id"])
             )
-        return Prepared(rows, outcomes, rejections)
+        return Prepared(rows, outcomes, rejections, tally)
 
     def batch_for(
         self,
@@ -156,7 +179,9 @@ class Pipeline:
             dead.append(row)
             prepared.outcomes[index].dead_letter_id = row["id"]
         consents = ledger_statements(prepared.rows, self.plan, env.channel)
-        return WriteBatch(prepared.rows, dead, consents), prepared.outcomes
+        consents += self.privacy.statements(prepared.privacy, source.name, env)
+        batch = WriteBatch(prepared.rows, dead, consents, screened_at=prepared.privacy.epoch)
+        return batch, prepared.outcomes
 
     # -- the entry ----------------------------------------------------------------------------
 

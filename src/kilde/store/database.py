@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,17 +67,44 @@ class Store:
             return self._con.cursor()
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        cur = self.cursor()
-        try:
-            result = cur.execute(sql, list(params or []))
-            names = [d[0] for d in result.description or []]
-            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
-        finally:
-            cur.close()
+        for attempt in (1, 2):
+            cur = self.cursor()
+            try:
+                result = cur.execute(sql, list(params or []))
+                names = [d[0] for d in result.description or []]
+                return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+            except duckdb.ConnectionException:
+                if attempt == 2:
+                    raise
+                # The file was swapped between two calls on this cursor (`replace_file`): the
+                # cursor was closed with the old file; ask the new one.
+            finally:
+                cur.close()
+        raise AssertionError("unreachable")
 
     def scalar(self, sql: str, params: Sequence[Any] | None = None) -> Any:
         rows = self.query(sql, params)
         return next(iter(rows[0].values())) if rows else None
+
+    def replace_file(self, fresh: Path) -> None:
+        """Swap the database file for `fresh`, a copy made with COPY FROM DATABASE.
+
+        Used after an erasure, so deleted values are gone from the file itself. The caller makes
+        sure nothing writes meanwhile (Writer.exclusive). Cursors handed out before are closed;
+        reads in progress finish first. The old file's write-ahead log, already contained in the
+        copy, is removed with it.
+        """
+        with self._lock:
+            while True:
+                try:
+                    self._con.close()
+                    break
+                except duckdb.ResourceInUseException:  # a read is running: let it finish
+                    time.sleep(0.005)
+            wal = self.path.with_name(self.path.name + ".wal")
+            wal.unlink(missing_ok=True)
+            os.replace(fresh, self.path)
+            self._con = duckdb.connect(str(self.path))
 
     def close(self) -> None:
         self._con.close()

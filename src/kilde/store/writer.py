@@ -16,8 +16,9 @@ import queue
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -87,6 +88,9 @@ class WriteBatch:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     # Extra statements run in the same transaction, e.g. marking replayed dead letters.
     statements: list[tuple[str, list[Any]]] = field(default_factory=list)
+    # The privacy screen's epoch when the pipeline screened these rows (kilde.privacy); the
+    # writer's `screen` looks at them again if people were erased since.
+    screened_at: int | None = None
 
 
 @dataclass
@@ -125,6 +129,9 @@ class _Item:
     future: concurrent.futures.Future[WriteResult] | None = None
     loop: asyncio.AbstractEventLoop | None = None
     waiter: asyncio.Future[WriteResult] | None = None
+    # Not a batch but work to run alone on the writer thread (see Writer.exclusive).
+    task: Callable[[], Any] | None = None
+    task_future: concurrent.futures.Future[Any] | None = None
 
 
 _Outcome = tuple["asyncio.Future[WriteResult]", WriteResult | None, BaseException | None]
@@ -133,6 +140,8 @@ _Outcome = tuple["asyncio.Future[WriteResult]", WriteResult | None, BaseExceptio
 # must win the GIL back from the busy event-loop thread, which only yields it every switch
 # interval (5 ms by default). A shorter interval keeps acknowledgements from waiting on that.
 SWITCH_INTERVAL = 0.001
+
+T = TypeVar("T")
 
 
 class Writer:
@@ -148,6 +157,9 @@ class Writer:
         self._count_lock = threading.Lock()
         self.recent = RecentIds(dedupe_capacity)
         self._seed_recent(dedupe_capacity)
+        # Called on the writer thread with each batch just before it is committed; the privacy
+        # module drops rows of people erased after the batch was screened (kilde.privacy).
+        self.screen: Callable[[WriteBatch], None] | None = None
         self._con = store.cursor()
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             sys.setswitchinterval(SWITCH_INTERVAL)
@@ -189,6 +201,18 @@ class Writer:
     def write_sync(self, batch: WriteBatch) -> WriteResult:
         return self.submit(batch).result()
 
+    def exclusive(self, task: Callable[[], T]) -> T:
+        """Run `task` on the writer thread between two commits, so that no write runs meanwhile.
+
+        Batches queued before it are committed first; those queued after wait until it is done.
+        The writer's own connection is closed while the task runs and taken anew afterwards,
+        so the task may swap the store's file (compaction after an erasure).
+        """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(_Item(WriteBatch(), 0, task=task, task_future=future))
+        result: T = future.result()
+        return result
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
@@ -212,9 +236,31 @@ class Writer:
                     stop = True
                     break
                 items.append(nxt)
-            self._commit_group(items)
+            group: list[_Item] = []
+            for item in items:
+                if item.task is None:
+                    group.append(item)
+                    continue
+                if group:
+                    self._commit_group(group)
+                    group = []
+                self._run_task(item)
+            if group:
+                self._commit_group(group)
             if stop:
                 return
+
+    def _run_task(self, item: _Item) -> None:
+        assert item.task is not None and item.task_future is not None
+        self._con.close()
+        try:
+            result = item.task()
+        except BaseException as exc:  # handed to the caller, who waits for it
+            item.task_future.set_exception(exc)
+        else:
+            item.task_future.set_result(result)
+        finally:
+            self._con = self.store.cursor()
 
     def _commit_group(self, items: list[_Item]) -> None:
         try:
@@ -261,6 +307,8 @@ class Writer:
         added: list[tuple[str, str]] = []
         for item in items:
             batch = item.batch
+            if self.screen is not None:
+                self.screen(batch)
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             for row in batch.events:
                 key = (row["source"], row["message_id"])

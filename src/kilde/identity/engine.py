@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import ibis
+import ibis.expr.types as ir
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from kilde.errors import KildeError
 from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
-from kilde.identity.stitching import Separation, StitchResult, profile_id_of, stitch
+from kilde.identity.runner import Runner
+from kilde.identity.stitching import SCOPE_SCHEMA, Separation, StitchResult, stitch
 from kilde.plan.models import Plan
 from kilde.profiles.build import computed_traits, trait_rows
 from kilde.store.database import Store
@@ -91,8 +92,37 @@ class Extracted:
     count: int = 0
 
     def add(self, row: dict[str, Any], normaliser: Normaliser) -> None:
+        if row["traits"] is None and row["context"] is None and row["type"] != "alias":
+            # The common case (page views, tracks): only the user and anonymous ids.
+            found = []
+            dropped: list[tuple[str, str]] = []
+            for id_type, field_name, column in (
+                ("user_id", "userId", "user_id"),
+                ("anonymous_id", "anonymousId", "anonymous_id"),
+            ):
+                raw = row[column]
+                if raw is None:
+                    continue
+                value = normaliser.normalise(id_type, raw)
+                if value is None:
+                    dropped.append((field_name, "junk"))
+                else:
+                    found.append(Identifier(id_type, value))
+            if len(found) == 2 and normaliser.rank["anonymous_id"] < normaliser.rank["user_id"]:
+                found.reverse()
+            self._append(row, found, None, dropped)
+            return
         ids = normaliser.of_record(row)
-        primary = ids.primary
+        self._append(row, ids.own, ids.previous, ids.dropped)
+
+    def _append(
+        self,
+        row: dict[str, Any],
+        own: list[Identifier],
+        previous: str | None,
+        dropped: list[tuple[str, str]],
+    ) -> None:
+        primary = own[0] if own else None
         self.count += 1
         rec = self.records
         rec["source"].append(row["source"])
@@ -102,13 +132,13 @@ class Extracted:
         rec["kind"].append(row["type"])
         rec["primary_type"].append(primary.type if primary else None)
         rec["primary_value"].append(primary.value if primary else None)
-        rec["dropped"].append(orjson.dumps(ids.dropped).decode() if ids.dropped else None)
+        rec["dropped"].append(orjson.dumps(dropped).decode() if dropped else None)
         obs = self.observations
-        found = [(i.type, i.value, "self") for i in ids.own]
-        if ids.previous is not None:
+        found = [(i.type, i.value, "self") for i in own]
+        if previous is not None:
             found += [
-                ("user_id", ids.previous, "previous"),
-                ("anonymous_id", ids.previous, "previous"),
+                ("user_id", previous, "previous"),
+                ("anonymous_id", previous, "previous"),
             ]
         for id_type, value, role in found:
             obs["source"].append(row["source"])
@@ -158,7 +188,8 @@ class IdentityEngine:
         self.plan = plan
         self.work_dir = work_dir
         self.lock = threading.RLock()
-        self._backend: Any = None
+        self._runner: Runner | None = None
+        self._runner_key = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
@@ -168,10 +199,16 @@ class IdentityEngine:
     # -- plumbing -----------------------------------------------------------------------------
 
     @property
-    def backend(self) -> Any:
-        if self._backend is None:
-            self._backend = ibis.duckdb.from_connection(self.store.cursor())
-        return self._backend
+    def runner(self) -> Runner:
+        """The compute runner; compiled stages depend on the rules and salt, so a change of
+        either starts a fresh one."""
+        key = f"{self.rules_hash()}/{self.salt()}"
+        if self._runner is None or self._runner_key != key:
+            if self._runner is not None:
+                self._runner.close()
+            self._runner = Runner(self.store.cursor())
+            self._runner_key = key
+        return self._runner
 
     def _state(self, key: str) -> str | None:
         value = self.store.scalar("SELECT value FROM identity_state WHERE key = ?", [key])
@@ -287,31 +324,33 @@ class IdentityEngine:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _scope(self, seeds_in: set[Identifier], values: set[str]) -> pa.Table:
-        backend = self.backend
+        run = self.runner
         touched = sorted(seeds_in)
         for value in sorted(values):  # the other reading of an alias's previousId
             touched.append(Identifier("user_id", value))
             touched.append(Identifier("anonymous_id", value))
-        t = ibis.memtable(
-            {"id_type": [i.type for i in touched], "id_value": [i.value for i in touched]},
-            schema={"id_type": "string", "id_value": "string"},
-        ).distinct()
-        obs = backend.table("identity_observations")
-        # aliases whose previousId is one of the new ids: their records join the scope
-        prev = obs.filter(obs.role == "previous").semi_join(t, ["id_type", "id_value"])
-        alias_ids = obs.semi_join(
-            prev.select("source", "message_id").distinct(),
-            [
-                "source",
-                "message_id",
-            ],
-        ).select("id_type", "id_value")
-        seeds = t.union(alias_ids).distinct()
-        idmap = backend.table("identity_map")
-        closures = idmap.semi_join(seeds, ["id_type", "id_value"]).select("closure_id").distinct()
-        members = idmap.semi_join(closures, "closure_id").select("id_type", "id_value")
-        result: pa.Table = seeds.union(members).distinct().to_pyarrow()
-        return result
+        run.put(
+            "k_seeds",
+            pa.table(
+                {"id_type": [i.type for i in touched], "id_value": [i.value for i in touched]},
+                schema=SCOPE_SCHEMA,
+            ),
+        )
+
+        def scope_expr() -> ir.Table:
+            t = run.temp("k_seeds")
+            obs = run.source("identity_observations")
+            # aliases whose previousId is one of the new ids: their records join the scope
+            prev = obs.filter(obs.role == "previous").semi_join(t, ["id_type", "id_value"])
+            records = prev.select("source", "message_id").distinct()
+            alias_ids = obs.semi_join(records, ["source", "message_id"])
+            seeds = t.union(alias_ids.select("id_type", "id_value"))
+            idmap = run.source("identity_map")
+            closures = idmap.semi_join(seeds, ["id_type", "id_value"]).select("closure_id")
+            members = idmap.semi_join(closures, "closure_id").select("id_type", "id_value")
+            return seeds.union(members).distinct()
+
+        return run.arrow("scope", scope_expr)
 
     # -- the shared core of increments and rebuilds -------------------------------------------
 
@@ -319,28 +358,31 @@ class IdentityEngine:
         self, scope: pa.Table | None, scratch: Path, mode: str, max_received: datetime | None
     ) -> RunReport:
         plan = self.plan()
-        backend = self.backend
+        run = self.runner
         now = datetime.now(UTC)
-        result: StitchResult = stitch(
-            backend, plan.identity, self.salt(), scope, self.separations()
-        )
         try:
+            result: StitchResult = stitch(
+                run, plan.identity, self.salt(), scope, self.separations()
+            )
             t0 = time.perf_counter()
             identities = result.identities
-            idmap = identities.select(
-                "id_type",
-                "id_value",
-                "profile_id",
-                "closure_id",
-                "first_seen",
-                "last_seen",
-                "shared",
+            pq.write_table(
+                run.arrow(
+                    "out/map",
+                    lambda: identities.select(
+                        "id_type",
+                        "id_value",
+                        "profile_id",
+                        "closure_id",
+                        "first_seen",
+                        "last_seen",
+                        "shared",
+                    ),
+                ),
+                scratch / "map.parquet",
             )
-            backend.to_parquet(idmap, scratch / "map.parquet")
-            profiles = computed_traits(backend, identities, now)
-            backend.to_parquet(profiles, scratch / "profiles.parquet")
-            traits = trait_rows(backend, plan, identities)
-            pq.write_table(traits, scratch / "traits.parquet")
+            pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
+            pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
             conflict_rows = [c.row() for c in result.conflicts]
             pq.write_table(
                 pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
@@ -348,20 +390,29 @@ class IdentityEngine:
                 else _CONFLICT_SCHEMA.empty_table(),
                 scratch / "conflicts.parquet",
             )
-            new_ids = self._issued_ids(identities)
-            pq.write_table(new_ids, scratch / "ids.parquet")
-            closures = identities.select("closure_id").distinct()
-            if scope is not None:
-                idm = backend.table("identity_map")
-                old = idm.semi_join(ibis.memtable(scope), ["id_type", "id_value"]).select(
-                    "closure_id"
-                )
-                closures = closures.union(old).distinct()
-            backend.to_parquet(closures, scratch / "closures.parquet")
+
+            def issued() -> ir.Table:
+                fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
+                return fresh.anti_join(run.source("profile_ids"), "profile_id")
+
+            pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
+
+            def closures_expr() -> ir.Table:
+                mine = identities.select("closure_id")
+                if scope is None:
+                    return mine.distinct()
+                idm = run.source("identity_map")
+                old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
+                return mine.union(old.select("closure_id")).distinct()
+
+            pq.write_table(
+                run.arrow(f"out/closures/{scope is None}", closures_expr),
+                scratch / "closures.parquet",
+            )
             timings = dict(result.timings)
             timings["profiles"] = time.perf_counter() - t0
         finally:
-            result.release()
+            run.drop_temps()
         statements = self._replace_statements(scratch, full=scope is None)
         if max_received is not None:
             mark = max_received.isoformat()
@@ -382,30 +433,6 @@ class IdentityEngine:
             rounds=result.rounds,
             timings=timings,
         )
-
-    def _issued_ids(self, identities: Any) -> pa.Table:
-        """Profile ids not issued before, with the identifier each derives from."""
-        # the anchor identifier is the one whose own hash gives the profile id
-        salt = self.salt()
-        rows = identities.select("profile_id").distinct()
-        ids = self.backend.table("profile_ids")
-        fresh = rows.anti_join(ids, "profile_id").to_pyarrow().to_pylist()
-        if not fresh:
-            return _IDS_SCHEMA.empty_table()
-        wanted = ibis.memtable(
-            {"profile_id": [r["profile_id"] for r in fresh]}, schema={"profile_id": "string"}
-        )
-        members = identities.semi_join(wanted, "profile_id")
-        members = members.filter(members.id_type == members.anchor_type).select(
-            "profile_id", "id_type", "id_value"
-        )
-        out: dict[str, list[str]] = {"profile_id": [], "anchor_type": [], "anchor_value": []}
-        for r in members.to_pyarrow().to_pylist():
-            if profile_id_of(salt, r["id_type"], r["id_value"]) == r["profile_id"]:
-                out["profile_id"].append(r["profile_id"])
-                out["anchor_type"].append(r["id_type"])
-                out["anchor_value"].append(r["id_value"])
-        return pa.table(out, schema=_IDS_SCHEMA)
 
     def _replace_statements(self, scratch: Path, *, full: bool) -> list[tuple[str, list[Any]]]:
         def p(name: str) -> list[Any]:
@@ -547,29 +574,31 @@ class IdentityEngine:
         max_received: datetime | None = None
         part = 0
         try:
-            result = cur.execute(f"SELECT {_EXTRACT_COLUMNS} FROM events")
-            names = [d[0] for d in result.description or []]
-            while True:
-                chunk = result.fetchmany(100_000)
-                if not chunk and part > 0:
-                    break
+            reader = cur.sql(f"SELECT {_EXTRACT_COLUMNS} FROM events").to_arrow_reader(100_000)
+            for batch in reader:
                 found = Extracted()
-                for values in chunk:
+                columns = batch.to_pydict()
+                names = list(columns)
+                for values in zip(*columns.values(), strict=True):
                     found.add(dict(zip(names, values, strict=True)), normaliser)
-                records, observations = found.tables()
-                pq.write_table(records, scratch / f"records-{part:05d}.parquet")
-                pq.write_table(observations, scratch / f"observations-{part:05d}.parquet")
+                self._write_part(found, scratch, part)
                 part += 1
                 count += found.count
                 if found.max_received and (
                     max_received is None or found.max_received > max_received
                 ):
                     max_received = found.max_received
-                if not chunk:
-                    break
+            if part == 0:
+                self._write_part(Extracted(), scratch, part)
         finally:
             cur.close()
         return count, max_received
+
+    @staticmethod
+    def _write_part(found: Extracted, scratch: Path, part: int) -> None:
+        records, observations = found.tables()
+        pq.write_table(records, scratch / f"records-{part:05d}.parquet")
+        pq.write_table(observations, scratch / f"observations-{part:05d}.parquet")
 
     # -- background thread ----------------------------------------------------------------------
 
@@ -585,10 +614,10 @@ class IdentityEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        if self._backend is not None:
+        if self._runner is not None:
             with contextlib.suppress(Exception):
-                self._backend.disconnect()
-            self._backend = None
+                self._runner.close()
+            self._runner = None
 
     def _run(self) -> None:
         while not self._stop.is_set():

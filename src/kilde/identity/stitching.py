@@ -17,7 +17,6 @@ any sequence of increments give identical results.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import pyarrow as pa
 from kilde.identity.conflicts import Conflict
 from kilde.identity.graph import connected_components
 from kilde.identity.identifiers import Identifier, identifier_order
+from kilde.identity.runner import Runner
 from kilde.plan.models import IDENTIFIER_TYPES, IdentityRules
 
 
@@ -44,18 +44,11 @@ class Separation:
 
 @dataclass
 class StitchResult:
-    identities: ir.Table  # id_type, id_value, profile_id, closure_id, first_seen, last_seen, shared
+    identities: ir.Table  # k_identities: id_type, id_value, profile_id, closure_id, ...
     conflicts: list[Conflict]
     rounds: int = 0
     dirty_closures: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    _cached: list[Any] = field(default_factory=list)
-
-    def release(self) -> None:
-        for table in self._cached:
-            with contextlib.suppress(Exception):
-                table.release()
-        self._cached.clear()
 
 
 def profile_id_of(salt: str, id_type: str, value: str) -> str:
@@ -73,140 +66,173 @@ def _rank_expr(rules: IdentityRules, id_type: ir.StringValue) -> ir.IntegerValue
     return id_type.cases(*[(t, i) for i, t in enumerate(order)], else_=len(order))
 
 
+SCOPE_SCHEMA = pa.schema([("id_type", pa.string()), ("id_value", pa.string())])
+
+
 def stitch(
-    backend: Any,
+    run: Runner,
     rules: IdentityRules,
     salt: str,
     scope: pa.Table | None,
     separations: list[Separation],
 ) -> StitchResult:
-    """Profiles for the identifiers in `scope` (whole closures), or for everything (None)."""
+    """Profiles for the identifiers in `scope` (whole closures), or for everything (None).
+
+    The result is the temporary table `k_identities` of the runner.
+    """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    cached: list[Any] = []
+    mode = "all" if scope is None else "scoped"
+    obs = run.source("identity_observations")
+    if scope is not None:
+        run.put("k_scope", scope.select(["id_type", "id_value"]).cast(SCOPE_SCHEMA))
 
-    def cache(expr: ir.Table) -> Any:
-        table = expr.cache()
-        cached.append(table)
-        return table
+        def rows_expr() -> ir.Table:
+            sc = run.temp("k_scope")
+            records = obs.semi_join(sc, ["id_type", "id_value"]).select("source", "message_id")
+            return obs.semi_join(records.distinct(), ["source", "message_id"])
 
-    obs = backend.table("identity_observations")
-    scope_t = ibis.memtable(scope) if scope is not None else None
-    if scope_t is not None:
-        records = obs.semi_join(scope_t, ["id_type", "id_value"]).select("source", "message_id")
-        rows = cache(obs.semi_join(records.distinct(), ["source", "message_id"]))
+        rows = run.make("k_rows", "rows", rows_expr)
     else:
         rows = obs
-    own = rows.filter(rows.role == "self")
-    users = own.filter(own.id_type == "user_id").select("id_value").distinct()
-    prev = rows.filter(rows.role == "previous")
-    resolved = cache(
-        _loose(own)
-        .union(_loose(prev.filter(prev.id_type == "user_id").semi_join(users, "id_value")))
-        .union(_loose(prev.filter(prev.id_type == "anonymous_id").anti_join(users, "id_value")))
-    )
 
-    # Shared identifiers: seen with too many distinct one-per-person identifiers.
-    strong_types = [t for t in IDENTIFIER_TYPES if rules.limit(t) == 1]
-    thresholds = {t: n for t in IDENTIFIER_TYPES if (n := rules.shared_threshold(t)) is not None}
-    stats_src = (
-        resolved if scope_t is None else resolved.semi_join(scope_t, ["id_type", "id_value"])
-    )
-    stats = stats_src.group_by("id_type", "id_value").aggregate(
-        first_seen=stats_src.ts.min(), last_seen=stats_src.ts.max()
-    )
-    if strong_types and thresholds:
-        me = resolved.mutate(me=resolved.id_type + ":" + resolved.id_value)
-        strong = resolved.filter(resolved.id_type.isin(strong_types))
-        strong = strong.select(
-            "source", "message_id", partner=strong.id_type + ":" + strong.id_value
+    def resolved_expr() -> ir.Table:
+        own = rows.filter(rows.role == "self")
+        users = own.filter(own.id_type == "user_id").select("id_value").distinct()
+        prev = rows.filter(rows.role == "previous")
+        return (
+            _loose(own)
+            .union(_loose(prev.filter(prev.id_type == "user_id").semi_join(users, "id_value")))
+            .union(_loose(prev.filter(prev.id_type == "anonymous_id").anti_join(users, "id_value")))
         )
-        pairs = me.join(strong, ["source", "message_id"])
-        pairs = pairs.filter(pairs.me != pairs.partner)
-        partners = pairs.group_by("id_type", "id_value").aggregate(n=pairs.partner.nunique())
-        limits_t = ibis.memtable(
-            {"id_type": list(thresholds), "threshold": list(thresholds.values())}
+
+    resolved = run.make("k_resolved", f"resolved/{mode}", resolved_expr)
+
+    def numbered_expr() -> ir.Table:
+        # Shared identifiers: seen with too many distinct one-per-person identifiers.
+        strong_types = [t for t in IDENTIFIER_TYPES if rules.limit(t) == 1]
+        thresholds = {
+            t: n for t in IDENTIFIER_TYPES if (n := rules.shared_threshold(t)) is not None
+        }
+        src = resolved
+        if scope is not None:
+            src = resolved.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
+        stats = src.group_by("id_type", "id_value").aggregate(
+            first_seen=src.ts.min(), last_seen=src.ts.max()
         )
-        shared = partners.join(limits_t, "id_type")
-        shared = shared.filter(shared.n > shared.threshold).select("id_type", "id_value", "n")
-        stats = stats.left_join(shared, ["id_type", "id_value"]).select(
-            "id_type", "id_value", "first_seen", "last_seen", shared_n=ibis._.n
-        )
-    else:
-        stats = stats.mutate(shared_n=ibis.null().cast("int64"))
-    numbered = cache(
-        stats.mutate(nid=ibis.row_number().over(order_by=[stats.id_type, stats.id_value]))
-    )
+        if strong_types and thresholds:
+            me = resolved.mutate(me=resolved.id_type + ":" + resolved.id_value)
+            strong = resolved.filter(resolved.id_type.isin(strong_types))
+            strong = strong.select(
+                "source", "message_id", partner=strong.id_type + ":" + strong.id_value
+            )
+            pairs = me.join(strong, ["source", "message_id"])
+            pairs = pairs.filter(pairs.me != pairs.partner)
+            partners = pairs.group_by("id_type", "id_value").aggregate(n=pairs.partner.nunique())
+            threshold = partners.id_type.cases(*thresholds.items(), else_=None)
+            shared = partners.filter(partners.n > threshold).select("id_type", "id_value", "n")
+            stats = stats.left_join(shared, ["id_type", "id_value"]).select(
+                "id_type", "id_value", "first_seen", "last_seen", shared_n=ibis._.n
+            )
+        else:
+            stats = stats.mutate(shared_n=ibis.null().cast("int64"))
+        return stats.mutate(nid=ibis.row_number().over(order_by=[stats.id_type, stats.id_value]))
+
+    numbered = run.make("k_numbered", f"numbered/{mode}", numbered_expr)
     timings["prepare"] = time.perf_counter() - started
 
-    linkable = resolved.join(
-        numbered.filter(numbered.shared_n.isnull()), ["id_type", "id_value"]
-    ).select("source", "message_id", "ts", "role", "nid")
-    linkable = cache(linkable)
-    rec_min = linkable.group_by("source", "message_id").aggregate(m=linkable.nid.min())
-    edges = linkable.join(rec_min, ["source", "message_id"])
-    edges = edges.filter(edges.nid != edges.m).select(a=edges.nid, b=edges.m).distinct()
+    def linkable_expr() -> ir.Table:
+        free = numbered.filter(numbered.shared_n.isnull())
+        return resolved.join(free, ["id_type", "id_value"]).select(
+            "source", "message_id", "ts", "role", "nid"
+        )
+
+    linkable = run.make("k_linkable", "linkable", linkable_expr)
+
+    def edges_expr() -> ir.Table:
+        rec_min = linkable.group_by("source", "message_id").aggregate(m=linkable.nid.min())
+        edges = linkable.join(rec_min, ["source", "message_id"])
+        return edges.filter(edges.nid != edges.m).select(a=edges.nid, b=edges.m).distinct()
+
+    run.make("k_edges", "edges", edges_expr)
     t0 = time.perf_counter()
-    labels, rounds = connected_components(numbered.select("nid"), edges)
-    cached.append(labels)
+    labels, rounds = connected_components(run, "k_numbered", "k_edges")
     timings["components"] = time.perf_counter() - t0
 
-    lab = cache(numbered.join(labels, "nid"))
-    counts = lab.group_by("label", "id_type").aggregate(c=lab.count())
-    limit_t = ibis.memtable(
-        {"id_type": list(IDENTIFIER_TYPES), "lim": [rules.limit(t) for t in IDENTIFIER_TYPES]}
-    )
-    over = counts.join(limit_t, "id_type")
-    dirty = over.filter(over.c > over.lim).select("label")
+    lab = run.make("k_lab", "lab", lambda: numbered.join(run.temp(labels), "nid"))
+
     sep_ids = sorted({i for s in separations for i in (*s.keep, *s.split)})
-    if sep_ids:
-        sep_t = ibis.memtable(
-            {"id_type": [i.type for i in sep_ids], "id_value": [i.value for i in sep_ids]}
-        )
-        dirty = dirty.union(lab.semi_join(sep_t, ["id_type", "id_value"]).select("label"))
-    dirty = cache(dirty.distinct())
+    run.put(
+        "k_separated",
+        pa.table(
+            {"id_type": [i.type for i in sep_ids], "id_value": [i.value for i in sep_ids]},
+            schema=SCOPE_SCHEMA,
+        ),
+    )
+
+    def dirty_expr() -> ir.Table:
+        counts = lab.group_by("label", "id_type").aggregate(c=lab.count())
+        limit = counts.id_type.cases(*[(t, rules.limit(t)) for t in IDENTIFIER_TYPES], else_=1)
+        over = counts.filter(counts.c > limit).select("label")
+        split = lab.semi_join(run.temp("k_separated"), ["id_type", "id_value"]).select("label")
+        return over.union(split).distinct()
+
+    run.make("k_dirty", "dirty", dirty_expr)
 
     t0 = time.perf_counter()
-    dirty_nodes = lab.semi_join(dirty, "label").select("nid", "label", "id_type", "id_value")
+
+    def dirty_nodes_expr() -> ir.Table:
+        return lab.semi_join(run.temp("k_dirty"), "label").select(
+            "nid", "label", "id_type", "id_value"
+        )
+
     node_info = {
         r["nid"]: (r["label"], Identifier(r["id_type"], r["id_value"]))
-        for r in dirty_nodes.to_pyarrow().to_pylist()
+        for r in run.arrow("dirty_nodes", dirty_nodes_expr).to_pylist()
     }
-    dirty_rows = linkable.semi_join(dirty_nodes, "nid").order_by(
-        "ts", "source", "message_id", "nid"
-    )
+
+    def dirty_rows_expr() -> ir.Table:
+        nodes = lab.semi_join(run.temp("k_dirty"), "label").select("nid")
+        return linkable.semi_join(nodes, "nid").order_by("ts", "source", "message_id", "nid")
+
     greedy = Greedy(rules, separations)
-    for row in _records(dirty_rows.to_pyarrow()):
-        greedy.record(row, node_info)
+    if node_info:
+        for rec in _records(run.arrow("dirty_rows", dirty_rows_expr)):
+            greedy.record(rec, node_info)
     assignment = greedy.groups(node_info)
+    run.put(
+        "k_assign",
+        pa.table(
+            {"nid": list(assignment), "dgrp": list(assignment.values())},
+            schema=pa.schema([("nid", pa.int64()), ("dgrp", pa.string())]),
+        ),
+    )
     timings["greedy"] = time.perf_counter() - t0
 
-    rank = _rank_expr(rules, lab.id_type)
-    assigned = lab.mutate(rank=rank)
-    if assignment:
-        assign_t = ibis.memtable(
-            {"nid": list(assignment), "dgrp": list(assignment.values())},
-            schema={"nid": "int64", "dgrp": "string"},
-        )
-        assigned = assigned.left_join(assign_t, "nid").drop("nid_right")
+    t0 = time.perf_counter()
+
+    def identities_expr() -> ir.Table:
+        assign = run.temp("k_assign")
+        assigned = lab.mutate(rank=_rank_expr(rules, lab.id_type))
+        assigned = assigned.left_join(assign, "nid").drop("nid_right")
         assigned = assigned.mutate(grp=assigned.dgrp.fill_null(assigned.label.cast("string")))
-    else:
-        assigned = assigned.mutate(grp=assigned.label.cast("string"))
-    order = [assigned.first_seen, assigned.rank, assigned.id_value]
-    anchors = assigned.mutate(rn=ibis.row_number().over(group_by=assigned.grp, order_by=order))
-    anchors = anchors.filter(anchors.rn == 0).select(
-        "grp",
-        anchor_type=anchors.id_type,
-        profile_id=ibis.literal("p_") + _hash_expr(salt, anchors.id_type, anchors.id_value),
-    )
-    closures = assigned.mutate(rn=ibis.row_number().over(group_by=assigned.label, order_by=order))
-    closures = closures.filter(closures.rn == 0).select(
-        "label",
-        closure_id=ibis.literal("c_") + _hash_expr(salt, closures.id_type, closures.id_value),
-    )
-    out = assigned.join(anchors, "grp").join(closures, "label")
-    identities = cache(
-        out.select(
+        order = [assigned.first_seen, assigned.rank, assigned.id_value]
+        anchors = assigned.mutate(rn=ibis.row_number().over(group_by=assigned.grp, order_by=order))
+        anchors = anchors.filter(anchors.rn == 0).select(
+            "grp",
+            anchor_type=anchors.id_type,
+            anchor_value=anchors.id_value,
+            profile_id=ibis.literal("p_") + _hash_expr(salt, anchors.id_type, anchors.id_value),
+        )
+        closures = assigned.mutate(
+            rn=ibis.row_number().over(group_by=assigned.label, order_by=order)
+        )
+        closures = closures.filter(closures.rn == 0).select(
+            "label",
+            closure_id=ibis.literal("c_") + _hash_expr(salt, closures.id_type, closures.id_value),
+        )
+        out = assigned.join(anchors, "grp").join(closures, "label")
+        return out.select(
             "id_type",
             "id_value",
             "profile_id",
@@ -215,17 +241,22 @@ def stitch(
             "last_seen",
             "nid",
             "anchor_type",
+            "anchor_value",
             shared=out.shared_n.notnull(),
             shared_n=out.shared_n,
         )
-    )
-    timings["assign"] = time.perf_counter() - t0 - timings["greedy"]
 
-    conflicts = greedy.conflicts(identities, node_info)
-    shared_rows = identities.filter(identities.shared).select(
-        "id_type", "id_value", "profile_id", "closure_id", "shared_n", "first_seen"
-    )
-    for r in shared_rows.to_pyarrow().to_pylist():
+    identities = run.make("k_identities", "identities", identities_expr)
+    timings["assign"] = time.perf_counter() - t0
+
+    conflicts = greedy.conflicts(run, node_info)
+
+    def shared_expr() -> ir.Table:
+        return identities.filter(identities.shared).select(
+            "id_type", "id_value", "profile_id", "closure_id", "shared_n", "first_seen"
+        )
+
+    for r in run.arrow("shared", shared_expr).to_pylist():
         conflicts.append(
             Conflict(
                 closure_id=r["closure_id"],
@@ -241,7 +272,7 @@ def stitch(
                 detail=f"seen with {r['shared_n']} different one-per-person identifiers",
             )
         )
-    conflicts.extend(_circular_aliases(rows, identities))
+    conflicts.extend(_circular_aliases(run, rows, mode))
     timings["total"] = time.perf_counter() - started
     return StitchResult(
         identities=identities,
@@ -249,7 +280,6 @@ def stitch(
         rounds=rounds,
         dirty_closures=len({label for label, _ in node_info.values()}),
         timings=timings,
-        _cached=cached,
     )
 
 
@@ -358,15 +388,19 @@ class Greedy:
             out[nid] = f"{label}.{root}"
         return out
 
-    def conflicts(
-        self, identities: ir.Table, info: dict[int, tuple[int, Identifier]]
-    ) -> list[Conflict]:
+    def conflicts(self, run: Runner, info: dict[int, tuple[int, Identifier]]) -> list[Conflict]:
         if not self.refused:
             return []
         wanted = sorted({n for _, refused, kept in self.refused for n in (refused, kept)})
-        ids_t = ibis.memtable({"nid": wanted}, schema={"nid": "int64"})
-        rows = identities.semi_join(ids_t, "nid").select("nid", "profile_id", "closure_id")
-        where = {r["nid"]: r for r in rows.to_pyarrow().to_pylist()}
+        run.put("k_wanted", pa.table({"nid": pa.array(wanted, pa.int64())}))
+
+        def where_expr() -> ir.Table:
+            ids = run.temp("k_identities")
+            return ids.semi_join(run.temp("k_wanted"), "nid").select(
+                "nid", "profile_id", "closure_id"
+            )
+
+        where = {r["nid"]: r for r in run.arrow("conflict_where", where_expr).to_pylist()}
         out = []
         for (reason, refused, kept), (key, ts, n, detail) in sorted(
             self.refused.items(), key=lambda kv: (kv[1][1], kv[1][0], kv[0])
@@ -390,57 +424,48 @@ class Greedy:
         return out
 
 
-def _circular_aliases(rows: ir.Table, identities: ir.Table) -> list[Conflict]:
+def _circular_aliases(run: Runner, rows: ir.Table, mode: str) -> list[Conflict]:
     """Aliases that point at themselves or reverse an earlier alias (recorded, no effect)."""
-    prev = rows.filter((rows.role == "previous") & (rows.id_type == "user_id"))
-    prev = prev.select("source", "message_id", "ts", previous=prev.id_value)
-    users = rows.filter((rows.role == "self") & (rows.id_type == "user_id"))
-    aliases = prev.join(
-        users.select("source", "message_id", user=users.id_value),
-        [
-            "source",
-            "message_id",
-        ],
-    )
-    found = aliases.order_by("ts", "source", "message_id").to_pyarrow().to_pylist()
-    if not found:
-        return []
+
+    def aliases_expr() -> ir.Table:
+        prev = rows.filter((rows.role == "previous") & (rows.id_type == "user_id"))
+        prev = prev.select("source", "message_id", "ts", previous=prev.id_value)
+        users = rows.filter((rows.role == "self") & (rows.id_type == "user_id"))
+        users = users.select("source", "message_id", user=users.id_value)
+        ids = run.temp("k_identities")
+        home = ids.filter(ids.id_type == "user_id").select(
+            user=ids.id_value, profile_id=ids.profile_id, closure_id=ids.closure_id
+        )
+        return (
+            prev.join(users, ["source", "message_id"])
+            .join(home, "user")
+            .order_by("ts", "source", "message_id")
+        )
+
     seen: set[tuple[str, str]] = set()
-    circular: list[dict[str, Any]] = []
-    for alias in found:
+    out: list[Conflict] = []
+    for alias in run.arrow(f"aliases/{mode}", aliases_expr).to_pylist():
         pair = (alias["previous"], alias["user"])
+        detail = None
         if alias["previous"] == alias["user"]:
-            alias["detail"] = "previousId and userId are the same"
-            circular.append(alias)
+            detail = "previousId and userId are the same"
         elif (alias["user"], alias["previous"]) in seen:
-            alias["detail"] = "reverses an earlier alias"
-            circular.append(alias)
+            detail = "reverses an earlier alias"
         seen.add(pair)
-    if not circular:
-        return []
-    users_t = ibis.memtable({"id_value": sorted({a["user"] for a in circular})})
-    where = identities.filter(identities.id_type == "user_id").semi_join(users_t, "id_value")
-    profile = {
-        r["id_value"]: r
-        for r in where.select("id_value", "profile_id", "closure_id").to_pyarrow().to_pylist()
-    }
-    out = []
-    for alias in circular:
-        home = profile.get(alias["user"])
-        if home is None:
+        if detail is None:
             continue
         out.append(
             Conflict(
-                closure_id=home["closure_id"],
+                closure_id=alias["closure_id"],
                 reason="circular_alias",
                 id_type="user_id",
                 id_value=alias["previous"],
-                kept_profile=home["profile_id"],
+                kept_profile=alias["profile_id"],
                 refused_profile=None,
                 source=alias["source"],
                 message_id=alias["message_id"],
                 at=alias["ts"],
-                detail=alias["detail"],
+                detail=detail,
             )
         )
     return out

@@ -16,6 +16,7 @@ import ibis.expr.types as ir
 import orjson
 import pyarrow as pa
 
+from kilde.identity.runner import Runner
 from kilde.plan.models import Plan
 from kilde.profiles.traits import TraitCandidate, choose, tier_of
 
@@ -59,9 +60,9 @@ TRAIT_SCHEMA = pa.schema(
 )
 
 
-def profile_events(backend: Any, identities: ir.Table) -> ir.Table:
+def profile_events(run: Runner, identities: ir.Table) -> ir.Table:
     """Every event of the profiles in `identities`, with its profile_id and closure_id."""
-    records = backend.table("identity_records")
+    records = run.source("identity_records")
     owners = identities.select(
         primary_type=identities.id_type,
         primary_value=identities.id_value,
@@ -71,13 +72,19 @@ def profile_events(backend: Any, identities: ir.Table) -> ir.Table:
     owned = records.join(owners, ["primary_type", "primary_value"]).select(
         "source", "message_id", "profile_id", "closure_id"
     )
-    events = backend.table("events")
+    events = run.source("events")
     return events.join(owned, ["source", "message_id"])
 
 
-def computed_traits(backend: Any, identities: ir.Table, now: datetime) -> ir.Table:
-    """One row per profile with the computed traits (columns of the profiles table)."""
-    ev = profile_events(backend, identities)
+def computed_traits(run: Runner, identities: ir.Table, now: datetime) -> pa.Table:
+    """One row per profile with the computed traits (the columns of the profiles table)."""
+    table = run.arrow("computed", lambda: _computed(run, identities))
+    stamp = pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC"))
+    return table.append_column("updated_at", stamp)
+
+
+def _computed(run: Runner, identities: ir.Table) -> ir.Table:
+    ev = profile_events(run, identities)
     props = ev.properties.cast("json")
     ev = ev.select(
         "profile_id",
@@ -163,21 +170,24 @@ def computed_traits(backend: Any, identities: ir.Table, now: datetime) -> ir.Tab
         email_clicks=joined.email_clicks.fill_null(0),
         latest_nps=joined.latest_nps.cast("int32"),
         support_sentiment=joined.support_sentiment,
-        updated_at=ibis.literal(now),
     )
 
 
-def trait_rows(backend: Any, plan: Plan, identities: ir.Table) -> pa.Table:
+def trait_rows(run: Runner, plan: Plan, identities: ir.Table) -> pa.Table:
     """The winning value of every trait of the profiles in `identities`, with provenance."""
-    ev = profile_events(backend, identities)
-    ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
-    ev = ev.select(
-        "profile_id", "closure_id", "source", "message_id", "timestamp", "traits", "context"
-    )
+
+    def identifies() -> ir.Table:
+        ev = profile_events(run, identities)
+        ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
+        return ev.select(
+            "profile_id", "closure_id", "source", "message_id", "timestamp", "traits", "context"
+        )
+
+    found = run.arrow("identifies", identifies)
     kinds = {s.name: s.kind for s in plan.sources}
     candidates: dict[tuple[str, str], list[TraitCandidate]] = {}
     closure_of: dict[str, str] = {}
-    for batch in ev.to_pyarrow().to_batches(max_chunksize=50_000):
+    for batch in found.to_batches(max_chunksize=50_000):
         for row in batch.to_pylist():
             traits = _loads(row["traits"])
             if not traits:

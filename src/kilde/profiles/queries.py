@@ -5,6 +5,7 @@ All values reach DuckDB as parameters; nothing a user typed becomes SQL text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +29,17 @@ COMPUTED = (
     "latest_nps",
     "support_sentiment",
 )
+
+
+# Later stages (insights) add to a profile through hooks, so this module needs no knowledge of
+# them: a hook returns keys to add; those under "computed" join the computed traits.
+ProfileHook = Callable[[Store, str], dict[str, Any]]
+PROFILE_HOOKS: list[ProfileHook] = []
+
+
+def add_profile_hook(hook: ProfileHook) -> None:
+    if hook not in PROFILE_HOOKS:
+        PROFILE_HOOKS.append(hook)
 
 
 def resolve(store: Store, profile_id: str) -> str | None:
@@ -120,7 +132,7 @@ def profile(store: Store, profile_id: str) -> dict[str, Any] | None:
         "WHERE kept_profile = ? OR refused_profile = ? ORDER BY first_at, reason LIMIT 100",
         [profile_id, profile_id],
     )
-    return {
+    found: dict[str, Any] = {
         "profile_id": profile_id,
         "shared": row["shared"],
         "first_seen": row["first_seen"],
@@ -136,6 +148,11 @@ def profile(store: Store, profile_id: str) -> dict[str, Any] | None:
         "conflicts": conflicts,
         "updated_at": row["updated_at"],
     }
+    for hook in PROFILE_HOOKS:
+        extra = dict(hook(store, profile_id))
+        found["computed"].update(extra.pop("computed", {}))
+        found.update(extra)
+    return found
 
 
 def consents(store: Store, identities: list[dict[str, Any]]) -> dict[str, Any] | None:

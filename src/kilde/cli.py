@@ -25,6 +25,7 @@ from kilde.cli_email import email_app
 from kilde.cli_forms import forms_app, surveys_app
 from kilde.cli_import import import_file
 from kilde.cli_profiles import register as register_profiles
+from kilde.cli_users import users_app
 from kilde.cli_web import snippet as snippet_command
 from kilde.client import Client, remove_server_file, write_server_file
 from kilde.errors import KildeError
@@ -54,6 +55,7 @@ app.add_typer(forms_app, name="forms")
 app.add_typer(destinations_app, name="destinations")
 app.add_typer(surveys_app, name="surveys")
 app.command("import")(import_file)
+app.add_typer(users_app, name="users")
 
 
 def example_plan_path() -> Path:

@@ -19,10 +19,16 @@ from kilde.pipeline import Pipeline
 from kilde.pipeline.replay import replay
 from kilde.plan import PlanError, load_plan
 from kilde.store import Store
+from kilde.web.dashboard.auth import COOKIE as SESSION_COOKIE
+from kilde.web.dashboard.auth import authorize_api
 from kilde.web.errors import HttpProblem
 
 
 def require_admin(request: Request) -> None:
+    if "authorization" not in request.headers and SESSION_COOKIE in request.cookies:
+        # A dashboard user's session: allowed what their role allows (see dashboard.auth).
+        authorize_api(request)
+        return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise HttpProblem(

@@ -28,6 +28,7 @@ from kilde.plan.models import Source
 from kilde.store import Store, Writer
 from kilde.web import activate_api, admin_api, email_api, profiles_api
 from kilde.web.admin_token import TokenCheck
+from kilde.web.dashboard import routes as dashboard
 from kilde.web.errors import HttpProblem, JsonResponse, problem_response
 
 log = logging.getLogger("kilde.http")
@@ -123,6 +124,7 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(admin_api.router)
     app.include_router(profiles_api.router)
     app.include_router(activate_api.router)
+    app.include_router(dashboard.router)  # last: the dashboard's pages at /
     _install_error_handlers(app)
     app.add_middleware(AccessLog)
     app.add_middleware(CorsForCollection)

@@ -95,10 +95,10 @@ def preferences_report(insights: ir.Table, profiles: ir.Table) -> dict[str, Any]
     """How profiles spread over channels, times of day and favourite categories."""
 
     def spread(table: ir.Table, column: str) -> list[dict[str, Any]]:
+        known = table.filter(table[column].notnull())
         counted = (
-            table.filter(table[column].notnull())
-            .group_by(column)
-            .aggregate(profiles=table.count())
+            known.group_by(column)
+            .aggregate(profiles=known.count())
             .order_by([ibis.desc("profiles"), column])
         )
         return [{"value": r[column], "profiles": r["profiles"]} for r in counted.to_pyarrow().to_pylist()]

@@ -58,10 +58,11 @@ KINDS = ("all", "any", "not", "trait", "computed", "consent", "segment", "event"
 MAX_DEPTH = 32
 MAX_DAYS = 36_500  # a hundred years: anything longer is a typo
 _DURATION = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*(h|hour|hours|d|day|days|w|week|weeks|m|month|months|y|year|years)"
+    r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|second|seconds|min|minute|minutes|h|hour|hours|d|day|days|"
+    r"w|week|weeks|m|month|months|y|year|years)"
     r"(?:\s+ago)?\s*$"
 )
-_DAYS = {"h": 1 / 24, "d": 1, "w": 7, "m": 30, "y": 365}
+_DAYS = {"s": 1 / 86400, "h": 1 / 24, "d": 1, "w": 7, "m": 30, "y": 365}
 
 
 class RuleError(KildeError):
@@ -157,7 +158,8 @@ def duration_days(text: Any, path: str) -> float:
     if isinstance(text, int | float):
         days = float(text)
     elif isinstance(text, str) and (match := _DURATION.match(text.lower())):
-        days = float(match.group(1)) * _DAYS[match.group(2)[0]]
+        unit = match.group(2)
+        days = float(match.group(1)) * (1 / 1440 if unit.startswith("min") else _DAYS[unit[0]])
     else:
         raise RuleError(path, "this duration is not understood", fix=_DURATION_FIX)
     if days <= 0:

@@ -104,7 +104,7 @@ def fmt_num(value: Any, digits: int = 0) -> str:
         number = float(value)
     except (TypeError, ValueError):
         return str(value)
-    if digits == 0 and number.is_integer():
+    if (digits == 0 or isinstance(value, int)) and number.is_integer():
         return f"{int(number):,}".replace(",", "\u202f")
     return f"{number:,.{digits or 2}f}".replace(",", "\u202f")
 

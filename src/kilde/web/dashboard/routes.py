@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from starlette.responses import Response
 
 from kilde.web.admin_api import require_admin
-from kilde.web.dashboard import auth, login, overview
+from kilde.web.dashboard import auth, live, login, overview, profiles, quality
 from kilde.web.dashboard.base import STATIC_FILES, _static_bytes
 
 router = APIRouter()
@@ -28,3 +28,6 @@ router.include_router(auth.router)
 router.include_router(overview.api, dependencies=[Depends(require_admin)])
 router.include_router(login.router)
 router.include_router(overview.router)
+router.include_router(live.router)
+router.include_router(profiles.router)
+router.include_router(quality.router)

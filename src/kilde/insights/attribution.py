@@ -98,7 +98,9 @@ def attribution(
     rows = per.to_pyarrow().to_pylist()
     totals = conv.aggregate(n=conv.count(), value=conv.value.sum()).to_pyarrow().to_pylist()[0]
     touched = joined.conversion.nunique().to_pyarrow().as_py() or 0
-    matched = credited.aggregate(v=credited.weight.sum(), r=(credited.weight * credited.value).sum())
+    matched = credited.aggregate(
+        v=credited.weight.sum(), r=(credited.weight * credited.value).sum()
+    )
     m = matched.to_pyarrow().to_pylist()[0]
     none_conversions = int(totals["n"] or 0) - int(touched)
     if none_conversions > 0:
@@ -130,9 +132,7 @@ def attribution(
 def customer_quality(backend: Any) -> list[dict[str, Any]]:
     """Per campaign of each person's first touch ever: how good the customers it brought are."""
     t = touches(backend)
-    ranked = t.mutate(
-        _rn=ibis.row_number().over(group_by=t.profile_id, order_by=[t.ts, *KEYS])
-    )
+    ranked = t.mutate(_rn=ibis.row_number().over(group_by=t.profile_id, order_by=[t.ts, *KEYS]))
     first = ranked.filter(ranked._rn == 0).select("profile_id", *KEYS)
     profiles = backend.table("profiles").select("profile_id", "orders", "total_revenue")
     insights = backend.table("profile_insights").select("profile_id", "clv", "rfm_group")
@@ -151,9 +151,11 @@ def customer_quality(backend: Any) -> list[dict[str, Any]]:
         avg_clv=people.clv.mean(where=buyer),
         best_customers=best.sum().cast("int64"),
     )
-    rows = per.to_pyarrow().to_pylist()
+    rows: list[dict[str, Any]] = per.to_pyarrow().to_pylist()
     for row in rows:
-        row["conversion_rate"] = round(row["customers"] / row["people"], 4) if row["people"] else None
+        row["conversion_rate"] = (
+            round(row["customers"] / row["people"], 4) if row["people"] else None
+        )
         row["best_share"] = (
             round(row["best_customers"] / row["customers"], 4) if row["customers"] else None
         )

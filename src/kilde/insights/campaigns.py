@@ -41,7 +41,9 @@ def campaign_reports(backend: Any, window_days: float = 7.0) -> list[dict[str, A
         machine_clicks=mail.recipient.nunique(where=(mail.event == CLICKED) & mail.machine),
     )
     clicks = mail.filter(human_click)
-    first_click = clicks.group_by("campaign", "profile_id").aggregate(clicked=clicks.timestamp.min())
+    first_click = clicks.group_by("campaign", "profile_id").aggregate(
+        clicked=clicks.timestamp.min()
+    )
     orders = ev.filter(ev.event == ORDER_EVENT)
     orders = orders.select(
         "profile_id",
@@ -70,10 +72,14 @@ def campaign_reports(backend: Any, window_days: float = 7.0) -> list[dict[str, A
         .distinct()
     )
     joined = (
-        everyone.left_join(campaigns, "campaign").drop("campaign_right")
-        .left_join(sent, "campaign").drop("campaign_right")
-        .left_join(per, "campaign").drop("campaign_right")
-        .left_join(bought, "campaign").drop("campaign_right")
+        everyone.left_join(campaigns, "campaign")
+        .drop("campaign_right")
+        .left_join(sent, "campaign")
+        .drop("campaign_right")
+        .left_join(per, "campaign")
+        .drop("campaign_right")
+        .left_join(bought, "campaign")
+        .drop("campaign_right")
     )
     rows = joined.order_by([ibis.desc("created_at"), "campaign"]).to_pyarrow().to_pylist()
     out = []

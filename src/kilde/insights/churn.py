@@ -67,14 +67,18 @@ def churn_report(insights: ir.Table) -> dict[str, Any]:
     edges = [0.0, 0.25, 0.5, 0.75, 1.0001]
     labels = ["low (<25%)", "medium (25-50%)", "high (50-75%)", "very high (>=75%)"]
     risk = insights.churn_risk
-    counted = insights.aggregate(
-        **{
-            f"b{i}": ((risk >= edges[i]) & (risk < edges[i + 1])).sum().cast("int64")
-            for i in range(4)
-        },
-        revenue_at_risk=insights.monetary.sum(where=risk >= 0.5),
-        clv_at_risk=insights.clv.sum(where=risk >= 0.5),
-    ).to_pyarrow().to_pylist()[0]
+    counted = (
+        insights.aggregate(
+            **{
+                f"b{i}": ((risk >= edges[i]) & (risk < edges[i + 1])).sum().cast("int64")
+                for i in range(4)
+            },
+            revenue_at_risk=insights.monetary.sum(where=risk >= 0.5),
+            clv_at_risk=insights.clv.sum(where=risk >= 0.5),
+        )
+        .to_pyarrow()
+        .to_pylist()[0]
+    )
     for i, label in enumerate(labels):
         bands.append({"risk": label, "customers": int(counted[f"b{i}"] or 0)})
     for row in rows:

@@ -66,7 +66,9 @@ class BgNbd:
         r, alpha, a, b = self.r, self.alpha, self.a, self.b
         odds = np.where(
             x > 0,
-            a / np.maximum(b + x - 1, 1e-12) * np.exp((r + x) * np.log((alpha + T) / (alpha + t_x))),
+            a
+            / np.maximum(b + x - 1, 1e-12)
+            * np.exp((r + x) * np.log((alpha + T) / (alpha + t_x))),
             0.0,
         )
         result: Array = 1.0 / (1.0 + odds)
@@ -83,7 +85,9 @@ class BgNbd:
         second = 1.0 - np.exp((r + x) * np.log((alpha + T) / (alpha + T + t))) * hyp
         odds = np.where(
             x > 0,
-            a / np.maximum(b + x - 1, 1e-12) * np.exp((r + x) * np.log((alpha + T) / (alpha + t_x))),
+            a
+            / np.maximum(b + x - 1, 1e-12)
+            * np.exp((r + x) * np.log((alpha + T) / (alpha + t_x))),
             0.0,
         )
         result: Array = first * second / (1.0 + odds)
@@ -166,8 +170,12 @@ def gamma_gamma_log_likelihood(params: Array, x: Array, m: Array) -> Array:
 
 def _maximise(negative: Any, start: Array) -> tuple[Array, float, int]:
     """Minimise a negative log-likelihood over log-parameters; return the parameters."""
-    result = optimize.minimize(negative, np.log(start), method="Nelder-Mead",
-                               options={"maxiter": 20_000, "xatol": 1e-10, "fatol": 1e-10})
+    result = optimize.minimize(
+        negative,
+        np.log(start),
+        method="Nelder-Mead",
+        options={"maxiter": 20_000, "xatol": 1e-10, "fatol": 1e-10},
+    )
     refined = optimize.minimize(negative, result.x, method="L-BFGS-B")
     best = refined if refined.fun <= result.fun else result
     return np.exp(best.x), float(-best.fun), int(result.nit + getattr(refined, "nit", 0))
@@ -225,9 +233,7 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
     params[1] *= scale
     ll = float(np.sum(bgnbd_log_likelihood(params, x, t_x, T)))
     r, alpha, a, b = (float(v) for v in params)
-    return BgNbd(
-        r, alpha, a, b, ll, len(x), int(np.count_nonzero(x > 0)), iterations, regularised
-    )
+    return BgNbd(r, alpha, a, b, ll, len(x), int(np.count_nonzero(x > 0)), iterations, regularised)
 
 
 RUNAWAY = 1e5
@@ -304,9 +310,7 @@ class Summary:
     first: list[date] = field(default_factory=list)
 
 
-def summarise(
-    customers: list[str], days: list[date], values: list[float], end: date
-) -> Summary:
+def summarise(customers: list[str], days: list[date], values: list[float], end: date) -> Summary:
     """Summarise transactions (one per row) up to and including `end`.
 
     Several purchases of one customer on one day are one transaction (their values add up), as
@@ -442,9 +446,7 @@ def purchase_summary(backend: Any, now: datetime) -> Any:
 
     o = orders(backend)
     o = o.filter(o.timestamp <= ibis.literal(now))
-    daily = o.group_by("profile_id", day=o.timestamp.truncate("D")).aggregate(
-        value=o.revenue.sum()
-    )
+    daily = o.group_by("profile_id", day=o.timestamp.truncate("D")).aggregate(value=o.revenue.sum())
     per = daily.group_by("profile_id").aggregate(
         days=daily.count(),
         first=daily.day.min(),

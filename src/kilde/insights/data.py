@@ -63,7 +63,9 @@ def orders(backend: Any) -> ir.Table:
     )
 
 
-def days_between(later: ir.TimestampValue | datetime, earlier: ir.TimestampValue) -> ir.FloatingValue:
+def days_between(
+    later: ir.TimestampValue | datetime, earlier: ir.TimestampValue
+) -> ir.FloatingValue:
     """Whole and fractional days from `earlier` to `later`."""
     later_expr = ibis.literal(later) if isinstance(later, datetime) else later
     seconds = later_expr.epoch_seconds() - earlier.epoch_seconds()
@@ -73,7 +75,5 @@ def days_between(later: ir.TimestampValue | datetime, earlier: ir.TimestampValue
 
 def table_exists(store: Store, name: str) -> bool:
     return bool(
-        store.scalar(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
-        )
+        store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])
     )

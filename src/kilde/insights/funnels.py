@@ -71,9 +71,11 @@ def funnel(
         stages.append(joined.group_by("profile_id", "start").aggregate(t=joined.ts.min()))
     counts = [int(stage.count().to_pyarrow().as_py()) for stage in stages]
     last = stages[-1]
-    hours = last.aggregate(
-        h=((last.t.epoch_seconds() - last.start.epoch_seconds()) / 3600.0).median()
-    ).to_pyarrow().to_pylist()[0]["h"]
+    hours = (
+        last.aggregate(h=((last.t.epoch_seconds() - last.start.epoch_seconds()) / 3600.0).median())
+        .to_pyarrow()
+        .to_pylist()[0]["h"]
+    )
     out = []
     for i, (step, n) in enumerate(zip(steps, counts, strict=True)):
         previous = counts[i - 1] if i else n

@@ -37,7 +37,9 @@ def product_rows(backend: Any) -> ir.Table:
         "message_id",
         item=orders.properties.cast("json")["products"].array.unnest(),
     )
-    bought = items.select("profile_id", "event", "message_id", product_id=items.item["product_id"].str)
+    bought = items.select(
+        "profile_id", "event", "message_id", product_id=items.item["product_id"].str
+    )
     rows = single.union(bought)
     return rows.filter(rows.product_id.notnull())
 
@@ -101,9 +103,12 @@ def preferences_report(insights: ir.Table, profiles: ir.Table) -> dict[str, Any]
             .aggregate(profiles=known.count())
             .order_by([ibis.desc("profiles"), column])
         )
-        return [{"value": r[column], "profiles": r["profiles"]} for r in counted.to_pyarrow().to_pylist()]
+        return [
+            {"value": r[column], "profiles": r["profiles"]}
+            for r in counted.to_pyarrow().to_pylist()
+        ]
 
-    cats = profiles.select(category=profiles.favourite_categories.first())
+    cats = profiles.select(category=profiles.favourite_categories[0])
     return {
         "preferred_channel": spread(insights, "preferred_channel"),
         "preferred_time": spread(insights, "preferred_time"),

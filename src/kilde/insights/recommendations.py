@@ -37,7 +37,9 @@ def pairs(backend: Any, min_orders: int = MIN_ORDERS) -> ir.Table:
     together = together.filter(together.orders >= min_orders)
     per_product = left.group_by("product").aggregate(product_orders=left.count())
     total = left.order.nunique().as_scalar()
-    other = per_product.select(with_product=per_product.product, other_orders=per_product.product_orders)
+    other = per_product.select(
+        with_product=per_product.product, other_orders=per_product.product_orders
+    )
     scored = together.join(per_product, "product").join(other, "with_product")
     confidence = scored.orders.cast("float64") / scored.product_orders
     return scored.select(
@@ -75,7 +77,7 @@ def bought_together(backend: Any, limit: int = 20) -> list[dict[str, Any]]:
     p = pairs(backend)
     p = p.filter(p.product < p.with_product)  # each pair once
     rows = p.order_by([ibis.desc("orders"), ibis.desc("lift"), "product"]).limit(limit)
-    out = rows.to_pyarrow().to_pylist()
+    out: list[dict[str, Any]] = rows.to_pyarrow().to_pylist()
     for row in out:
         row["confidence"] = round(float(row["confidence"]), 4)
         row["lift"] = round(float(row["lift"]), 3)

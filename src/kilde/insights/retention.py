@@ -42,15 +42,23 @@ def retention(
     ev = behaviour(backend)
     ev = ev.filter(ev.timestamp <= ibis.literal(now))
     orders = ev.filter(ev.event == ORDER_EVENT)
-    starts = (orders if cohort == "first_order" else ev).group_by("profile_id").aggregate(
-        first=(orders if cohort == "first_order" else ev).timestamp.min()
+    starts = (
+        (orders if cohort == "first_order" else ev)
+        .group_by("profile_id")
+        .aggregate(first=(orders if cohort == "first_order" else ev).timestamp.min())
     )
     starts = starts.mutate(cohort=starts.first.truncate(unit))
-    earliest = (now - timedelta(days=7 * periods)) if period == "week" else _months_ago(now, periods)
+    earliest = (
+        (now - timedelta(days=7 * periods)) if period == "week" else _months_ago(now, periods)
+    )
     starts = starts.filter(starts.cohort >= ibis.literal(earliest).truncate(unit))
-    active = (orders if activity == "orders" else ev).select(
-        "profile_id", when=(orders if activity == "orders" else ev).timestamp.truncate(unit)
-    ).distinct()
+    active = (
+        (orders if activity == "orders" else ev)
+        .select(
+            "profile_id", when=(orders if activity == "orders" else ev).timestamp.truncate(unit)
+        )
+        .distinct()
+    )
     joined = active.join(starts, "profile_id")
     joined = joined.filter(joined.when >= joined.cohort)
     joined = joined.mutate(k=_index(period, joined.cohort, joined.when))

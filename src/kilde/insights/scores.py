@@ -67,6 +67,11 @@ def compute(
                 "p_alive": _column(values.p_alive),
                 "expected_spend": _column(values.expected_spend),
                 "clv": _column(values.clv),
+                "repeat_purchases": _column(
+                    summary.column("x").to_numpy(zero_copy_only=False)
+                    if summary.num_rows
+                    else np.zeros(0)
+                ),
             }
         )
     )
@@ -85,7 +90,9 @@ def compute(
         .left_join(recommended(backend), "profile_id")
         .drop("profile_id_right")
     )
-    has_model = joined.p_alive.notnull()
+    # BG/NBD assumes nobody leaves before their first repeat purchase, so it gives one-time
+    # buyers no risk at all; for them (and non-buyers) the inactivity flag speaks instead.
+    has_model = joined.p_alive.notnull() & (joined.repeat_purchases > 0)
     result = joined.select(
         "profile_id",
         "recency_days",

@@ -57,7 +57,9 @@ def trends(
         n = int(r["contacts"])
         rows.setdefault(r["when"], {})["sentiment"] = {
             "contacts": n,
-            "average": round(float(r["avg_sentiment"]), 3) if r["avg_sentiment"] is not None else None,
+            "average": round(float(r["avg_sentiment"]), 3)
+            if r["avg_sentiment"] is not None
+            else None,
             "negative_share": round(r["negative"] / n, 4) if n else None,
         }
     series = [

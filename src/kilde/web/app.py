@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import kilde.web.privacy_api as privacy_api
 from kilde import __version__
 from kilde.collect import segment_api
 from kilde.collect import website as website_routes
@@ -26,7 +27,7 @@ from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
 from kilde.plan.models import Source
 from kilde.store import Store, Writer
-from kilde.web import activate_api, admin_api, email_api, profiles_api
+from kilde.web import activate_api, admin_api, email_api, insights_api, profiles_api
 from kilde.web.admin_token import TokenCheck
 from kilde.web.dashboard import routes as dashboard
 from kilde.web.errors import HttpProblem, JsonResponse, problem_response
@@ -123,7 +124,9 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(admin_api.public)
     app.include_router(admin_api.router)
     app.include_router(profiles_api.router)
+    app.include_router(insights_api.router)  # after profiles_api: its engine uses identity
     app.include_router(activate_api.router)
+    app.include_router(privacy_api.router)
     app.include_router(dashboard.router)  # last: the dashboard's pages at /
     _install_error_handlers(app)
     app.add_middleware(AccessLog)

@@ -213,9 +213,7 @@ def _check_op(compare: Compare, kind: str, what: str) -> None:
                 "number": "a number",
                 "integer": "a number",
             }.get(kind, "text")
-            raise RuleError(
-                compare.path, f"{what} is of type {kind}: compare it with {expected}"
-            )
+            raise RuleError(compare.path, f"{what} is of type {kind}: compare it with {expected}")
 
 
 def _parse_time(text: str) -> datetime | None:
@@ -240,14 +238,12 @@ def _literal(value: Any, kind: str) -> Any:
     return value
 
 
-def _compare(
-    value: ir.Value, compare: Compare, kind: str, now: datetime
-) -> ir.BooleanValue:
+def _compare(value: ir.Value, compare: Compare, kind: str, now: datetime) -> ir.BooleanValue:
     """The comparison on a column that may be NULL; NULL compares false."""
     op = compare.op
     if op == "exists":
-        result = value.notnull() if compare.value else value.isnull()
-        return result
+        present: ir.BooleanValue = value.notnull() if compare.value else value.isnull()
+        return present
     if kind == "list":
         arr: Any = value
         if op == "contains":
@@ -317,7 +313,7 @@ def _trait(node: FieldCondition, ctx: Context, base: ir.Table) -> ir.BooleanValu
             fix=_suggest(node.name, [t.name for t in ctx.plan.traits])
             + "; computed traits go under `computed:`",
         )
-    kind = spec.type
+    kind: str = spec.type
     _check_op(node.compare, kind, f"trait {node.name!r}")
     traits = ctx.backend.table("profile_traits")
     traits = traits.filter(traits.name == node.name)
@@ -405,8 +401,9 @@ def _segment(node: SegmentCondition, ctx: Context, base: ir.Table) -> ir.Boolean
         try:
             inner = parse_rule(rule, f"segment {node.segment}")
         except RuleError as exc:
-            raise RuleError(node.path + ".segment", f"segment {node.segment!r} is broken: "
-                            f"{exc.message}") from None
+            raise RuleError(
+                node.path + ".segment", f"segment {node.segment!r} is broken: {exc.message}"
+            ) from None
         return _compile(inner, ctx, base)
     finally:
         ctx._stack.pop()
@@ -416,9 +413,7 @@ def _segment(node: SegmentCondition, ctx: Context, base: ir.Table) -> ir.Boolean
 
 
 def _event_spec(node: EventCondition, ctx: Context) -> dict[str, Any] | None:
-    spec = next(
-        (e for e in ctx.plan.events if e.type == "track" and e.name == node.event), None
-    )
+    spec = next((e for e in ctx.plan.events if e.type == "track" and e.name == node.event), None)
     if spec is None:
         names = [e.name for e in ctx.plan.events if e.type == "track" and e.name]
         raise RuleError(
@@ -569,8 +564,14 @@ def _event(node: EventCondition, ctx: Context, base: ir.Table) -> ir.BooleanValu
     props = ev.properties.cast("json")
     if node.total is not None:
         prop_path, compare = node.total
-        head = PropertyCondition(compare.path, prop_path, tuple(prop_path.split(".")), None, (),
-                                 Compare("exists", True, compare.path))
+        head = PropertyCondition(
+            compare.path,
+            prop_path,
+            tuple(prop_path.split(".")),
+            None,
+            (),
+            Compare("exists", True, compare.path),
+        )
         kind = _schema_type(schema, head)
         if kind not in (None, "number", "integer"):
             raise RuleError(compare.path, f"`sum` needs a number property; {prop_path!r} is {kind}")

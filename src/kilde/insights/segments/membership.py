@@ -102,8 +102,13 @@ def validate(store: Store, plan: Plan, rule: Any, segment_id: str | None = None)
 
 
 def save(
-    store: Store, writer: Writer, plan: Plan, segment_id: str, name: str,
-    description: str | None, rule: dict[str, Any],
+    store: Store,
+    writer: Writer,
+    plan: Plan,
+    segment_id: str,
+    name: str,
+    description: str | None,
+    rule: dict[str, Any],
 ) -> SegmentDef:
     """Create or replace a segment defined through the API."""
     if not SEGMENT_ID.match(segment_id):
@@ -338,8 +343,9 @@ def refresh(
     try:
         node = check(parse_rule(segment.rule, "rule"), ctx)
     except RuleError as exc:
-        writer.write_sync(WriteBatch(statements=[_run_row(segment.id, now, 0, 0, 0, 0.0,
-                                                          exc.message)]))
+        writer.write_sync(
+            WriteBatch(statements=[_run_row(segment.id, now, 0, 0, 0, 0.0, exc.message)])
+        )
         raise
     new_path = scratch / f"{segment.id}-members.parquet"
     backend.to_parquet(members(node, ctx).select("profile_id").distinct(), new_path)
@@ -402,7 +408,12 @@ def refresh(
 
 
 def _run_row(
-    segment_id: str, now: datetime, members_: int, entered: int, exited: int, seconds: float,
+    segment_id: str,
+    now: datetime,
+    members_: int,
+    entered: int,
+    exited: int,
+    seconds: float,
     error: str | None,
 ) -> tuple[str, list[Any]]:
     return (

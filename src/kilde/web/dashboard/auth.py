@@ -150,6 +150,25 @@ API_LEVELS: dict[tuple[str, str], str] = {
     ("POST", "/api/destinations/{name}/run"): _C,
     ("POST", "/api/destinations/{name}/test"): _C,
     ("POST", "/api/destinations/{name}/replay"): _C,
+    # insights (segments, RFM, CLV, churn, funnels, ...)
+    ("GET", "/api/segments"): _A,
+    ("GET", "/api/segments/{segment_id}"): _A,  # the rule and the membership history
+    ("GET", "/api/segments/{segment_id}/members"): _P,
+    ("POST", "/api/segments/preview"): _P,  # the sample names profiles
+    ("PUT", "/api/segments/{segment_id}"): _C,
+    ("DELETE", "/api/segments/{segment_id}"): _C,
+    ("POST", "/api/segments/refresh"): _C,
+    ("POST", "/api/insights/refresh"): _C,
+    ("GET", "/api/insights/status"): _A,
+    ("GET", "/api/insights/rfm"): _A,
+    ("GET", "/api/insights/clv"): _P,  # the most valuable customers by profile id
+    ("GET", "/api/insights/churn"): _A,
+    ("GET", "/api/insights/preferences"): _A,
+    ("POST", "/api/insights/funnel"): _A,
+    ("GET", "/api/insights/retention"): _A,
+    ("GET", "/api/insights/attribution"): _A,
+    ("GET", "/api/insights/campaigns"): _A,
+    ("GET", "/api/insights/trends"): _A,
     # the dashboard's own
     ("GET", "/api/overview"): _A,
     ("GET", "/api/me"): _A,

@@ -6,7 +6,16 @@ from fastapi import APIRouter, Depends, HTTPException
 from starlette.responses import Response
 
 from kilde.web.admin_api import require_admin
-from kilde.web.dashboard import auth, live, login, overview, profiles, quality
+from kilde.web.dashboard import (
+    auth,
+    insights,
+    live,
+    login,
+    overview,
+    profiles,
+    quality,
+    segments,
+)
 from kilde.web.dashboard.base import STATIC_FILES, _static_bytes
 
 router = APIRouter()
@@ -31,3 +40,5 @@ router.include_router(overview.router)
 router.include_router(live.router)
 router.include_router(profiles.router)
 router.include_router(quality.router)
+router.include_router(segments.router)
+router.include_router(insights.router)

@@ -25,6 +25,7 @@ from kilde.cli_email import email_app
 from kilde.cli_forms import forms_app, surveys_app
 from kilde.cli_import import import_file
 from kilde.cli_insights import register as register_insights
+from kilde.cli_privacy import register as register_privacy
 from kilde.cli_profiles import register as register_profiles
 from kilde.cli_users import users_app
 from kilde.cli_web import snippet as snippet_command
@@ -50,6 +51,7 @@ app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
 register_profiles(app)  # profile, profiles, identity
+register_privacy(app, plan_app)  # privacy ..., plan register
 register_insights(app)  # segment, insights
 app.add_typer(email_app, name="email")
 app.command("snippet")(snippet_command)

@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import kilde.web.privacy_api as privacy_api
 from kilde import __version__
 from kilde.collect import segment_api
 from kilde.collect import website as website_routes
@@ -125,6 +126,7 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(profiles_api.router)
     app.include_router(insights_api.router)  # after profiles_api: its engine uses identity
     app.include_router(activate_api.router)
+    app.include_router(privacy_api.router)
     app.include_router(dashboard.router)  # last: the dashboard's pages at /
     _install_error_handlers(app)
     app.add_middleware(AccessLog)

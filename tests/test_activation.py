@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from kilde.activate import hashing
@@ -266,4 +267,153 @@ def test_meta_custom_audience_normalisation() -> None:
     assert (
         hashing.hashed(hashing.meta_email("test@fb.com"))
         == hashlib.sha256(b"test@fb.com").hexdigest()
+    )
+
+
+# -- the story: a segment to a webhook and to a Customer Match file ----------------------------
+
+PEOPLE = {
+    # user id: (email, consents)
+    "alice": ("Alice.Berg@Gmail.com", {"marketing_email": True, "advertising": True}),
+    "bert": ("bert@example.com", {"marketing_email": True, "advertising": False}),
+    "cara": ("cara@example.com", {}),
+}
+
+
+def test_a_segment_reaches_a_webhook_and_a_customer_match_file_with_consent_only(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
+    plan_with(
+        plan,
+        f"""  - name: winback-hook
+    kind: webhook
+    purpose: marketing_email
+    url: {receiver.url}
+    secret: {SECRET}
+    segments: [repeat-buyers-90d]
+  - name: google-winback
+    kind: google_customer_match
+    purpose: advertising
+    segments: [repeat-buyers-90d]
+  - name: partner-feed
+    kind: partner_export
+    purpose: advertising
+    recipient: Nordic Outdoor Media AS
+    segments: [repeat-buyers-90d]
+    traits: [email, first_name]
+    format: parquet
+""",
+    )
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    def send(message: dict[str, Any]) -> None:
+        response = httpx.post(
+            f"{server.url}/v1/track" if message["type"] == "track" else f"{server.url}/v1/identify",
+            json=message,
+            auth=(BACKEND_KEY, ""),
+        )
+        assert response.status_code == 200, response.text
+
+    try:
+        for user, (email, consents) in PEOPLE.items():
+            send(
+                {
+                    "type": "identify",
+                    "userId": user,
+                    "traits": {"email": email, "first_name": user.title(), "country": "NO"},
+                }
+            )
+            if consents:
+                send(
+                    {
+                        "type": "track",
+                        "event": "Consent Updated",
+                        "userId": user,
+                        "properties": {"purposes": consents},
+                    }
+                )
+            for n in range(2):  # two orders over 500: the repeat-buyers segment
+                message = order(user, n)
+                message["properties"]["revenue"] = 900.0
+                send(message)
+        send(order("dan", 1))  # one order only: not in the segment
+
+        def members() -> int:
+            httpx.post(
+                f"{server.url}/api/segments/refresh",
+                json={"segments": ["repeat-buyers-90d"]},
+                headers=admin,
+                timeout=120,
+            )
+            listed = httpx.get(
+                f"{server.url}/api/segments/repeat-buyers-90d/members", headers=admin
+            ).json()
+            return int(listed["total"]) if listed["total"] >= len(PEOPLE) else 0
+
+        assert wait_for(members, timeout=120) == len(PEOPLE)  # dan, with one order, is not in
+        synced = server.kilde("destinations", "run", "google-winback", "--json")
+        partner = server.kilde("destinations", "run", "partner-feed", "--json")
+
+        def hook_settled() -> bool:
+            rows = httpx.get(
+                f"{server.url}/api/destinations/winback-hook/deliveries", headers=admin
+            ).json()["deliveries"]
+            return len(rows) >= 3 and all(r["state"] != "pending" for r in rows)
+
+        wait_for(hook_settled)
+    finally:
+        server.stop()
+
+    # The webhook got the segment entries of the people who allow marketing mail only.
+    entered = [d["data"] for d in receiver.accepted() if d["data"]["event"] == "Segment Entered"]
+    assert sorted(d["user_id"] for d in entered) == ["alice", "bert"]
+    assert {d["properties"]["segment"] for d in entered} == {"repeat-buyers-90d"}
+
+    # The Customer Match file holds only the person who consented to advertising, hashed.
+    result = orjson.loads(synced.stdout)["syncs"][0]
+    assert (result["members"], result["added"]) == (3, 1)
+    assert result["excluded_no_consent"] + result["excluded_do_not_sell"] == 2
+    lines = Path(result["files"][0]).read_text().splitlines()
+    assert lines[0] == "Email,Phone,First Name,Last Name,Country,Zip"
+    assert len(lines) == 2
+    alice = lines[1].split(",")
+    assert alice[0] == hashlib.sha256(b"aliceberg@gmail.com").hexdigest()
+    assert alice[2] == hashlib.sha256(b"alice").hexdigest()
+    assert alice[4] == "NO"
+    manifest = orjson.loads(Path(result["files"][0]).with_suffix(".manifest.json").read_bytes())
+    assert manifest["legal_basis"] == "consent" and manifest["purpose"] == "advertising"
+
+    # The partner gets the chosen traits of the one person who allows it; bert, who refused
+    # advertising (a purpose marked as sale or sharing), is counted as an opt-out.
+    shared = orjson.loads(partner.stdout)["syncs"][0]
+    assert (shared["excluded_do_not_sell"], shared["excluded_no_consent"]) == (1, 1)
+    table = pq.read_table(shared["files"][0]).to_pylist()
+    assert [(r["email"], r["first_name"]) for r in table] == [("Alice.Berg@Gmail.com", "Alice")]
+    record = orjson.loads(Path(shared["files"][0]).with_suffix(".manifest.json").read_bytes())
+    assert record["recipient"] == "Nordic Outdoor Media AS"
+
+
+def test_a_destination_whose_segment_is_gone_refuses_to_sync(tmp_path: Path) -> None:
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
+    plan_with(
+        plan,
+        """  - name: stale-list
+    kind: meta_custom_audience
+    purpose: advertising
+    segments: [deleted-segment]
+""",
+    )
+    server = start_server(tmp_path / "data", plan)
+    try:
+        result = server.kilde("destinations", "run", "stale-list", check=False)
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert "segment 'deleted-segment' does not exist" in result.stderr
+    assert not (tmp_path / "data" / "exports" / "stale-list").exists() or not list(
+        (tmp_path / "data" / "exports" / "stale-list").iterdir()
     )

@@ -47,15 +47,18 @@ class SyncReport:
     files: list[str] = field(default_factory=list)
 
 
-def segment_members(store: Store, segment: str) -> list[str]:
-    """Profile ids currently in a segment."""
-    exists = store.scalar(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'segment_memberships'"
-    )
-    if not exists:
+def segment_members(store: Store, plan: Plan, segment: str) -> list[str]:
+    """Profile ids currently in a segment; an error for a segment that does not exist."""
+    declared = plan.segments.get(segment) is not None
+    if not declared:
+        declared = bool(
+            store.scalar("SELECT count(*) FROM segment_definitions WHERE id = ?", [segment])
+        )
+    if not declared:
+        # Never treat a deleted segment as empty: that would remove everyone downstream.
         raise ActivationError(
-            f"segment {segment!r} has no memberships yet",
-            fix="declare it under 'segments' in the plan and refresh it (`kilde segment refresh`)",
+            f"segment {segment!r} does not exist",
+            fix="declare it under 'segments' in the plan, or remove it from the destination",
         )
     rows = store.query(
         "SELECT DISTINCT profile_id FROM segment_memberships "
@@ -132,7 +135,7 @@ class AudienceSync:
         sale = destination.kind in SALE_KINDS
         reports = []
         for segment in destination.segments:
-            members = segment_members(self.store, segment)
+            members = segment_members(self.store, self.plan, segment)
             report = SyncReport(destination.name, segment, members=len(members))
             kept: list[str] = []
             for profile in members:

@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from kilde.store import Store
@@ -169,6 +169,26 @@ API_LEVELS: dict[tuple[str, str], str] = {
     ("GET", "/api/insights/attribution"): _A,
     ("GET", "/api/insights/campaigns"): _A,
     ("GET", "/api/insights/trends"): _A,
+    # privacy
+    ("POST", "/api/privacy/export"): _X,
+    ("POST", "/api/privacy/erase"): _X,
+    ("POST", "/api/privacy/suppress"): _X,
+    ("POST", "/api/privacy/retain"): _X,
+    ("GET", "/api/privacy/suppression"): _A,  # hashes and counts
+    ("GET", "/api/privacy/erasures"): _A,  # hashes and counts
+    ("GET", "/api/privacy/gate"): _A,
+    ("GET", "/api/privacy/retention"): _A,
+    ("GET", "/api/privacy/register"): _A,
+    ("POST", "/api/privacy/consent"): _C,
+    ("POST", "/api/privacy/consent/state"): _P,
+    ("POST", "/api/privacy/do-not-sell"): _C,
+    ("POST", "/api/privacy/do-not-sell/status"): _P,
+    ("POST", "/api/privacy/check"): _P,
+    ("GET", "/api/privacy/requests"): _P,
+    ("GET", "/api/privacy/requests/{request_id}"): _P,
+    ("POST", "/api/privacy/requests"): _C,
+    ("POST", "/api/privacy/requests/{request_id}"): _C,
+    ("GET", "/api/privacy/audit"): _P,
     # the dashboard's own
     ("GET", "/api/overview"): _A,
     ("GET", "/api/me"): _A,
@@ -408,7 +428,7 @@ def request_session(request: Request) -> Session | None:
     session = session_of(state.store, state.writer, request.cookies.get(COOKIE))
     request.state.dashboard_session = session
     if session is not None:
-        request.state.actor = f"user:{session.user.username}"
+        request.state.user = session.user  # the audit log names the dashboard user
     return session
 
 
@@ -516,13 +536,8 @@ def authorize_api(request: Request) -> None:
 # -- /api/users (admin) and /api/me ------------------------------------------------------------
 
 
-def _require_admin(request: Request) -> None:
-    from kilde.web.admin_api import require_admin  # circular: admin_api calls authorize_api
-
-    require_admin(request)
-
-
-router = APIRouter(prefix="/api", dependencies=[Depends(_require_admin)], tags=["users"])
+# Mounted by routes.py behind `require_admin` (so the audit log sees these calls too).
+router = APIRouter(prefix="/api", tags=["users"])
 
 
 class NewUser(BaseModel):

@@ -66,7 +66,7 @@ NAV = (
     NavItem("/segments", "Segments", "aggregate"),
     NavItem("/insights", "Insights", "aggregate"),
     NavItem("/quality", "Data quality & plan", "aggregate"),
-    NavItem("/privacy", "Privacy", "aggregate"),
+    NavItem("/privacy", "Privacy", "personal"),
     NavItem("/users", "Users", "admin"),
 )
 
@@ -285,9 +285,9 @@ def page_route(
                     )
             page = Page(request, session, form, active)
             try:
-                return handler(page)
+                response = handler(page)
             except HttpProblem as problem:
-                return error_page(
+                response = error_page(
                     request,
                     session,
                     problem.status,
@@ -296,9 +296,12 @@ def page_route(
                     problem.fix,
                 )
             except KildeError as exc:
-                return error_page(
+                response = error_page(
                     request, session, 422, "That did not work", exc.message, exc.fix or ""
                 )
+            if request.method == "POST" or level in ("personal", "privacy", "admin"):
+                audit(request, response.status_code, personal=level != "aggregate")
+            return response
 
         router.add_api_route(
             path,
@@ -311,6 +314,26 @@ def page_route(
         return handler
 
     return register
+
+
+def audit(request: Request, status: int, *, personal: bool) -> None:
+    """One row in the audit log (the privacy stage's) for a dashboard action or personal page.
+
+    Route functions called by the page mark the request themselves (the person concerned as a
+    salted hash, counts); without the privacy stage there is no audit log to write to.
+    """
+    from kilde.web.dashboard.optional import call, module
+
+    found = module("kilde.privacy.audit")
+    record = getattr(found, "_record", None) if found is not None else None
+    if record is None:
+        return
+    if personal:
+        request.state.audit_personal = True
+    try:
+        call(record, request, status)
+    except Exception as exc:  # the page is served; the missing record is logged
+        log.error("dashboard audit record failed: %s", type(exc).__name__)
 
 
 def svg(markup: str) -> Markup:

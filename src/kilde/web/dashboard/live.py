@@ -13,7 +13,7 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from kilde.web import admin_api
-from kilde.web.dashboard.base import Page, page_route
+from kilde.web.dashboard.base import Page, audit, page_route
 
 router = APIRouter()
 
@@ -97,6 +97,8 @@ def _context(page: Page) -> dict[str, Any]:
 def live_page(page: Page) -> Response:
     context = _context(page)
     rows = _fetch(page, context["filters"], None)
+    if page.user.can("personal"):  # ids and payloads on the page (not on each poll)
+        audit(page.request, 200, personal=True)
     return page.render(
         "live.html",
         title="Live events",

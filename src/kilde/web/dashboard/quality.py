@@ -3,12 +3,10 @@ with the Art. 30 register of processing, and file imports with progress."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
-from markupsafe import Markup
 from starlette.responses import Response
 
 from kilde.collect.importers import api as import_api
@@ -16,6 +14,7 @@ from kilde.collect.importers.base import KINDS
 from kilde.plan import Plan
 from kilde.web import admin_api
 from kilde.web.dashboard.base import Page, page_route
+from kilde.web.dashboard.optional import module
 
 router = APIRouter()
 MAX_LETTERS = 1000
@@ -42,20 +41,11 @@ def _groups(letters: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
-def register_html(plan: Plan) -> Markup | None:
-    """The Art. 30 register rendered by the privacy stage, when it is installed."""
-    for module_name, function in (
-        ("kilde.privacy.register", "register_html"),
-        ("kilde.plan.register", "register_html"),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        render: Callable[[Plan], str] | None = getattr(module, function, None)
-        if render is not None:
-            return Markup(render(plan))
-    return None
+def register_rows(plan: Plan) -> list[dict[str, Any]] | None:
+    """The Art. 30 register's activities (the privacy stage's `register`), if installed."""
+    found = module("kilde.privacy.register")
+    activities: Callable[[Plan], list[dict[str, Any]]] | None = getattr(found, "activities", None)
+    return activities(plan) if activities is not None else None
 
 
 def _replay(page: Page) -> dict[str, Any]:
@@ -96,7 +86,7 @@ def quality_page(page: Page) -> Response:
         shown=len(listing["dead_letters"]),
         summary=admin_api.plan(page.request),
         plan=plan,
-        register=register_html(plan),
+        register=register_rows(plan),
         imports=import_api.runs(page.request, source=None, limit=20)["imports"],
         kinds=KINDS,
         import_sources=[s.name for s in plan.sources],

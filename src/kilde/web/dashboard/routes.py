@@ -12,6 +12,7 @@ from kilde.web.dashboard import (
     live,
     login,
     overview,
+    privacy,
     profiles,
     quality,
     segments,
@@ -33,7 +34,7 @@ def static(name: str) -> Response:
     )
 
 
-router.include_router(auth.router)
+router.include_router(auth.router, dependencies=[Depends(require_admin)])
 router.include_router(overview.api, dependencies=[Depends(require_admin)])
 router.include_router(login.router)
 router.include_router(overview.router)
@@ -42,3 +43,4 @@ router.include_router(profiles.router)
 router.include_router(quality.router)
 router.include_router(segments.router)
 router.include_router(insights.router)
+router.include_router(privacy.router)

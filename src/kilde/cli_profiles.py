@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -238,8 +239,19 @@ def rebuild(
 ) -> None:
     """Recompute every identity and profile from the stored events."""
     try:
-        with _client(data, plan, token) as client, console.status("rebuilding profiles"):
-            report = client.post("/api/profiles/rebuild")
+        with _client(data, plan, token) as client, console.status("rebuilding profiles") as shown:
+            report = client.post("/api/profiles/rebuild", params={"wait": 60})
+            while report.get("running"):
+                status = client.get("/api/identity/status")
+                shown.update(f"rebuilding profiles: {status['progress'] or 'working'}")
+                if not status["rebuilding"]:
+                    if status["last_rebuild"] is None:
+                        raise KildeError(
+                            "the rebuild failed", fix="see the server's log, then run it again"
+                        )
+                    report = status["last_rebuild"]
+                    break
+                time.sleep(1)
     except KildeError as exc:
         _fail(exc)
         return

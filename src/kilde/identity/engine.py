@@ -8,6 +8,7 @@ transaction. A full rebuild recomputes everything from the events.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -25,9 +26,11 @@ from typing import Any
 import ibis.expr.types as ir
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kilde.errors import KildeError
+from kilde.identity import extract
 from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
 from kilde.identity.runner import Runner
@@ -66,11 +69,17 @@ OBSERVATION_SCHEMA = pa.schema(
 WATERMARK_SLACK = timedelta(seconds=60)
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
-_EXTRACT_COLUMNS = (
-    "source, message_id, type, user_id, anonymous_id, previous_id, timestamp, received_at, "
-    "CASE WHEN type = 'identify' THEN traits END AS traits, "
-    "CASE WHEN contains(context, '\"traits\"') OR contains(context, '\"externalIds\"') "
-    "OR contains(context, '\"advertisingId\"') THEN context END AS context"
+RICH_COLUMNS = (
+    "source",
+    "message_id",
+    "type",
+    "user_id",
+    "anonymous_id",
+    "previous_id",
+    "timestamp",
+    "received_at",
+    "traits",
+    "context",
 )
 
 
@@ -80,38 +89,40 @@ class UnmergeError(KildeError):
 
 @dataclass
 class Extracted:
+    """Records and observations read from events, and what they touch."""
+
     records: dict[str, list[Any]] = field(
         default_factory=lambda: {f.name: [] for f in RECORD_SCHEMA}
     )
     observations: dict[str, list[Any]] = field(
         default_factory=lambda: {f.name: [] for f in OBSERVATION_SCHEMA}
     )
+    arrow: list[tuple[pa.Table, pa.Table]] = field(default_factory=list)
     touched: set[Identifier] = field(default_factory=set)
     new_values: set[str] = field(default_factory=set)  # user/anonymous id values seen
     max_received: datetime | None = None
     count: int = 0
 
-    def add(self, row: dict[str, Any], normaliser: Normaliser) -> None:
-        if row["traits"] is None and row["context"] is None and row["type"] != "alias":
-            # The common case (page views, tracks): only the user and anonymous ids.
-            found = []
-            dropped: list[tuple[str, str]] = []
-            for id_type, field_name, column in (
-                ("user_id", "userId", "user_id"),
-                ("anonymous_id", "anonymousId", "anonymous_id"),
-            ):
-                raw = row[column]
-                if raw is None:
-                    continue
-                value = normaliser.normalise(id_type, raw)
-                if value is None:
-                    dropped.append((field_name, "junk"))
-                else:
-                    found.append(Identifier(id_type, value))
-            if len(found) == 2 and normaliser.rank["anonymous_id"] < normaliser.rank["user_id"]:
-                found.reverse()
-            self._append(row, found, None, dropped)
+    def add_tables(self, records: pa.Table, observations: pa.Table) -> None:
+        """Records read set-based (see extract.py)."""
+        if not records.num_rows:
             return
+        records = records.cast(RECORD_SCHEMA)
+        observations = observations.cast(OBSERVATION_SCHEMA)
+        self.arrow.append((records, observations))
+        self.count += records.num_rows
+        pairs = observations.group_by(["id_type", "id_value"]).aggregate([])
+        for id_type, value in zip(
+            pairs.column("id_type").to_pylist(), pairs.column("id_value").to_pylist(), strict=True
+        ):
+            self.touched.add(Identifier(id_type, value))
+            self.new_values.add(value)
+        latest = pc.max(records.column("received_at")).as_py()
+        if latest is not None and (self.max_received is None or latest > self.max_received):
+            self.max_received = latest
+
+    def add(self, row: dict[str, Any], normaliser: Normaliser) -> None:
+        """A record read in Python (identify, alias, rich context)."""
         ids = normaliser.of_record(row)
         self._append(row, ids.own, ids.previous, ids.dropped)
 
@@ -155,10 +166,12 @@ class Extracted:
             self.max_received = received
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
-        return (
-            pa.table(self.records, schema=RECORD_SCHEMA),
-            pa.table(self.observations, schema=OBSERVATION_SCHEMA),
-        )
+        records = [pa.table(self.records, schema=RECORD_SCHEMA)]
+        observations = [pa.table(self.observations, schema=OBSERVATION_SCHEMA)]
+        for rec, obs in self.arrow:
+            records.append(rec)
+            observations.append(obs)
+        return pa.concat_tables(records), pa.concat_tables(observations)
 
 
 @dataclass
@@ -188,6 +201,7 @@ class IdentityEngine:
         self.plan = plan
         self.work_dir = work_dir
         self.lock = threading.RLock()
+        self._guard = threading.Lock()
         self._runner: Runner | None = None
         self._runner_key = ""
         self._stop = threading.Event()
@@ -195,6 +209,9 @@ class IdentityEngine:
         self.last_error: str | None = None
         self.last_tick: datetime | None = None
         self.interval = 0.05
+        self._rebuild: concurrent.futures.Future[RunReport] | None = None
+        self.progress = ""
+        self.last_rebuild: RunReport | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -202,7 +219,8 @@ class IdentityEngine:
     def runner(self) -> Runner:
         """The compute runner; compiled stages depend on the rules and salt, so a change of
         either starts a fresh one."""
-        key = f"{self.rules_hash()}/{self.salt()}"
+        kinds = ",".join(f"{s.name}={s.kind}" for s in self.plan().sources)
+        key = f"{self.rules_hash()}/{self.salt()}/{kinds}"
         if self._runner is None or self._runner_key != key:
             if self._runner is not None:
                 self._runner.close()
@@ -249,20 +267,50 @@ class IdentityEngine:
 
     # -- reading new events ---------------------------------------------------------------------
 
-    def _unread(self, limit: int) -> list[dict[str, Any]]:
+    def _since(self) -> datetime:
         mark = self._state("watermark")
-        since = (
-            datetime.fromisoformat(mark) - WATERMARK_SLACK
-            if mark
-            else datetime(1970, 1, 1, tzinfo=UTC)
+        if not mark:
+            return datetime(1970, 1, 1, tzinfo=UTC)
+        return datetime.fromisoformat(mark) - WATERMARK_SLACK
+
+    def _read_new(self, normaliser: Normaliser) -> Extracted:
+        """Identifiers of up to TICK_BATCH events not read yet (set-based where simple)."""
+        run = self.runner
+        run.put("k_since", pa.table({"since": pa.array([self._since()], UTC_US)}))
+
+        def unread() -> ir.Table:
+            ev = run.source("events")
+            rec = run.source("identity_records")
+            since = run.temp("k_since")
+            recent = ev.cross_join(since)
+            recent = recent.filter(recent.received_at >= recent.since).drop("since")
+            done = rec.cross_join(since)
+            done = done.filter(done.received_at >= done.since).select("source", "message_id")
+            return recent.anti_join(done, ["source", "message_id"])
+
+        def simple_new() -> ir.Table:
+            ids = extract.simple(unread(), normaliser)
+            return ids.order_by("received_at", "source", "message_id").limit(TICK_BATCH)
+
+        ids = run.make("k_new_simple", "read/simple", simple_new)
+        found = Extracted()
+        found.add_tables(
+            run.arrow("read/simple/records", lambda: extract.simple_records(ids, normaliser)),
+            run.arrow("read/simple/observations", lambda: extract.simple_observations(ids)),
         )
-        return self.store.query(
-            f"SELECT {_EXTRACT_COLUMNS} FROM events e WHERE e.received_at >= ? AND NOT EXISTS ("
-            "SELECT 1 FROM identity_records r WHERE r.received_at >= ? "
-            "AND r.source = e.source AND r.message_id = e.message_id) "
-            "ORDER BY e.received_at LIMIT ?",
-            [since, since, limit],
-        )
+
+        def rich_new() -> ir.Table:
+            ev = unread()
+            return (
+                ev.filter(extract.is_rich(ev))
+                .select(*RICH_COLUMNS)
+                .order_by("received_at", "source", "message_id")
+                .limit(TICK_BATCH)
+            )
+
+        for row in run.arrow("read/rich", rich_new).to_pylist():
+            found.add(row, normaliser)
+        return found
 
     def backlog(self) -> int:
         mark = self._state("watermark")
@@ -282,14 +330,11 @@ class IdentityEngine:
                 return self.rebuild()
             if self.backlog() > REBUILD_BACKLOG:
                 return self.rebuild()
-            rows = self._unread(TICK_BATCH)
-            if not rows:
-                return None
             started = time.perf_counter()
-            normaliser = Normaliser(self.plan().identity)
-            found = Extracted()
-            for row in rows:
-                found.add(row, normaliser)
+            found = self._read_new(Normaliser(self.plan().identity))
+            if not found.count:
+                self.runner.drop_temps()
+                return None
             return self._apply(found, started)
 
     def _apply(self, found: Extracted, started: float) -> RunReport:
@@ -529,23 +574,66 @@ class IdentityEngine:
 
     # -- full rebuild ---------------------------------------------------------------------------
 
+    def start_rebuild(self) -> concurrent.futures.Future[RunReport]:
+        """Run a rebuild in its own thread (one at a time); the future gives its report."""
+        with self._guard:
+            if self._rebuild is not None and not self._rebuild.done():
+                return self._rebuild
+            future: concurrent.futures.Future[RunReport] = concurrent.futures.Future()
+
+            def work() -> None:
+                try:
+                    report = self.rebuild(self._say)
+                    self.last_rebuild = report
+                    future.set_result(report)
+                except Exception as exc:
+                    log.error("rebuild failed: %s", type(exc).__name__)
+                    future.set_exception(exc)
+                finally:
+                    self.progress = ""
+
+            self._rebuild = future
+            threading.Thread(target=work, name="kilde-rebuild", daemon=True).start()
+            return future
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuild is not None and not self._rebuild.done()
+
+    def _say(self, text: str) -> None:
+        self.progress = text
+
     def rebuild(self, progress: Callable[[str], None] | None = None) -> RunReport:
         """Recompute identities and profiles from every stored event."""
         with self.lock:
             started = time.perf_counter()
             say = progress or (lambda _: None)
             scratch = self._scratch()
+            run = self.runner
             try:
                 say("reading identifiers from the events")
                 normaliser = Normaliser(self.plan().identity)
                 t0 = time.perf_counter()
-                count, max_received = self._extract_all(normaliser, scratch)
-                extract_seconds = time.perf_counter() - t0
+                count = self._extract_rich(normaliser, scratch)
+                records_sql, _ = run.sql(
+                    "rebuild/records",
+                    lambda: extract.simple_records(
+                        extract.simple(run.source("events"), normaliser), normaliser
+                    ),
+                )
+                observations_sql, _ = run.sql(
+                    "rebuild/observations",
+                    lambda: extract.simple_observations(
+                        extract.simple(run.source("events"), normaliser)
+                    ),
+                )
                 self.writer.write_sync(
                     WriteBatch(
                         statements=[
                             ("DELETE FROM identity_records", []),
                             ("DELETE FROM identity_observations", []),
+                            (f"INSERT INTO identity_records BY NAME {records_sql}", []),
+                            (f"INSERT INTO identity_observations BY NAME {observations_sql}", []),
                             (
                                 "INSERT INTO identity_records BY NAME "
                                 "SELECT * FROM read_parquet(?)",
@@ -559,23 +647,33 @@ class IdentityEngine:
                         ]
                     )
                 )
+                extract_seconds = time.perf_counter() - t0
+                total = int(self.store.scalar("SELECT count(*) FROM identity_records") or 0)
+                latest = self.store.scalar("SELECT max(received_at) FROM identity_records")
                 say("stitching identities and building profiles")
-                report = self._stitch_and_write(None, scratch, "rebuild", max_received)
-                report.events_read = count
+                report = self._stitch_and_write(None, scratch, "rebuild", latest)
+                report.events_read = total
                 report.timings["extract"] = extract_seconds
+                report.timings["extract_python_records"] = count
                 report.seconds = time.perf_counter() - started
                 return report
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _extract_all(self, normaliser: Normaliser, scratch: Path) -> tuple[int, datetime | None]:
-        cur = self.store.cursor()
+    def _extract_rich(self, normaliser: Normaliser, scratch: Path) -> int:
+        """Records that need the Python normaliser, written as parquet parts."""
+        run = self.runner
+
+        def rich() -> ir.Table:
+            ev = run.source("events")
+            return ev.filter(extract.is_rich(ev)).select(*RICH_COLUMNS)
+
+        sql, _ = run.sql("rebuild/rich", rich)
         count = 0
-        max_received: datetime | None = None
         part = 0
+        cur = self.store.cursor()
         try:
-            reader = cur.sql(f"SELECT {_EXTRACT_COLUMNS} FROM events").to_arrow_reader(100_000)
-            for batch in reader:
+            for batch in cur.sql(sql).to_arrow_reader(100_000):
                 found = Extracted()
                 columns = batch.to_pydict()
                 names = list(columns)
@@ -584,15 +682,11 @@ class IdentityEngine:
                 self._write_part(found, scratch, part)
                 part += 1
                 count += found.count
-                if found.max_received and (
-                    max_received is None or found.max_received > max_received
-                ):
-                    max_received = found.max_received
             if part == 0:
                 self._write_part(Extracted(), scratch, part)
         finally:
             cur.close()
-        return count, max_received
+        return count
 
     @staticmethod
     def _write_part(found: Extracted, scratch: Path, part: int) -> None:

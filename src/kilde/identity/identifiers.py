@@ -55,6 +55,10 @@ _AD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 _EXTERNAL_KIND = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
 _REPEATED = re.compile(r"^(.)\1*$")
 MAX_LENGTH = 512
+# Whitespace trimmed from ids (the same set as the set-based normaliser trims).
+WHITESPACE = " \t\n\r\x0b\x0c"
+# A value made only of one of these characters repeated ("0000", "----", "xxx") is junk.
+REPEATABLE = "0-x."
 
 
 @dataclass(frozen=True, order=True)
@@ -100,11 +104,11 @@ class Normaliser:
     # -- one normaliser per type; each returns None for an invalid or junk value -------------
 
     def is_junk(self, text: str) -> bool:
-        lowered = text.strip().lower()
-        return lowered in self.junk or bool(_REPEATED.match(lowered) and lowered[:1] in "0-x.")
+        lowered = text.strip(WHITESPACE).lower()
+        return lowered in self.junk or bool(_REPEATED.match(lowered) and lowered[:1] in REPEATABLE)
 
     def plain_id(self, raw: str) -> str | None:
-        text = raw.strip()
+        text = raw.strip(WHITESPACE)
         if not text or len(text) > MAX_LENGTH or self.is_junk(text):
             return None
         return text

@@ -9,16 +9,14 @@ from the most trusted tier, the newest within a tier (see traits.py).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 import ibis
 import ibis.expr.types as ir
-import orjson
 import pyarrow as pa
 
 from kilde.identity.runner import Runner
 from kilde.plan.models import Plan
-from kilde.profiles.traits import TraitCandidate, choose, tier_of
+from kilde.profiles.traits import TIERS, tier_expr
 
 SESSION_GAP_MINUTES = 30
 PROFILE_COLUMNS = (
@@ -175,57 +173,49 @@ def _computed(run: Runner, identities: ir.Table) -> ir.Table:
 
 def trait_rows(run: Runner, plan: Plan, identities: ir.Table) -> pa.Table:
     """The winning value of every trait of the profiles in `identities`, with provenance."""
-
-    def identifies() -> ir.Table:
-        ev = profile_events(run, identities)
-        ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
-        return ev.select(
-            "profile_id", "closure_id", "source", "message_id", "timestamp", "traits", "context"
-        )
-
-    found = run.arrow("identifies", identifies)
-    kinds = {s.name: s.kind for s in plan.sources}
-    candidates: dict[tuple[str, str], list[TraitCandidate]] = {}
-    closure_of: dict[str, str] = {}
-    for batch in found.to_batches(max_chunksize=50_000):
-        for row in batch.to_pylist():
-            traits = _loads(row["traits"])
-            if not traits:
-                continue
-            tier = tier_of(kinds.get(row["source"]), _loads(row["context"]))
-            closure_of[row["profile_id"]] = row["closure_id"]
-            for name, value in traits.items():
-                if value is None or not isinstance(name, str):
-                    continue
-                candidates.setdefault((row["profile_id"], name), []).append(
-                    TraitCandidate(
-                        value=value,
-                        source=row["source"],
-                        tier=tier,
-                        observed_at=row["timestamp"],
-                        message_id=row["message_id"],
-                    )
-                )
-    out: dict[str, list[Any]] = {f.name: [] for f in TRAIT_SCHEMA}
-    for (profile_id, name), found in sorted(candidates.items()):
-        best = choose(found)
-        out["profile_id"].append(profile_id)
-        out["closure_id"].append(closure_of[profile_id])
-        out["name"].append(name)
-        out["value"].append(orjson.dumps(best.value).decode())
-        out["source"].append(best.source)
-        out["tier"].append(best.tier)
-        out["observed_at"].append(best.observed_at)
-        out["message_id"].append(best.message_id)
-        out["candidates"].append(len(found))
-    return pa.table(out, schema=TRAIT_SCHEMA)
+    table = run.arrow("traits", lambda: _traits(run, plan, identities))
+    return table.cast(TRAIT_SCHEMA)
 
 
-def _loads(text: Any) -> dict[str, Any]:
-    if not isinstance(text, str) or not text:
-        return {}
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+def _traits(run: Runner, plan: Plan, identities: ir.Table) -> ir.Table:
+    ev = profile_events(run, identities)
+    ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
+    tier = tier_expr(plan, ev.source, ev.context)
+    pairs = ev.traits.cast("json").map
+    found = ev.select(
+        "profile_id",
+        "closure_id",
+        "source",
+        "message_id",
+        observed_at=ev.timestamp,
+        tier=tier,
+        name=pairs.keys().unnest(),
+        value=pairs.values().unnest().cast("string"),
+    )
+    found = found.filter(found.value.notnull() & (found.value != "null"))
+    rank = found.tier.cases(*[(t, i) for i, t in enumerate(TIERS)], else_=len(TIERS))
+    best_first = ibis.window(
+        group_by=[found.profile_id, found.name],
+        order_by=[
+            rank,
+            ibis.desc(found.observed_at),
+            ibis.desc(found.message_id),
+            ibis.desc(found.source),
+        ],
+    )
+    ranked = found.mutate(
+        rn=ibis.row_number().over(best_first),
+        candidates=found.count().over(group_by=[found.profile_id, found.name]),
+    )
+    best = ranked.filter(ranked.rn == 0)
+    return best.select(
+        "profile_id",
+        "closure_id",
+        "name",
+        "value",
+        "source",
+        "tier",
+        "observed_at",
+        "message_id",
+        "candidates",
+    )

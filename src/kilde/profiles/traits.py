@@ -8,9 +8,10 @@ in `context.kilde.tier` (for example a CRM export of what customers typed in a s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+import ibis
+import ibis.expr.types as ir
+
+from kilde.plan.models import Plan
 
 TIERS = ("person", "company", "broker")
 TIER_OF_KIND = {
@@ -24,37 +25,16 @@ TIER_OF_KIND = {
 }
 
 
-@dataclass(frozen=True)
-class TraitCandidate:
-    value: Any
-    source: str
-    tier: str
-    observed_at: datetime
-    message_id: str
-
-
-def tier_of(source_kind: str | None, context: dict[str, Any]) -> str:
-    tier = TIER_OF_KIND.get(source_kind or "", "company")
-    if source_kind == "import":
-        kilde = context.get("kilde")
-        override = kilde.get("tier") if isinstance(kilde, dict) else None
-        if override in TIERS:
-            return str(override)
-    return tier
-
-
-def choose(candidates: list[TraitCandidate]) -> TraitCandidate:
-    """The winner: most trusted tier, then newest, then the larger message id (a stable tie)."""
-    return min(
-        candidates,
-        key=lambda c: (
-            TIERS.index(c.tier),
-            -c.observed_at.timestamp(),
-            _desc(c.message_id),
-            _desc(c.source),
-        ),
+def tier_expr(plan: Plan, source: ir.StringValue, context: ir.Value) -> ir.StringValue:
+    """`tier_of` as an expression over the events' source and context columns."""
+    kinds = {s.name: s.kind for s in plan.sources}
+    base = source.cases(
+        *[(name, TIER_OF_KIND.get(kind, "company")) for name, kind in sorted(kinds.items())],
+        else_="company",
     )
-
-
-def _desc(text: str) -> tuple[int, ...]:
-    return (*tuple(-ord(ch) for ch in text), 1)
+    imports = sorted(name for name, kind in kinds.items() if kind == "import")
+    if not imports:
+        return base
+    stated = context.cast("json")["kilde"]["tier"].str
+    override = source.isin(imports) & stated.isin(list(TIERS))
+    return ibis.ifelse(override, stated, base)

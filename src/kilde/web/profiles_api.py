@@ -27,7 +27,7 @@ from kilde.plan.models import IDENTIFIER_TYPES
 from kilde.profiles import queries
 from kilde.store import Store
 from kilde.web.admin_api import require_admin
-from kilde.web.errors import HttpProblem
+from kilde.web.errors import HttpProblem, JsonResponse
 
 
 @asynccontextmanager
@@ -276,10 +276,20 @@ async def unmerge(request: Request, profile_id: str, body: Unmerge) -> dict[str,
 
 
 @router.post("/profiles/rebuild")
-async def rebuild(request: Request) -> dict[str, Any]:
-    """Recompute every identity and profile from the stored events."""
-    report = await run_in_threadpool(_engine(request).rebuild)
-    return report.as_dict()
+async def rebuild(
+    request: Request, wait: float = Query(60.0, ge=0, le=600, description="seconds to wait")
+) -> JsonResponse:
+    """Recompute every identity and profile from the stored events.
+
+    Answers with the report when the rebuild ends within `wait` seconds, else 202 and
+    `running: true`; follow it with GET /api/identity/status.
+    """
+    future = _engine(request).start_rebuild()
+    try:
+        report = await asyncio.wait_for(asyncio.wrap_future(future), timeout=wait)
+    except TimeoutError:
+        return JsonResponse({"running": True, "progress": _engine(request).progress}, 202)
+    return JsonResponse({"running": False, **report.as_dict()})
 
 
 @router.post("/profiles/refresh")
@@ -308,6 +318,9 @@ def identity_status(request: Request) -> dict[str, Any]:
         "by_type": by_type,
         "last_update": engine.last_tick,
         "last_error": engine.last_error,
+        "rebuilding": engine.rebuilding,
+        "progress": engine.progress,
+        "last_rebuild": engine.last_rebuild.as_dict() if engine.last_rebuild else None,
     }
 
 

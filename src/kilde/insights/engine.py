@@ -60,11 +60,15 @@ class InsightsEngine:
 
     # -- profile insights -----------------------------------------------------------------------
 
+    def catch_up(self) -> None:
+        """Bring the profiles up to date with the stored events first."""
+        if self.before_run is not None:
+            self.before_run()
+
     def refresh_profiles(self, now: datetime | None = None) -> dict[str, Any]:
         """Recompute RFM, CLV, churn and preferences of every profile."""
         with self.lock:
-            if self.before_run is not None:
-                self.before_run()
+            self.catch_up()
             started = time.perf_counter()
             now = now or datetime.now(UTC)
             scratch = self._scratch()
@@ -102,6 +106,7 @@ class InsightsEngine:
         self, segment_ids: list[str] | None = None, now: datetime | None = None
     ) -> list[dict[str, Any]]:
         with self.lock:
+            self.catch_up()
             pipeline = self.pipeline()
             found = membership.definitions(self.store, pipeline.plan)
             if segment_ids:

@@ -135,6 +135,7 @@ class Preview(BaseModel):
 @router.post("/segments/preview")
 async def preview_segment(request: Request, body: Preview) -> dict[str, Any]:
     """How many profiles a rule selects now, and a sample of them with their RFM, CLV, churn."""
+    await run_in_threadpool(_engine(request).catch_up)
     return await _run(membership.preview, _store(request), _plan(request), body.rule, body.sample)
 
 

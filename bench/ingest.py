@@ -208,9 +208,11 @@ def measure_ceiling(bodies: list[tuple[str, bytes]], concurrency: int) -> tuple[
     from kilde.pipeline import Envelope, Pipeline
     from kilde.plan import load_plan
     from kilde.store import Store, Writer
+    from kilde.web.app import settle_garbage_collector
 
     plan = load_plan(DEMO_PLAN)
     source = next(s for s in plan.sources if s.name == "web")
+    settle_garbage_collector()  # as the server does at start-up
     data_dir = Path(tempfile.mkdtemp(prefix="kilde-bench-ceiling-"))
     store = Store(data_dir)
     writer = Writer(store)

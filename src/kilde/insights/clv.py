@@ -205,7 +205,8 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
     When customers are all alike (no spread of purchase rates or of dropout), the maximum lies
     at infinity: r and alpha (or a and b) grow without bound at a fixed ratio. The fit is then
     repeated with a small ridge penalty, which keeps the parameters finite and the predictions
-    the same in effect; `regularised` says so.
+    the same in effect; `regularised` says so. The same happens when nobody ever leaves (a goes
+    to zero).
     """
     x, t_x, T = _arrays(x, t_x, T)
     _check_data(x, t_x, T)
@@ -219,7 +220,7 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
         def negative(log_params: Array) -> float:
             params = np.exp(log_params)
             value = -float(np.sum(bgnbd_log_likelihood(params, x, t_s, T_s)))
-            value += penalty * float(np.sum(params**2))
+            value += penalty * float(np.sum(log_params**2))
             return value if math.isfinite(value) else 1e300
 
         return negative
@@ -237,7 +238,7 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
 
 
 RUNAWAY = 1e5
-RIDGE = 1e-4
+RIDGE = 0.01  # on the log-parameters (scale-free): pulls runaway values back
 
 
 def fit_gamma_gamma(x: Array, m: Array) -> GammaGamma:
@@ -260,7 +261,7 @@ def fit_gamma_gamma(x: Array, m: Array) -> GammaGamma:
         def negative(log_params: Array) -> float:
             params = np.exp(log_params)
             value = -float(np.sum(gamma_gamma_log_likelihood(params, x, m_s)))
-            value += penalty * float(np.sum(params**2))
+            value += penalty * float(np.sum(log_params**2))
             return value if math.isfinite(value) else 1e300
 
         return negative
@@ -426,7 +427,7 @@ def cdnow_validation(directory: Path) -> dict[str, Any]:
         "gamma_gamma_log_likelihood": round(spend.log_likelihood, 2),
         "holdout_forecast": round(float(expected.sum()), 1),
         "holdout_actual": int(actual.sum()),
-        "holdout_error_percent": round(100 * (float(expected.sum()) / actual.sum() - 1), 2),
+        "holdout_error_percent": round(100 * (float(expected.sum()) / int(actual.sum()) - 1), 2),
         "by_frequency": by_frequency,
         "fit": asdict(fit),
         "spend_fit": asdict(spend),

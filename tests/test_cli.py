@@ -94,10 +94,6 @@ def test_demo_through_the_running_server(own_server: Server) -> None:
     assert orders and all(o["properties"]["currency"] == "NOK" for o in orders)
     assert all(o["source"] == "backend" for o in orders)
 
-    # The same seed is the same shop: a second run stores nothing twice.
-    again = demo_counts(own_server.kilde("demo", "--customers", "50").stdout)
-    assert again[0] == sent and again[1] == 0 and again[2] == stored
-
 
 def test_demo_and_stats_in_process_when_no_server_runs(tmp_path: Path) -> None:
     env = {"KILDE_DATA": str(tmp_path / "data"), "KILDE_PLAN": str(DEMO_PLAN)}
@@ -108,10 +104,7 @@ def test_demo_and_stats_in_process_when_no_server_runs(tmp_path: Path) -> None:
 
     stats = orjson.loads(ok(run_kilde("stats", "--json", env=env)))
     assert stats["events"] >= stored  # the demo also fills in forms, which store events too
-    listed = ok(run_kilde("events", "list", "--json", "--limit", "3", env=env))
-    assert len(orjson.loads(listed)) == 3
-    letters = ok(run_kilde("bad-events", "list", "--json", env=env))
-    assert orjson.loads(letters)["total"] == rejected
+    assert stats["dead_letters_pending"] >= rejected
 
     # A server started afterwards serves what the in-process run stored.
     server = start_server(tmp_path / "data")

@@ -310,7 +310,7 @@ async def collect(kind: str, request: Request) -> Response:
         raise HttpProblem(
             404,
             "unknown_endpoint",
-            f"there is no /v1/{kind[:40]} endpoint",
+            "there is no such endpoint under /v1",
             "use /v1/identify, track, page, screen, group, alias or batch",
         )
     return await _receive(request, kind)

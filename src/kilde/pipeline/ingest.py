@@ -175,6 +175,7 @@ class Pipeline:
                 reason=rejection.message,
                 path=rejection.path,
                 message_type=message_type,
+                ip_policy=self.plan.privacy.ip,
             )
             dead.append(row)
             prepared.outcomes[index].dead_letter_id = row["id"]

@@ -38,6 +38,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import phonenumbers
 
 from kilde.errors import ConfigError
 from kilde.identity.identifiers import Identifier
@@ -202,9 +203,11 @@ def _catch_up(engine: Any, seconds: float = 20.0) -> None:
 
 
 def _expand(store: Store, subject: Subject) -> Subject:
-    """The subject with every identifier of every profile that holds one of theirs now."""
+    """The subject with every identifier of every profile that holds one of theirs now, and
+    of every profile made only of records that carry one of theirs (for example a CRM row with
+    their email that identity resolution kept apart because of a conflicting id)."""
     seeds = set(subject.identifiers)
-    profiles = set(subject.profile_ids)
+    profiles = set(subject.profile_ids) | _made_of_their_records(store, seeds)
     for ident in seeds:
         profiles.update(
             r["profile_id"]
@@ -229,6 +232,28 @@ def _expand(store: Store, subject: Subject) -> Subject:
         identifiers=sorted(mine - shared),
         shared=sorted(shared),
     )
+
+
+def _made_of_their_records(store: Store, identifiers: set[Identifier]) -> set[str]:
+    if not identifiers:
+        return set()
+    ids = sorted(identifiers)
+    rows = store.query(
+        "WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id_type, unnest(?::VARCHAR[]) AS id_value), "
+        "touched AS (SELECT DISTINCT o.source, o.message_id FROM identity_observations o "
+        " JOIN ids ON o.id_type = ids.id_type AND o.id_value = ids.id_value), "
+        "owners AS (SELECT DISTINCT m.profile_id FROM identity_records r "
+        " JOIN touched t ON t.source = r.source AND t.message_id = r.message_id "
+        " JOIN identity_map m ON m.id_type = r.primary_type AND m.id_value = r.primary_value "
+        " WHERE NOT m.shared) "
+        "SELECT o.profile_id FROM owners o WHERE NOT EXISTS ("
+        " SELECT 1 FROM identity_map m JOIN identity_records r "
+        " ON r.primary_type = m.id_type AND r.primary_value = m.id_value "
+        " WHERE m.profile_id = o.profile_id AND NOT EXISTS ("
+        "  SELECT 1 FROM touched t WHERE t.source = r.source AND t.message_id = r.message_id))",
+        [[i.type for i in ids], [i.value for i in ids]],
+    )
+    return {r["profile_id"] for r in rows}
 
 
 def _suppressible(privacy: Privacy, identifiers: Iterable[Identifier]) -> list[Identifier]:
@@ -321,11 +346,26 @@ def _sweep_values(subject: Subject, identifiers: Iterable[Identifier]) -> list[s
         if ident.type == "external_id":
             candidates.append(ident.value.split(":", 1)[-1])
         if ident.type == "phone":
-            candidates.append(ident.value.lstrip("+"))
+            candidates += _phone_formats(ident.value)
         for value in candidates:
             if len(value) >= MIN_SWEEP_LENGTH:
                 values.add(value.lower())
     return sorted(values)
+
+
+def _phone_formats(e164: str) -> list[str]:
+    """The ways a number is commonly written: +4741234567, 4741234567, +47 412 34 567, ..."""
+    out = [e164.lstrip("+")]
+    try:
+        number = phonenumbers.parse(e164)
+    except phonenumbers.NumberParseException:
+        return out
+    for fmt in (
+        phonenumbers.PhoneNumberFormat.INTERNATIONAL,
+        phonenumbers.PhoneNumberFormat.NATIONAL,
+    ):
+        out.append(phonenumbers.format_number(number, fmt))
+    return out
 
 
 def _pattern(values: list[str]) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _load import WEB_KEY, Connection, Stamper, basic_auth, event_pool, percentile  # noqa: E402
+from _load import WEB_KEY, Connection, Stamper, basic_auth, event_pool, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "src" / "kilde" / "demo" / "kilde.yaml"
@@ -356,8 +356,9 @@ def main() -> None:
         t = rebuild["timings"]
         graph_s = t["components"]
         print(
-            f"full rebuild: {rebuild['seconds']:.1f} s, peak memory {rebuild['peak_rss_mb']:,.0f} MB"
-            f" -> {rebuild['identifiers']:,} identifiers, {rebuild['profiles']:,} profiles, "
+            f"full rebuild: {rebuild['seconds']:.1f} s, "
+            f"peak memory {rebuild['peak_rss_mb']:,.0f} MB -> "
+            f"{rebuild['identifiers']:,} identifiers, {rebuild['profiles']:,} profiles, "
             f"{rebuild['conflicts']:,} refused merges, {rebuild['shared']:,} shared identifiers",
             flush=True,
         )
@@ -378,8 +379,8 @@ def main() -> None:
             print(
                 f"  ratio: Kilde's connected components {graph_s:.1f} s are "
                 f"{nxr['seconds'] / graph_s:.1f}x faster than networkx; the whole rebuild "
-                f"(extraction, stitching, profiles) takes {rebuild['seconds'] / nxr['seconds']:.2f}x"
-                " networkx's time; peak memory "
+                "(extraction, stitching, profiles) takes "
+                f"{rebuild['seconds'] / nxr['seconds']:.2f}x networkx's time; peak memory "
                 f"{rebuild['peak_rss_mb'] / nxr['peak_rss_mb']:.2f}x networkx's",
                 flush=True,
             )

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import hashlib
 
+import duckdb
+import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kilde.identity.extract import plain_id
 from kilde.identity.identifiers import Identifier, Normaliser, parse_identifier
+from kilde.identity.runner import Runner
 from kilde.plan.models import IdentityRules
 
 
@@ -129,3 +135,24 @@ def test_parse_what_an_admin_typed() -> None:
     assert parse_identifier("Ola@Example.com", n) == [Identifier("email", "ola@example.com")]
     assert parse_identifier("user_id:cust-7", n) == [Identifier("user_id", "cust-7")]
     assert Identifier("user_id", "cust-7") in parse_identifier("cust-7", n)
+
+
+JUNKY = st.one_of(
+    st.sampled_from(["null", " NULL ", "0", "0000", "--", "x", "XXX", "...", "undefined", "-1"]),
+    st.text(alphabet=" \t\n0x.-aZ9@é", max_size=8),
+    st.text(max_size=20),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(JUNKY, min_size=1, max_size=30))
+def test_set_based_plain_ids_match_the_python_normaliser(values: list[str]) -> None:
+    """Simple records are normalised in SQL, rich ones in Python: both must agree."""
+    normaliser = Normaliser(IdentityRules(blocklist=["Guest-User"]))
+    values = [v for v in values if "\x00" not in v] + ["guest-user "]
+    con = duckdb.connect()
+    run = Runner(con)
+    run.put("k_values", pa.table({"raw": values}))
+    table = run.temp("k_values")
+    got = run.arrow("plain", lambda: table.select(value=plain_id(table.raw, normaliser)))
+    assert got.column("value").to_pylist() == [normaliser.plain_id(v) for v in values]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ibis
 import ibis.expr.types as ir
 
-from kilde.identity.identifiers import JUNK_VALUES, MAX_LENGTH, REPEATABLE, Normaliser
+from kilde.identity.identifiers import JUNK_VALUES, MAX_LENGTH, REPEATED_JUNK, Normaliser
 
 RECORD_COLUMNS = (
     "source",
@@ -41,8 +41,7 @@ def plain_id(column: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
     """`Normaliser.plain_id` as an expression: trimmed, or NULL for junk."""
     text = column.strip()
     low = text.lower()
-    first = low.substr(0, 1)
-    repeated = (low.replace(first, "").length() == 0) & first.isin(list(REPEATABLE))
+    repeated = low.re_search(REPEATED_JUNK)
     junk = sorted(normaliser.junk | JUNK_VALUES)
     bad = (
         column.isnull()

@@ -53,12 +53,12 @@ _EMAIL = re.compile(r"^[^@\s\"'<>,;]+@[^@\s\"'<>,;]+\.[a-z]{2,}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _AD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _EXTERNAL_KIND = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
-_REPEATED = re.compile(r"^(.)\1*$")
 MAX_LENGTH = 512
 # Whitespace trimmed from ids (the same set as the set-based normaliser trims).
 WHITESPACE = " \t\n\r\x0b\x0c"
 # A value made only of one of these characters repeated ("0000", "----", "xxx") is junk.
-REPEATABLE = "0-x."
+REPEATED_JUNK = r"^(0+|-+|x+|\.+)$"
+_REPEATED = re.compile(REPEATED_JUNK)
 
 
 @dataclass(frozen=True, order=True)
@@ -105,7 +105,7 @@ class Normaliser:
 
     def is_junk(self, text: str) -> bool:
         lowered = text.strip(WHITESPACE).lower()
-        return lowered in self.junk or bool(_REPEATED.match(lowered) and lowered[:1] in REPEATABLE)
+        return lowered in self.junk or bool(_REPEATED.match(lowered))
 
     def plain_id(self, raw: str) -> str | None:
         text = raw.strip(WHITESPACE)

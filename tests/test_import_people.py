@@ -172,7 +172,8 @@ def test_social_login_claims_become_an_identity_and_traits(kilde_server: Server)
         "last_name": "Moen",
         "locale": "nb",
     }
-    assert person["context"]["externalIds"][0]["id"] == f"google:{sub}"
+    [external] = person["context"]["externalIds"]
+    assert (external["type"], external["id"]) == ("google", sub)
     assert person["context"]["provenance"] == {"tier": "first_party", "provider": "google"}
 
     unverified = httpx.post(

@@ -376,6 +376,7 @@ def demo(
 
     from kilde.demo.forms_demo import send_form_demo
     from kilde.demo.generator import send_demo
+    from kilde.demo.imports_demo import send_import_demo
 
     # The demo posts many forms from one address; an in-process run lifts the rate limit.
     settings = dataclasses.replace(_settings(data, plan), form_rate_limit=0)
@@ -383,6 +384,8 @@ def demo(
         with Client(settings, token) as client:
             summary = send_demo(client, customers=customers, days=days, seed=seed, console=console)
             forms = send_form_demo(client, customers=customers, seed=seed)
+            # order history, CRM, helpdesk and broker files, through `kilde import`'s engine
+            send_import_demo(client, customers=customers, seed=seed, console=console)
     except KildeError as exc:
         _fail(exc)
         return

@@ -18,7 +18,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from kilde.cli_common import (
     DataOpt,
@@ -247,56 +246,57 @@ def _run(
 
 
 def _report(summary: Summary) -> None:
-    out = console
+    def say(text: str, *, markup: bool = True) -> None:
+        console.print(text, highlight=False, soft_wrap=True, markup=markup)
+
     verb = "checked (dry run, nothing written)" if summary.dry_run else "imported"
-    out.print(
+    say(
         f"[bold]{escape(summary.file)}[/] {verb}: {summary.kind} into source "
-        f"[bold]{escape(summary.source)}[/] in {summary.seconds:.1f} s",
-        highlight=False,
+        f"[bold]{escape(summary.source)}[/] in {summary.seconds:.1f} s"
     )
-    out.print("  " + "  ".join(f"{k}: {escape(v)}" for k, v in summary.details.items()))
+    say("  " + "  ".join(f"{k}: {escape(v)}" for k, v in summary.details.items()))
     if summary.dry_run:
-        table = Table(title="mapping (Kilde field <- file column)", title_justify="left")
-        table.add_column("field")
-        table.add_column("column")
+        say("  mapping (Kilde field <- file column):")
         for name, column in summary.mapping.items():
-            table.add_row(name, column)
-        out.print(table)
+            say(f"    {name} <- {escape(column)}")
         if summary.ignored_columns:
-            out.print(
+            say(
                 "  ignored columns (map them under traits: or properties: to keep them): "
-                + escape(", ".join(summary.ignored_columns)),
-                highlight=False,
+                + escape(", ".join(summary.ignored_columns))
             )
+        if summary.preview:
+            say(f"  the first {len(summary.preview)} record(s) as they will be stored:")
         for row in summary.preview:
-            out.print_json(data=row)
+            console.print_json(data=row)
     rate = summary.rows_read / summary.seconds if summary.seconds else 0.0
     would = "would be stored" if summary.dry_run else "stored"
-    out.print(
-        f"  rows read {summary.rows_read:,}   records {summary.records:,}   {would} "
-        f"{summary.stored:,} (flagged {summary.flagged:,})   already there "
-        f"{summary.duplicates:,}   rejected {summary.rejected:,}   ({rate:,.0f} rows/s)",
-        highlight=False,
+    flagged = f" (flagged {summary.flagged:,})" if summary.flagged else ""
+    say(
+        f"  rows read {summary.rows_read:,}  records {summary.records:,}  {would} "
+        f"{summary.stored:,}{flagged}  already there {summary.duplicates:,}  rejected "
+        f"{summary.rejected:,}  ({rate:,.0f} rows/s)"
     )
+    if summary.suppressed or summary.withheld:
+        say(
+            f"  kept out by privacy rules: {summary.suppressed:,} of people on the suppression "
+            f"list, {summary.withheld:,} without a lawful basis (consent); nothing of them is "
+            "stored"
+        )
     if summary.rejected:
         reasons = ", ".join(f"{k} {v}" for k, v in summary.reasons.most_common())
-        out.print(f"  rejected by reason: {reasons}", highlight=False)
+        say(f"  rejected by reason: {reasons}", markup=False)
         for error in summary.first_errors[:10]:
             where = f"line {error['line']}"
             if error.get("end_line"):
                 where += f"-{error['end_line']}"
             if error.get("column"):
                 where += f", column {error['column']}"
-            out.print(
-                f"    {where}: {error['error']}: {error['reason']}",
-                highlight=False,
-                markup=False,
-            )
+            say(f"    {where}: {error['error']}: {error['reason']}", markup=False)
         if summary.reject_file:
-            out.print(f"  all rejected rows: {escape(summary.reject_file)}", highlight=False)
+            say(f"  all rejected rows: {summary.reject_file}", markup=False)
         if not summary.dry_run:
-            out.print(
-                "  they are also in the dead letter: `kilde bad-events list --source "
-                f"{escape(summary.source)}`",
-                highlight=False,
+            say(
+                f"  they are also in the dead letter: kilde bad-events list --source "
+                f"{summary.source}",
+                markup=False,
             )

@@ -182,6 +182,8 @@ async def chunk(request: Request) -> Response:
             "stored": result.stored,
             "duplicates": result.duplicates,
             "flagged": result.flagged,
+            "suppressed": result.suppressed,
+            "withheld": result.withheld,
             "rejected": result.rejected,
             "preview": result.preview,
         }
@@ -456,7 +458,7 @@ async def social_login(request: Request) -> Response:
         {
             "success": True,
             "userId": message["userId"],
-            "externalId": message["context"]["externalIds"][0]["id"],
+            "externalId": "{type}:{id}".format(**message["context"]["externalIds"][0]),
             "traits": sorted(message["traits"]),
             "left_out": left_out,
             "stored": result.stored,

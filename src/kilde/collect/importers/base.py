@@ -46,10 +46,12 @@ class RowError:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     line: int
     values: dict[str, Any]
+    # Kilde field -> value (blank cells left out, text stripped), filled once per row.
+    fields: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,9 +90,23 @@ class Converted:
     errors: list[RowError] = field(default_factory=list)
 
 
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
 def message_id(source: str, kind: str, key: str) -> str:
-    """Deterministic: the same record from the same source always gets the same id."""
-    return str(uuid.uuid5(NAMESPACE, f"{source}\x1f{kind}\x1f{key}"))
+    """Deterministic: the same record from the same source always gets the same id.
+
+    This is uuid5(NAMESPACE, "source\x1fkind\x1fkey"), computed without building UUID
+    objects because it runs once per imported row.
+    """
+    digest = hashlib.sha1(
+        _NAMESPACE_BYTES + f"{source}\x1f{kind}\x1f{key}".encode(), usedforsecurity=False
+    ).digest()
+    raw = bytearray(digest[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def content_key(values: dict[str, Any]) -> str:

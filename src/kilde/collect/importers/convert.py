@@ -47,6 +47,25 @@ class Context:
     def __post_init__(self) -> None:
         self.zone = ZoneInfo(self.mapping.timezone) if self.mapping.timezone != "UTC" else UTC
         self.traits = {t.name: t for t in self.plan.traits if t.scope == "user"}
+        self._pairs = list(self.resolved.fields.items())
+
+    def fields_of(self, row: Row) -> dict[str, Any]:
+        """The row's Kilde fields: blank cells left out, text stripped; computed once."""
+        found = row.fields
+        if found is None:
+            found = {}
+            values_get = row.values.get
+            for name, column in self._pairs:
+                value = values_get(column)
+                if value is None:
+                    continue
+                if type(value) is str:
+                    value = value.strip()
+                    if not value:
+                        continue
+                found[name] = value
+            row.fields = found
+        return found
 
     def context_for(self, line: int) -> dict[str, Any]:
         provenance = {
@@ -63,16 +82,12 @@ class Context:
 
 def cell(row: Row, ctx: Context, name: str) -> Any:
     """The value of a Kilde field in a row, or None when blank or not mapped."""
-    column = ctx.resolved.fields.get(name)
-    if column is None:
-        return None
-    value = row.values.get(column)
-    return None if values.is_blank(value) else value
+    return ctx.fields_of(row).get(name)
 
 
 def text_cell(row: Row, ctx: Context, name: str) -> str | None:
-    value = cell(row, ctx, name)
-    return None if value is None else values.text(value)
+    value = ctx.fields_of(row).get(name)
+    return value if value is None or type(value) is str else values.text(value)
 
 
 def email_key(email: str) -> str:

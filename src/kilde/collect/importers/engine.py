@@ -53,6 +53,8 @@ class ChunkResult:
     stored: int = 0
     duplicates: int = 0
     flagged: int = 0  # of the stored ones, how many the plan flagged (warn mode)
+    suppressed: int = 0  # people on the suppression list: nothing of them is kept
+    withheld: int = 0  # no lawful basis (the consent gate): not stored
     # Records the pipeline rejected: {"index", "error", "message", "path", "fix"}
     rejected: list[dict[str, Any]] = field(default_factory=list)
     preview: list[dict[str, Any]] = field(default_factory=list)
@@ -94,6 +96,8 @@ class Summary:
     stored: int = 0
     duplicates: int = 0
     flagged: int = 0
+    suppressed: int = 0
+    withheld: int = 0
     rejected: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     first_errors: list[dict[str, Any]] = field(default_factory=list)
@@ -106,8 +110,8 @@ class Summary:
 
     @property
     def imported(self) -> int:
-        """Records that are in the store now (new or from an earlier import)."""
-        return self.stored + self.duplicates
+        """Records handled without an error: stored now or before, or kept out by privacy."""
+        return self.stored + self.duplicates + self.suppressed + self.withheld
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +125,8 @@ class Summary:
             "stored": self.stored,
             "duplicates": self.duplicates,
             "flagged": self.flagged,
+            "suppressed": self.suppressed,
+            "withheld": self.withheld,
             "rejected": self.rejected,
             "reasons": dict(self.reasons.most_common()),
             "first_errors": self.first_errors,
@@ -297,6 +303,8 @@ def _pump(
         summary.stored += result.stored
         summary.duplicates += result.duplicates
         summary.flagged += result.flagged
+        summary.suppressed += result.suppressed
+        summary.withheld += result.withheld
         summary.preview.extend(result.preview)
         errors = [e.as_dict() for e in item.errors]
         for rejection in result.rejected:

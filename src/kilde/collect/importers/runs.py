@@ -200,6 +200,10 @@ def ingest_chunk(
         for outcome in prepared.outcomes:
             if outcome.status == "dead_lettered":
                 result.rejected.append(_rejection(outcome.index, outcome))
+            elif outcome.status == "suppressed":
+                result.suppressed += 1
+            elif outcome.status == "withheld":
+                result.withheld += 1
             else:
                 result.stored += 1
                 result.flagged += outcome.status == "flagged"
@@ -235,6 +239,10 @@ def ingest_chunk(
         for outcome in ingested.outcomes:
             if outcome.status == "flagged":
                 result.flagged += 1
+            elif outcome.status == "suppressed":
+                result.suppressed += 1
+            elif outcome.status == "withheld":
+                result.withheld += 1
             elif outcome.status == "dead_lettered":
                 result.rejected.append(_rejection(positions[outcome.index], outcome))
     if rejects:

@@ -65,6 +65,8 @@ class ApiSink:
             stored=answer["stored"],
             duplicates=answer["duplicates"],
             flagged=answer["flagged"],
+            suppressed=answer.get("suppressed", 0),
+            withheld=answer.get("withheld", 0),
             rejected=answer["rejected"],
             preview=answer.get("preview") or [],
         )

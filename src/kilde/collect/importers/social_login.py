@@ -98,10 +98,11 @@ def claims_message(
         # An unverified address from a provider proves nothing; keep it out of the profile.
         traits.pop("email")
         left_out.append("email")
+    # Segment's convention, read by identity resolution as the identifier `provider:sub`.
     context: dict[str, Any] = {
         **(extra_context or {}),
         "externalIds": [
-            {"id": external_id, "type": "social_login", "collection": "users", "encoding": "none"}
+            {"id": sub.strip(), "type": provider, "collection": "users", "encoding": "none"}
         ],
     }
     provenance = dict(context.get("provenance") or {})

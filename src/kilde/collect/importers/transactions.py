@@ -19,7 +19,6 @@ from kilde.collect.importers.base import Converted, ImportFailed, Record, Row, R
 from kilde.collect.importers.convert import (
     Context,
     RowProblem,
-    cell,
     identity,
     properties_of,
     text_cell,
@@ -57,6 +56,10 @@ class _Order:
     failed_lines: list[int] = field(default_factory=list)
 
 
+def _text(value: Any) -> str | None:
+    return value if value is None or type(value) is str else values.text(value)
+
+
 class TransactionConverter:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -85,13 +88,15 @@ class TransactionConverter:
         self.refund_words = {w.lower() for w in ctx.mapping.refund_values}
         self.line_level = any(f in fields for f in _PRODUCT_FIELDS)
         self.pending: _Order | None = None
-        self.seen: OrderedDict[tuple[str, bool, str | None], tuple[int, bytes]] = OrderedDict()
+        # order key -> (line, hash of amount, currency and products)
+        self.seen: OrderedDict[tuple[str, bool, str | None], tuple[int, int]] = OrderedDict()
 
     # -- rows to lines ------------------------------------------------------------------------
 
     def _line(self, row: Row) -> _Line:
         ctx = self.ctx
-        order_id = text_cell(row, ctx, "order_id")
+        f = ctx.fields_of(row)
+        order_id = _text(f.get("order_id"))
         if order_id is None:
             raise RowProblem(
                 ctx.resolved.fields["order_id"],
@@ -103,10 +108,10 @@ class TransactionConverter:
         timestamp = when(row, ctx, required=True)
         assert timestamp is not None
         revenue = currency = None
-        raw = cell(row, ctx, "revenue")
+        raw = f.get("revenue")
         if raw is not None:
             revenue, currency = self._amount(raw, "revenue")
-        raw_currency = cell(row, ctx, "currency")
+        raw_currency = f.get("currency")
         if raw_currency is not None:
             try:
                 currency = values.currency_code(raw_currency)
@@ -115,31 +120,31 @@ class TransactionConverter:
                     ctx.resolved.fields["currency"], problem.code, problem.reason, problem.fix
                 ) from None
         currency = currency or self.default_currency
-        status = text_cell(row, ctx, "status")
+        status = _text(f.get("status"))
         refund = (status is not None and status.lower() in self.refund_words) or (
             revenue is not None and revenue < 0
         )
         if revenue is not None:
             revenue = abs(revenue)
-        extra = properties_of(row, ctx)
+        extra = properties_of(row, ctx) if ctx.resolved.properties else {}
         for name in _EXTRA_AMOUNTS:
-            raw = cell(row, ctx, name)
+            raw = f.get(name)
             if raw is not None:
                 extra[name] = self._amount(raw, name)[0]
-        coupon = text_cell(row, ctx, "coupon")
+        coupon = _text(f.get("coupon"))
         if coupon is not None:
             extra["coupon"] = coupon
         return _Line(
             row,
             order_id,
             refund,
-            text_cell(row, ctx, "refund_id"),
+            _text(f.get("refund_id")),
             ids,
             external,
             timestamp,
             revenue,
             currency,
-            self._products(row),
+            self._products(f) if self.line_level or "products" in f else [],
             extra,
         )
 
@@ -151,25 +156,23 @@ class TransactionConverter:
                 self.ctx.resolved.fields[name], problem.code, problem.reason, problem.fix
             ) from None
 
-    def _products(self, row: Row) -> list[dict[str, Any]]:
+    def _products(self, f: dict[str, Any]) -> list[dict[str, Any]]:
         ctx = self.ctx
-        raw = cell(row, ctx, "products")
+        raw = f.get("products")
         if raw is not None:
             return self._product_list(raw)
-        if not self.line_level:
-            return []
         product: dict[str, Any] = {}
         for name in ("product_id", "sku", "category"):
-            value = text_cell(row, ctx, name)
+            value = f.get(name)
             if value is not None:
-                product[name] = value
-        name_value = text_cell(row, ctx, "product_name")
+                product[name] = _text(value)
+        name_value = f.get("product_name")
         if name_value is not None:
-            product["name"] = name_value
-        price = cell(row, ctx, "price")
+            product["name"] = _text(name_value)
+        price = f.get("price")
         if price is not None:
             product["price"] = self._amount(price, "price")[0]
-        quantity = cell(row, ctx, "quantity")
+        quantity = f.get("quantity")
         if quantity is not None:
             try:
                 product["quantity"] = values.quantity(quantity)
@@ -188,7 +191,7 @@ class TransactionConverter:
                     "the order line has no product id or SKU",
                     "fill in the product id or SKU of each order line",
                 )
-            product["product_id"] = product["sku"]
+            product = {"product_id": product["sku"], **product}
         return [product]
 
     def _product_list(self, raw: Any) -> list[dict[str, Any]]:
@@ -329,7 +332,7 @@ class TransactionConverter:
             for name, value in line.extra.items():
                 properties.setdefault(name, value)
         key = order.key
-        fingerprint = orjson.dumps([revenue, currency, products], option=orjson.OPT_SORT_KEYS)
+        fingerprint = hash(orjson.dumps([revenue, currency, products], option=orjson.OPT_SORT_KEYS))
         seen = self.seen.get(key)
         if seen is not None and seen[1] != fingerprint:
             self._conflict = RowError(

@@ -15,6 +15,7 @@ _SYMBOLS = {"€": "EUR", "$": "USD", "£": "GBP", "¥": "JPY"}
 _CODE = re.compile(r"^[A-Z]{3}$")
 _AMOUNT_NOISE = re.compile(r"[\s\u00a0\u202f']")
 _CURRENCY_AFFIX = re.compile(r"^([A-Za-z]{3})\s*|\s*([A-Za-z]{3})$")
+_PLAIN = re.compile(r"^-?\d+(\.\d+)?$")
 _EPOCH = re.compile(r"^\d{9,13}(\.\d+)?$")
 
 
@@ -45,6 +46,8 @@ def amount(value: Any, decimal_mark: str | None = None) -> tuple[float, str | No
     if isinstance(value, int | float | Decimal):
         return float(value), None
     raw = str(value).strip()
+    if decimal_mark != "," and _PLAIN.match(raw):
+        return float(raw), None
     currency = None
     for symbol, code in _SYMBOLS.items():
         if symbol in raw:

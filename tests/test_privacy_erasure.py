@@ -240,7 +240,7 @@ def test_erasure_under_concurrent_ingestion(own_server: Server) -> None:
             n = 0
             while not stop.is_set():
                 n += 1
-                others = [
+                others: list[dict[str, Any]] = [
                     {
                         "type": "track",
                         "messageId": mid(),
@@ -250,7 +250,7 @@ def test_erasure_under_concurrent_ingestion(own_server: Server) -> None:
                     }
                     for _ in range(8)
                 ]
-                mine = [
+                mine: list[dict[str, Any]] = [
                     {
                         "type": "track",
                         "messageId": mid(),
@@ -267,7 +267,7 @@ def test_erasure_under_concurrent_ingestion(own_server: Server) -> None:
                 ]
                 answer = client.post("/v1/batch", json={"batch": others + mine})
                 if answer.status_code == 200:
-                    acknowledged.extend(m["messageId"] for m in others)
+                    acknowledged.extend(str(m["messageId"]) for m in others)
                     sent_for_victim += len(mine)
                 elif answer.status_code != 503:  # busy while compacting: the client retries
                     failures.append(f"{answer.status_code} {answer.text[:200]}")
@@ -294,7 +294,7 @@ def test_erasure_under_concurrent_ingestion(own_server: Server) -> None:
     refresh_profiles(own_server)
     assert lookup(own_server, victim.email) == []
     # every acknowledged record of the others is there (a 2xx means stored)
-    stored = set()
+    stored: set[str] = set()
     for n in range(7):
         cursor = None
         while True:

@@ -92,8 +92,9 @@ class Pipeline:
         outcomes: list[Outcome] = []
         rejections: list[tuple[int, Rejection]] = []
         tally = self.privacy.tally()
+        suppressed = self.privacy.door(records, tally)  # people who must not be collected
         for index, record in enumerate(records):
-            if self.privacy.door(record, tally):  # a suppressed person: nothing is kept
+            if index in suppressed:  # nothing of them is kept, not even a dead letter
                 outcomes.append(Outcome(index, "suppressed"))
                 continue
             try:

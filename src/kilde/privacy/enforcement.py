@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -107,13 +108,37 @@ class CollectionScreen:
     def tally(self) -> Tally:
         return Tally(epoch=self.suppression.epoch)
 
-    def door(self, record: Any, tally: Tally) -> bool:
-        """True when the record is of a suppressed person: drop it, store nothing of it."""
-        digest = self.suppression.hit(record)
-        if digest is None:
-            return False
-        tally.suppressed[digest] += 1
-        return True
+    def door(self, records: Sequence[Any], tally: Tally) -> set[int]:
+        """Indexes of the records of suppressed people: drop them, store nothing of them.
+
+        Records of one request that share a user or anonymous id with a suppressed record are
+        the same person's (a form's answers beside the identify that carries the email, the
+        page views in k.js's batch beside its identify), so they are dropped with it.
+        """
+        if not len(self.suppression):
+            return set()
+        found: dict[int, str] = {}
+        for index, record in enumerate(records):
+            digest = self.suppression.hit(record)
+            if digest is not None:
+                found[index] = digest
+        if found:
+            ids = {
+                (key, str(records[i].get(key)))
+                for i in found
+                for key in ("userId", "anonymousId")
+                if records[i].get(key) is not None
+            }
+            for index, record in enumerate(records):
+                if index in found or not isinstance(record, dict):
+                    continue
+                for key in ("userId", "anonymousId"):
+                    if record.get(key) is not None and (key, str(record.get(key))) in ids:
+                        found[index] = next(iter(found.values()))
+                        break
+        for digest in found.values():
+            tally.suppressed[digest] += 1
+        return set(found)
 
     def gate(self, row: dict[str, Any], channel: str, tally: Tally) -> list[str]:
         """Purposes a normalised row lacks a lawful basis for (then it is not stored); leaves

@@ -286,7 +286,10 @@ def main() -> None:
     single_duration = 3.0 if args.quick else max(5.0, duration / 2)
 
     base = Path(tempfile.mkdtemp(prefix="kilde-bench-"))
-    print(f"kilde ingestion benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(
+        f"kilde ingestion benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"load average before the run {os.getloadavg()[0]:.1f} (other processes share the CPUs)"
+    )
     print(
         f"batched: {args.connections} connections x {BATCH} events/request for {duration:.0f} s; "
         f"single: {args.single_connections} connections for {single_duration:.0f} s; "
@@ -337,7 +340,7 @@ def main() -> None:
     shutil.rmtree(base, ignore_errors=True)
 
     def row(label: str, value: str) -> None:
-        print(f"  {label:<44} {value:>18}")
+        print(f"  {label:<52} {value:>16}")
 
     lb = batched.load
     ls = single.load
@@ -350,9 +353,9 @@ def main() -> None:
         f"{percentile(lb.latencies_ms, 99):.1f} ms")  # fmt: skip
     row("failed requests (non-2xx)", f"{lb.failed}")
     row("server CPU (both cores = 200%)", f"{batched.server_cpu_s / batched.wall_s:.0%}")
-    row("  event-loop thread CPU per event", f"{batched.loop_cpu_s / batched.events * 1e6:.1f} µs")
+    row("  CPU per event, event-loop thread", f"{batched.loop_cpu_s / batched.events * 1e6:.1f} µs")
     row(
-        "  writer + DuckDB threads CPU per event",
+        "  CPU per event, other threads (writer, DuckDB, ...)",
         f"{batched.other_cpu_s / batched.events * 1e6:.1f} µs",
     )
     row("load process CPU", f"{lb.cpu_s / lb.wall_s:.0%}")
@@ -366,9 +369,9 @@ def main() -> None:
         f"{percentile(ls.latencies_ms, 99):.1f} ms")  # fmt: skip
     row("failed requests (non-2xx)", f"{ls.failed}")
     row("server CPU (both cores = 200%)", f"{single.server_cpu_s / single.wall_s:.0%}")
-    row("  event-loop thread CPU per request", f"{single.loop_cpu_s / single.events * 1e6:.0f} µs")
+    row("  CPU per request, event-loop thread", f"{single.loop_cpu_s / single.events * 1e6:.0f} µs")
     row(
-        "  writer + DuckDB threads CPU per request",
+        "  CPU per request, other threads (writer, DuckDB, ...)",
         f"{single.other_cpu_s / single.events * 1e6:.0f} µs",
     )
     row("load process CPU", f"{ls.cpu_s / ls.wall_s:.0%}")
@@ -379,6 +382,7 @@ def main() -> None:
     row("events acknowledged (warmup+batched+single)", f"{acked:,}")
     row("events in the store", f"{in_store:,}")
     row("dead letters", f"{dead:,}")
+    row("load average after the run (1 min)", f"{os.getloadavg()[0]:.1f}")
     ok = in_store == acked and dead == 0 and leftover == 0 and single_leftover == 0
     print()
     print(

@@ -39,7 +39,7 @@ class Person:
 
     @property
     def phone_digits(self) -> str:
-        return "4" + str(int(self.tag, 16) % 10_000_000).zfill(7)
+        return "9" + str(int(self.tag, 16) % 10_000_000).zfill(7)  # a valid mobile number
 
     @property
     def phone(self) -> str:  # as typed: spaces

@@ -43,7 +43,7 @@ import phonenumbers
 from kilde.errors import ConfigError
 from kilde.identity.identifiers import Identifier
 from kilde.privacy.services import Privacy
-from kilde.privacy.subjects import RECIPIENT, Subject, SubjectError
+from kilde.privacy.subjects import RECIPIENT, Subject, SubjectError, expand
 from kilde.store.database import DB_FILE, Store
 
 log = logging.getLogger("kilde.privacy")
@@ -133,7 +133,7 @@ def erase(
             with lock:
                 if engine is not None:
                     _catch_up(engine)
-                subject = _expand(privacy.store, subject)  # 2. linked at the last moment
+                subject = expand(privacy.store, subject)  # 2. linked at the last moment
                 identifiers = set(subject.identifiers)
                 suppressed = _suppressible(privacy, identifiers)
                 hashes = suppression.add(suppressed)
@@ -202,60 +202,6 @@ def _catch_up(engine: Any, seconds: float = 20.0) -> None:
             return
 
 
-def _expand(store: Store, subject: Subject) -> Subject:
-    """The subject with every identifier of every profile that holds one of theirs now, and
-    of every profile made only of records that carry one of theirs (for example a CRM row with
-    their email that identity resolution kept apart because of a conflicting id)."""
-    seeds = set(subject.identifiers)
-    profiles = set(subject.profile_ids) | _made_of_their_records(store, seeds)
-    for ident in seeds:
-        profiles.update(
-            r["profile_id"]
-            for r in store.query(
-                "SELECT DISTINCT profile_id FROM identity_map "
-                "WHERE id_type = ? AND id_value = ? AND NOT shared",
-                [ident.type, ident.value],
-            )
-        )
-    mine, shared = set(seeds), set(subject.shared)
-    if profiles:
-        for row in store.query(
-            "SELECT id_type, id_value, bool_or(shared) AS shared FROM identity_map "
-            "WHERE list_contains(?, profile_id) GROUP BY ALL",
-            [sorted(profiles)],
-        ):
-            ident = Identifier(row["id_type"], row["id_value"])
-            (shared if row["shared"] else mine).add(ident)
-    return Subject(
-        given=subject.given,
-        profile_ids=sorted(profiles),
-        identifiers=sorted(mine - shared),
-        shared=sorted(shared),
-    )
-
-
-def _made_of_their_records(store: Store, identifiers: set[Identifier]) -> set[str]:
-    if not identifiers:
-        return set()
-    ids = sorted(identifiers)
-    rows = store.query(
-        "WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id_type, unnest(?::VARCHAR[]) AS id_value), "
-        "touched AS (SELECT DISTINCT o.source, o.message_id FROM identity_observations o "
-        " JOIN ids ON o.id_type = ids.id_type AND o.id_value = ids.id_value), "
-        "owners AS (SELECT DISTINCT m.profile_id FROM identity_records r "
-        " JOIN touched t ON t.source = r.source AND t.message_id = r.message_id "
-        " JOIN identity_map m ON m.id_type = r.primary_type AND m.id_value = r.primary_value "
-        " WHERE NOT m.shared) "
-        "SELECT o.profile_id FROM owners o WHERE NOT EXISTS ("
-        " SELECT 1 FROM identity_map m JOIN identity_records r "
-        " ON r.primary_type = m.id_type AND r.primary_value = m.id_value "
-        " WHERE m.profile_id = o.profile_id AND NOT EXISTS ("
-        "  SELECT 1 FROM touched t WHERE t.source = r.source AND t.message_id = r.message_id))",
-        [[i.type for i in ids], [i.value for i in ids]],
-    )
-    return {r["profile_id"] for r in rows}
-
-
 def _suppressible(privacy: Privacy, identifiers: Iterable[Identifier]) -> list[Identifier]:
     """The person's identifiers, and the pseudonyms their mail was tracked under."""
     out = list(identifiers)
@@ -275,17 +221,18 @@ def _suppressible(privacy: Privacy, identifiers: Iterable[Identifier]) -> list[I
 
 
 def _holds_anything(store: Store, subject: Subject) -> bool:
-    plain = subject.values("user_id", "anonymous_id")
+    users, anons = subject.values("user_id"), subject.values("anonymous_id")
+    plain = users + anons
     if plain and store.scalar(
         "SELECT count(*) FROM (SELECT 1 FROM events WHERE list_contains(?, trim(user_id)) "
         "OR list_contains(?, trim(anonymous_id)) LIMIT 1)",
-        [plain, plain],
+        [users, anons],
     ):
         return True
     if plain and store.scalar(
         "SELECT count(*) FROM (SELECT 1 FROM consent_ledger WHERE "
         "list_contains(?, trim(user_id)) OR list_contains(?, trim(anonymous_id)) LIMIT 1)",
-        [plain, plain],
+        [users, anons],
     ):
         return True
     values = _sweep_values(subject, subject.identifiers)
@@ -402,8 +349,9 @@ def _erase_in_store(
     con = store.cursor()
     removed: dict[str, int] = {}
     ids = sorted(set(subject.identifiers))
-    plain = subject.values("user_id", "anonymous_id")
+    plain = subject.values("user_id", "anonymous_id")  # a previousId may be either
     users = subject.values("user_id")
+    anons = subject.values("anonymous_id")
     emails = subject.values("email")
     profiles = subject.profile_ids
     recipients = sorted({i.value for i in suppressed if i.type == RECIPIENT})
@@ -442,6 +390,7 @@ def _erase_in_store(
         p: dict[str, Any] = {
             "plain": plain,
             "users": users,
+            "anons": anons,
             "emails": emails,
             "profiles": profiles,
             "recipients": recipients,
@@ -451,15 +400,19 @@ def _erase_in_store(
         # the person's events: by their ids, by what identity read in them, by their values
         con.execute(
             "CREATE OR REPLACE TEMP TABLE erase_events AS "
-            "SELECT source, message_id FROM events WHERE list_contains($plain, trim(user_id)) "
-            "OR list_contains($plain, trim(anonymous_id)) "
+            "SELECT source, message_id FROM events WHERE list_contains($users, trim(user_id)) "
+            "OR list_contains($anons, trim(anonymous_id)) "
             "OR list_contains($plain, trim(previous_id)) "
             "UNION SELECT r.source, r.message_id FROM identity_records r JOIN erase_ids i "
             "ON r.primary_type = i.id_type AND r.primary_value = i.id_value "
             "UNION SELECT o.source, o.message_id FROM identity_observations o JOIN erase_ids i "
             "ON o.id_type = i.id_type AND o.id_value = i.id_value "
             f"UNION SELECT source, message_id FROM events WHERE {text_match('events')}",
-            {k: v for k, v in p.items() if f"${k}" in text_match("events") or k == "plain"},
+            {
+                k: v
+                for k, v in p.items()
+                if f"${k}" in text_match("events") or k in ("plain", "users", "anons")
+            },
         )
         run(
             "events",
@@ -501,8 +454,15 @@ def _erase_in_store(
         )
         run(
             "consent_ledger",
-            "DELETE FROM consent_ledger WHERE list_contains($plain, trim(user_id)) "
-            "OR list_contains($plain, trim(anonymous_id))",
+            "DELETE FROM consent_ledger WHERE list_contains($users, trim(user_id)) "
+            "OR list_contains($anons, trim(anonymous_id))",
+            **p,
+        )
+        run(
+            "dead_letters",
+            "DELETE FROM dead_letters WHERE "
+            "list_contains($users, trim(json_extract_string(payload, '$.userId'))) OR "
+            "list_contains($anons, trim(json_extract_string(payload, '$.anonymousId')))",
             **p,
         )
         run(
@@ -530,8 +490,8 @@ def _erase_in_store(
                 continue
             for column, key in (
                 ("profile_id", "profiles"),
-                ("user_id", "plain"),
-                ("anonymous_id", "plain"),
+                ("user_id", "users"),
+                ("anonymous_id", "anons"),
             ):
                 if columns.get(column) == "VARCHAR":
                     run(

@@ -33,7 +33,7 @@ from kilde.plan.models import Plan
 from kilde.privacy.do_not_sell import sale_purposes
 from kilde.privacy.ledger import REFUSED, current
 from kilde.privacy.services import Privacy
-from kilde.privacy.subjects import RECIPIENT, Subject, SubjectError
+from kilde.privacy.subjects import RECIPIENT, Subject, SubjectError, expand
 
 FORM_EVENTS = ("Form Submitted", "Survey Answered")
 IMPORT_KINDS = ("import", "broker")
@@ -58,7 +58,7 @@ def export(privacy: Privacy, body: dict[str, Any], *, request_id: str | None = N
     """The ZIP for the person a request body names; SubjectError when nobody is found."""
     privacy.catch_up()
     with privacy.lock:
-        subject = privacy.subject(body)
+        subject = expand(privacy.store, privacy.subject(body))
         con = privacy.store.cursor()
         try:
             con.execute("BEGIN TRANSACTION")  # one snapshot for every section
@@ -201,6 +201,7 @@ def _collect(con: duckdb.DuckDBPyConnection, privacy: Privacy, subject: Subject)
     profiles = subject.profile_ids
     plain = subject.values("user_id", "anonymous_id")
     users = subject.values("user_id")
+    anons = subject.values("anonymous_id")
     emails = subject.values("email")
     ids_t = [i.type for i in subject.identifiers]
     ids_v = [i.value for i in subject.identifiers]
@@ -225,7 +226,7 @@ def _collect(con: duckdb.DuckDBPyConnection, privacy: Privacy, subject: Subject)
         "channel, evidence, ip, message_id FROM consent_ledger "
         "WHERE list_contains(?, trim(user_id)) OR list_contains(?, trim(anonymous_id)) "
         "ORDER BY decided_at, seq",
-        [plain, plain],
+        [users, anons],
     )
     data["consents"] = history
     state = current(history)
@@ -245,7 +246,7 @@ def _collect(con: duckdb.DuckDBPyConnection, privacy: Privacy, subject: Subject)
         " ON o.id_type = ids.id_type AND o.id_value = ids.id_value) "
         "SELECT e.* FROM events e JOIN keys k USING (source, message_id) "
         "ORDER BY e.timestamp, e.message_id",
-        [ids_t, ids_v, plain, plain],
+        [ids_t, ids_v, users, anons],
     )
     recipients = _recipients(privacy, subject)
     if recipients:
@@ -343,7 +344,7 @@ def _collect(con: duckdb.DuckDBPyConnection, privacy: Privacy, subject: Subject)
         "OR list_contains(?, json_extract_string(payload, '$.anonymousId')) "
         "OR list_has_any(?, regexp_extract_all(lower(payload), '[^\"\\s,:{}]+')) "
         "ORDER BY received_at",
-        [plain, plain, [v.lower() for v in values]],
+        [users, anons, [v.lower() for v in values]],
     )
     data["dead_letters"] = letters
     data["email"] = []

@@ -208,3 +208,57 @@ def _shared(store: Store, given: list[Identifier]) -> set[Identifier]:
         ):
             out.add(ident)
     return out
+
+
+def expand(store: Store, subject: Subject) -> Subject:
+    """The subject with every identifier of every profile that holds one of theirs now, and
+    of every profile made only of records that carry one of theirs (for example a CRM row with
+    their email that identity resolution kept apart because of a conflicting id)."""
+    seeds = set(subject.identifiers)
+    profiles = set(subject.profile_ids) | _made_of_their_records(store, seeds)
+    for ident in seeds:
+        profiles.update(
+            r["profile_id"]
+            for r in store.query(
+                "SELECT DISTINCT profile_id FROM identity_map "
+                "WHERE id_type = ? AND id_value = ? AND NOT shared",
+                [ident.type, ident.value],
+            )
+        )
+    mine, shared = set(seeds), set(subject.shared)
+    if profiles:
+        for row in store.query(
+            "SELECT id_type, id_value, bool_or(shared) AS shared FROM identity_map "
+            "WHERE list_contains(?, profile_id) GROUP BY ALL",
+            [sorted(profiles)],
+        ):
+            ident = Identifier(row["id_type"], row["id_value"])
+            (shared if row["shared"] else mine).add(ident)
+    return Subject(
+        given=subject.given,
+        profile_ids=sorted(profiles),
+        identifiers=sorted(mine - shared),
+        shared=sorted(shared),
+    )
+
+
+def _made_of_their_records(store: Store, identifiers: set[Identifier]) -> set[str]:
+    if not identifiers:
+        return set()
+    ids = sorted(identifiers)
+    rows = store.query(
+        "WITH ids AS (SELECT unnest(?::VARCHAR[]) AS id_type, unnest(?::VARCHAR[]) AS id_value), "
+        "touched AS (SELECT DISTINCT o.source, o.message_id FROM identity_observations o "
+        " JOIN ids ON o.id_type = ids.id_type AND o.id_value = ids.id_value), "
+        "owners AS (SELECT DISTINCT m.profile_id FROM identity_records r "
+        " JOIN touched t ON t.source = r.source AND t.message_id = r.message_id "
+        " JOIN identity_map m ON m.id_type = r.primary_type AND m.id_value = r.primary_value "
+        " WHERE NOT m.shared) "
+        "SELECT o.profile_id FROM owners o WHERE NOT EXISTS ("
+        " SELECT 1 FROM identity_map m JOIN identity_records r "
+        " ON r.primary_type = m.id_type AND r.primary_value = m.id_value "
+        " WHERE m.profile_id = o.profile_id AND NOT EXISTS ("
+        "  SELECT 1 FROM touched t WHERE t.source = r.source AND t.message_id = r.message_id))",
+        [[i.type for i in ids], [i.value for i in ids]],
+    )
+    return {r["profile_id"] for r in rows}

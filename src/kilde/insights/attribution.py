@@ -145,11 +145,11 @@ def customer_quality(backend: Any) -> list[dict[str, Any]]:
     best = people.rfm_group.isin(["Champions", "Loyal"])
     per = people.group_by(*KEYS).aggregate(
         people=people.count(),
-        customers=buyer.sum().cast("int64"),
+        customers=buyer.sum().cast("int64").fill_null(0),
         avg_orders=people.orders.mean(where=buyer),
         avg_revenue=people.total_revenue.mean(where=buyer),
         avg_clv=people.clv.mean(where=buyer),
-        best_customers=best.sum().cast("int64"),
+        best_customers=best.sum().cast("int64").fill_null(0),
     )
     rows: list[dict[str, Any]] = per.to_pyarrow().to_pylist()
     for row in rows:

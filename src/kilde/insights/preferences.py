@@ -17,6 +17,7 @@ import ibis
 import ibis.expr.types as ir
 
 from kilde.insights.data import behaviour
+from kilde.store.portable import ranked_list
 
 PRODUCT_WEIGHTS = {"Order Completed": 3, "Product Added": 2, "Product Viewed": 1}
 TOP = 3
@@ -51,7 +52,7 @@ def _top(table: ir.Table, key: str, score: ir.Value, name: str) -> ir.Table:
         )
     )
     top = ranked.filter(ranked._rn < TOP)
-    return top.group_by("profile_id").aggregate(**{name: top[key].collect(order_by=top._rn)})
+    return ranked_list(top, "profile_id", key, "_rn", TOP, name)
 
 
 def favourite_products(backend: Any) -> ir.Table:

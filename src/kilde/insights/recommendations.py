@@ -15,6 +15,7 @@ import ibis
 import ibis.expr.types as ir
 
 from kilde.insights.preferences import product_rows
+from kilde.store.portable import ranked_list
 
 TOP = 3
 MIN_ORDERS = 2  # pairs seen in fewer orders are noise
@@ -68,9 +69,7 @@ def recommended(backend: Any) -> ir.Table:
         )
     )
     top = ranked.filter(ranked._rn < TOP)
-    return top.group_by("profile_id").aggregate(
-        recommended_products=top.candidate.collect(order_by=top._rn)
-    )
+    return ranked_list(top, "profile_id", "candidate", "_rn", TOP, "recommended_products")
 
 
 def bought_together(backend: Any, limit: int = 20) -> list[dict[str, Any]]:

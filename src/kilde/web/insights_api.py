@@ -106,6 +106,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+async def _fresh(request: Request) -> None:
+    """Reports read the profiles: bring them up to date with the stored events first."""
+    await run_in_threadpool(_engine(request).catch_up)
+
+
 # -- segments ----------------------------------------------------------------------------------
 
 
@@ -280,6 +285,7 @@ async def churn(request: Request) -> dict[str, Any]:
 @router.get("/insights/preferences")
 async def preferences(request: Request, limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
     """How people spread over channels, times of day, categories; products bought together."""
+    await _fresh(request)
     store = _store(request)
 
     def build() -> dict[str, Any]:
@@ -302,6 +308,7 @@ class FunnelBody(BaseModel):
 @router.post("/insights/funnel")
 async def funnel(request: Request, body: FunnelBody) -> dict[str, Any]:
     """Ordered steps within a window: people, conversion and drop-off per step."""
+    await _fresh(request)
     store, plan = _store(request), _plan(request)
 
     def build() -> dict[str, Any]:
@@ -327,6 +334,7 @@ async def retention(
     activity: Literal["any", "orders"] = "any",
 ) -> dict[str, Any]:
     """Cohorts by first activity or first order: share active in each later week or month."""
+    await _fresh(request)
     backend = backend_of(_store(request))
     return await _run(retention_mod.retention, backend, _now(), period, periods, cohort, activity)
 
@@ -340,6 +348,7 @@ async def attribution(
     since: str | None = None,
 ) -> dict[str, Any]:
     """Orders or signups credited to UTM source, medium and campaign; customer quality."""
+    await _fresh(request)
     try:
         lookback_days = duration_days(lookback, "lookback")
         since_days = duration_days(since, "since") if since else None
@@ -356,6 +365,7 @@ async def attribution(
 @router.get("/insights/campaigns")
 async def email_campaigns(request: Request, window: str = "7 days") -> dict[str, Any]:
     """Every email campaign: sent, human and machine opens, clicks, orders after the click."""
+    await _fresh(request)
     try:
         days = duration_days(window, "window")
     except RuleError as exc:
@@ -374,5 +384,6 @@ async def trends(
     periods: int = Query(12, ge=1, le=104),
 ) -> dict[str, Any]:
     """NPS and support sentiment per week or month."""
+    await _fresh(request)
     backend = backend_of(_store(request))
     return await _run(trends_mod.trends, backend, _now(), period, periods)

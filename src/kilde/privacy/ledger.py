@@ -122,6 +122,17 @@ class ConsentState:
                 people[key] = person
                 person.keys.add(key)
 
+    def link_all(self, user_ids: list[str], anonymous_ids: list[str]) -> None:
+        """All these ids are one person (e.g. every id of a profile the admin acted on)."""
+        keys = [("u", u.strip()) for u in user_ids] + [("a", a.strip()) for a in anonymous_ids]
+        with self._lock:
+            person = _merge(self._people, keys)
+            if person is None:
+                return
+            for key in keys:
+                self._people[key] = person
+                person.keys.add(key)
+
     def load(self, store: Store) -> None:
         """Rebuild from the ledger and the identity map; keeps decisions noted meanwhile."""
         with self._lock:

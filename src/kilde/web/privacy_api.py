@@ -333,6 +333,7 @@ async def _record_consent(
     except StoreUnavailableError as exc:
         raise HttpProblem(503, "store_busy", exc.message, "retry in a second") from None
     outcome = result.outcomes[0]
+    privacy.screen.consent.link_all(users, anonymous)  # the gate knows them all as one now
     if outcome.status != "stored":
         raise HttpProblem(
             409,

@@ -1,0 +1,195 @@
+"""The consent gate at collection, consent recorded by the admin, do-not-sell from GPC and the
+admin API, and the check at the moment of use."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import DEMO_PLAN, Server, start_server
+from tests.privacy_support import (
+    SAMPLES,
+    Person,
+    api,
+    broker_csv,
+    events,
+    privacy,
+    refresh_profiles,
+    send,
+    send_like_kjs,
+)
+
+
+@pytest.fixture
+def strict_server(tmp_path: Path) -> Iterator[Server]:
+    """The demo plan with the consent gate at `enforce`: no recorded grant, no storage."""
+    plan = tmp_path / "kilde.yaml"
+    text = DEMO_PLAN.read_text()
+    assert "consent_gate: refusals" in text
+    plan.write_text(text.replace("consent_gate: refusals", "consent_gate: enforce"))
+    server = start_server(tmp_path / "data", plan)
+    yield server
+    server.stop()
+
+
+def opened(person: Person) -> dict[str, Any]:
+    """An Email Opened record: its only purpose, marketing_email, rests on consent."""
+    return {
+        "type": "track",
+        "event": "Email Opened",
+        "userId": person.user_id,
+        "properties": {
+            "campaign_id": "c1",
+            "recipient": uuid.uuid4().hex[:16],
+            "machine_open": False,
+        },
+    }
+
+
+def withheld(server: Server) -> dict[tuple[str, str], int]:
+    gate = api(server, "GET", "/api/privacy/gate").json()
+    return {(r["purpose"], r["kind"]): r["records"] for r in gate["withheld_by_purpose"]}
+
+
+def test_enforce_stores_consent_based_data_only_with_a_grant(strict_server: Server) -> None:
+    p = Person()
+    answer = send(
+        strict_server,
+        {
+            "type": "identify",
+            "userId": p.user_id,
+            "anonymousId": p.anonymous_id,
+            "traits": {"email": p.email, "newsletter": True, "household_size": 4},
+        },
+        opened(p),
+    )
+    assert answer["stored"] == 1 and not answer["rejected"]  # withheld is not an error
+    (identify,) = events(strict_server, user_id=p.user_id)
+    assert identify["traits"] == {"email": p.email}  # the consent-only traits are left out
+    assert withheld(strict_server) == {
+        ("marketing_email", "event"): 1,
+        ("marketing_email", "trait"): 1,
+        ("advertising", "trait"): 1,
+    }
+
+    # the banner's grant counts from the next record on, even within the same batch
+    send_like_kjs(
+        strict_server,
+        {
+            "type": "track",
+            "event": "Consent Updated",
+            "anonymousId": p.anonymous_id,
+            "userId": p.user_id,
+            "properties": {"purposes": {"marketing_email": True}, "banner_version": "v2"},
+        },
+        opened(p),
+    )
+    assert len(events(strict_server, event="Email Opened", user_id=p.user_id)) == 1
+    # a grant under the cookie id counts for the account on another device too
+    assert send(strict_server, opened(p))["stored"] == 1
+
+    # withdrawn by letter, recorded by the admin: from now on not stored again
+    strict_server.kilde(
+        "privacy", "consent", p.email, "--deny", "marketing_email", "--evidence", "letter 12"
+    )
+    assert send(strict_server, opened(p))["stored"] == 0
+    state = privacy(strict_server, "consent/state", {"email": p.email})
+    assert state["current"]["marketing_email"]["state"] == "withdrawn"
+    assert state["current"]["marketing_email"]["evidence"] == "letter 12"
+    assert state["current"]["marketing_email"]["channel"] == "admin"
+    assert withheld(strict_server)[("marketing_email", "event")] == 2
+
+    status = orjson.loads(strict_server.kilde("privacy", "status", "--json").stdout)
+    assert status["mode"] == "enforce"
+
+
+def test_bought_data_carries_the_brokers_consent_until_the_person_refuses(
+    strict_server: Server, tmp_path: Path
+) -> None:
+    p = Person()
+    mapping = ["-m", str(SAMPLES / "broker.mapping.yaml")]
+    strict_server.kilde(
+        "import", "broker", str(broker_csv(tmp_path / "a.csv", p)), "-s", "databroker", *mapping
+    )
+    (bought,) = [e for e in events(strict_server, source="databroker")]
+    assert bought["traits"]["household_size"] == 3
+    refresh_profiles(strict_server)
+    # refusing advertising (here: through the admin API) keeps the next file's traits out
+    send(strict_server, {"type": "identify", "userId": p.user_id, "traits": {"email": p.email}})
+    refresh_profiles(strict_server)
+    privacy(strict_server, "consent", {"email": p.email, "purposes": {"advertising": False}})
+    second = tmp_path / "b.csv"
+    second.write_text(f"email,household_size,interests,income_band\n{p.email},5,golf,low\n")
+    strict_server.kilde("import", "broker", str(second), "-s", "databroker", *mapping)
+    newest = max(events(strict_server, source="databroker"), key=lambda e: e["received_at"])
+    assert "household_size" not in newest["traits"] and newest["traits"]["email"] == p.email
+    assert withheld(strict_server)[("advertising", "trait")] == 3  # the three broker traits
+
+
+def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Server) -> None:
+    shopper, caller = Person(), Person()
+    send_like_kjs(
+        kilde_server,
+        {
+            "type": "identify",
+            "anonymousId": shopper.anonymous_id,
+            "userId": shopper.user_id,
+            "traits": {"email": shopper.email},
+            "context": {"gpc": True},
+        },
+    )
+    send(
+        kilde_server,
+        {"type": "identify", "userId": caller.user_id, "traits": {"email": caller.email}},
+    )
+    refresh_profiles(kilde_server)
+    by_gpc = privacy(kilde_server, "do-not-sell/status", {"email": shopper.email})
+    assert by_gpc["do_not_sell"] is True and by_gpc["evidence"] == "gpc"
+    assert (
+        privacy(kilde_server, "do-not-sell/status", {"email": caller.email})["do_not_sell"] is False
+    )
+
+    result = kilde_server.kilde("privacy", "do-not-sell", caller.email, "--evidence", "phone call")
+    assert "do not sell or share: yes" in result.stdout
+    flagged = privacy(kilde_server, "do-not-sell/status", {"email": caller.email})
+    assert flagged["do_not_sell"] is True and flagged["channel"] == "admin"
+
+    for person in (shopper, caller):
+        checked = privacy(kilde_server, "check", {"email": person.email, "purpose": "advertising"})
+        (verdict,) = checked["profiles"].values()
+        assert verdict["allowed"] is False
+        assert "opted out of sale or sharing" in verdict["reasons"]
+        analytics = privacy(kilde_server, "check", {"email": person.email, "purpose": "analytics"})
+        assert all(v["allowed"] for v in analytics["profiles"].values())
+
+    kilde_server.kilde("privacy", "do-not-sell", caller.email, "--undo")
+    assert (
+        privacy(kilde_server, "do-not-sell/status", {"email": caller.email})["do_not_sell"] is False
+    )
+
+
+def test_refusals_mode_keeps_out_only_what_was_refused(kilde_server: Server) -> None:
+    unknown, refused = Person(), Person()
+    assert send(kilde_server, opened(unknown))["stored"] == 1
+    send_like_kjs(
+        kilde_server,
+        {
+            "type": "track",
+            "event": "Consent Updated",
+            "userId": refused.user_id,
+            "properties": {"purposes": {"marketing_email": False}},
+        },
+    )
+    assert send(kilde_server, opened(refused))["stored"] == 0
+    bad = api(
+        kilde_server,
+        "POST",
+        "/api/privacy/consent",
+        json={"email": refused.email, "purposes": {"no_such_purpose": True}},
+    )
+    assert bad.status_code == 400 and bad.json()["error"] == "unknown_purpose"

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import ibis
 import ibis.expr.types as ir
 import orjson
 import pyarrow as pa
@@ -35,7 +36,7 @@ from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
 from kilde.identity.runner import Runner
 from kilde.identity.stitching import SCOPE_SCHEMA, Separation, StitchResult, stitch
-from kilde.plan.models import Plan
+from kilde.plan.models import IDENTIFIER_TYPES, Plan
 from kilde.profiles.build import computed_traits, trait_rows
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
@@ -359,14 +360,100 @@ class IdentityEngine:
                     ]
                 )
             )
-            # 2. the scope: the closures touched, whole
-            scope = self._scope(found.touched, found.new_values)
-            report = self._stitch_and_write(scope, scratch, "incremental", found.max_received)
+            # 2. Records that link nothing new (one known identifier, not earlier than it was
+            # first seen) leave their closure as it is: only their profiles are refreshed.
+            # The others' closures are stitched again, whole.
+            run = self.runner
+            run.put("k_new_obs", observations)
+            rules = self.plan().identity
+            strong = [t for t in IDENTIFIER_TYPES if rules.limit(t) == 1]
+            classified = run.arrow("tick/classify", lambda: _classify(run, strong)).to_pylist()
+            seeds = {Identifier(r["id_type"], r["id_value"]) for r in classified if r["linking"]}
+            statements: list[tuple[str, list[Any]]] = []
+            report = RunReport(mode="incremental")
+            stitched: set[str] = set()
+            if seeds:
+                values = {i.value for i in seeds if i.type in ("user_id", "anonymous_id")}
+                scope = self._scope(seeds, values)
+                stitch_dir = scratch / "stitch"
+                stitch_dir.mkdir()
+                statements, report = self._stitch_outputs(scope, stitch_dir, "incremental")
+                stitched = set(
+                    pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
+                )
+            quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
+            if quiet:
+                refresh_dir = scratch / "refresh"
+                refresh_dir.mkdir()
+                statements += self._refresh_outputs(quiet, refresh_dir)
+                report.profiles += len({r["profile_id"] for r in quiet})
+            statements += self._state_statements(found.max_received)
+            t0 = time.perf_counter()
+            self.writer.write_sync(WriteBatch(statements=statements))
+            report.timings["write"] = time.perf_counter() - t0
             report.events_read = found.count
             report.seconds = time.perf_counter() - started
             return report
         finally:
+            self.runner.drop_temps()
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _refresh_outputs(
+        self, quiet: list[dict[str, Any]], scratch: Path
+    ) -> list[tuple[str, list[Any]]]:
+        """Profiles whose identities did not change: new last-seen times and computed traits."""
+        run = self.runner
+        plan = self.plan()
+        run.put(
+            "k_quiet",
+            pa.table(
+                {
+                    "id_type": [r["id_type"] for r in quiet],
+                    "id_value": [r["id_value"] for r in quiet],
+                    "ts": pa.array([r["ts"] for r in quiet], UTC_US),
+                    "profile_id": [r["profile_id"] for r in quiet],
+                }
+            ),
+        )
+        identities = run.make("k_identities", "refresh/identities", lambda: _refreshed(run))
+        now = datetime.now(UTC)
+        pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
+        pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
+        pq.write_table(
+            pa.table({"profile_id": sorted({r["profile_id"] for r in quiet})}),
+            scratch / "quiet.parquet",
+        )
+        pq.write_table(run.arrow("refresh/seen", lambda: _last_seen(run)), scratch / "seen.parquet")
+        quiet_ids = "SELECT profile_id FROM read_parquet(?)"
+
+        def p(name: str) -> list[Any]:
+            return [str(scratch / name)]
+
+        return [
+            (
+                "UPDATE identity_map SET last_seen = s.ts FROM read_parquet(?) s "
+                "WHERE identity_map.id_type = s.id_type AND identity_map.id_value = s.id_value "
+                "AND s.ts > identity_map.last_seen",
+                p("seen.parquet"),
+            ),
+            (f"DELETE FROM profiles WHERE profile_id IN ({quiet_ids})", p("quiet.parquet")),
+            (f"DELETE FROM profile_traits WHERE profile_id IN ({quiet_ids})", p("quiet.parquet")),
+            ("INSERT INTO profiles BY NAME SELECT * FROM read_parquet(?)", p("profiles.parquet")),
+            (
+                "INSERT INTO profile_traits BY NAME SELECT * FROM read_parquet(?)",
+                p("traits.parquet"),
+            ),
+        ]
+
+    def _state_statements(self, max_received: datetime | None) -> list[tuple[str, list[Any]]]:
+        statements = []
+        if max_received is not None:
+            mark = max_received.isoformat()
+            previous = self._state("watermark")
+            if previous is None or previous < mark:
+                statements.append(self._set_state("watermark", mark))
+        statements.append(self._set_state("rules", self.rules_hash()))
+        return statements
 
     def _scope(self, seeds_in: set[Identifier], values: set[str]) -> pa.Table:
         run = self.runner
@@ -402,76 +489,76 @@ class IdentityEngine:
     def _stitch_and_write(
         self, scope: pa.Table | None, scratch: Path, mode: str, max_received: datetime | None
     ) -> RunReport:
+        try:
+            statements, report = self._stitch_outputs(scope, scratch, mode)
+        finally:
+            self.runner.drop_temps()
+        statements += self._state_statements(max_received)
+        t0 = time.perf_counter()
+        self.writer.write_sync(WriteBatch(statements=statements))
+        report.timings["write"] = time.perf_counter() - t0
+        return report
+
+    def _stitch_outputs(
+        self, scope: pa.Table | None, scratch: Path, mode: str
+    ) -> tuple[list[tuple[str, list[Any]]], RunReport]:
+        """Stitch (all, or the closures of `scope`) into parquet files and the statements
+        that replace the old results with them."""
         plan = self.plan()
         run = self.runner
         now = datetime.now(UTC)
-        try:
-            result: StitchResult = stitch(
-                run, plan.identity, self.salt(), scope, self.separations()
-            )
-            t0 = time.perf_counter()
-            identities = result.identities
-            pq.write_table(
-                run.arrow(
-                    "out/map",
-                    lambda: identities.select(
-                        "id_type",
-                        "id_value",
-                        "profile_id",
-                        "closure_id",
-                        "first_seen",
-                        "last_seen",
-                        "shared",
-                    ),
-                ),
-                scratch / "map.parquet",
-            )
-            pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
-            pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
-            conflict_rows = [c.row() for c in result.conflicts]
-            pq.write_table(
-                pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
-                if conflict_rows
-                else _CONFLICT_SCHEMA.empty_table(),
-                scratch / "conflicts.parquet",
-            )
-
-            def issued() -> ir.Table:
-                fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
-                return fresh.anti_join(run.source("profile_ids"), "profile_id")
-
-            pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
-
-            def closures_expr() -> ir.Table:
-                mine = identities.select("closure_id")
-                if scope is None:
-                    return mine.distinct()
-                idm = run.source("identity_map")
-                old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
-                return mine.union(old.select("closure_id")).distinct()
-
-            pq.write_table(
-                run.arrow(f"out/closures/{scope is None}", closures_expr),
-                scratch / "closures.parquet",
-            )
-            timings = dict(result.timings)
-            timings["profiles"] = time.perf_counter() - t0
-        finally:
-            run.drop_temps()
-        statements = self._replace_statements(scratch, full=scope is None)
-        if max_received is not None:
-            mark = max_received.isoformat()
-            previous = self._state("watermark")
-            if previous is None or previous < mark:
-                statements.append(self._set_state("watermark", mark))
-        statements.append(self._set_state("rules", self.rules_hash()))
+        result: StitchResult = stitch(run, plan.identity, self.salt(), scope, self.separations())
         t0 = time.perf_counter()
-        self.writer.write_sync(WriteBatch(statements=statements))
-        timings["write"] = time.perf_counter() - t0
-        counts = pq.read_metadata(scratch / "map.parquet").num_rows
-        return RunReport(
+        identities = result.identities
+        pq.write_table(
+            run.arrow(
+                "out/map",
+                lambda: identities.select(
+                    "id_type",
+                    "id_value",
+                    "profile_id",
+                    "closure_id",
+                    "first_seen",
+                    "last_seen",
+                    "shared",
+                ),
+            ),
+            scratch / "map.parquet",
+        )
+        pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
+        pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
+        conflict_rows = [c.row() for c in result.conflicts]
+        pq.write_table(
+            pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
+            if conflict_rows
+            else _CONFLICT_SCHEMA.empty_table(),
+            scratch / "conflicts.parquet",
+        )
+
+        def issued() -> ir.Table:
+            fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
+            return fresh.anti_join(run.source("profile_ids"), "profile_id")
+
+        pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
+
+        def closures_expr() -> ir.Table:
+            mine = identities.select("closure_id")
+            if scope is None:
+                return mine.distinct()
+            idm = run.source("identity_map")
+            old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
+            return mine.union(old.select("closure_id")).distinct()
+
+        pq.write_table(
+            run.arrow(f"out/closures/{scope is None}", closures_expr),
+            scratch / "closures.parquet",
+        )
+        timings = dict(result.timings)
+        timings["profiles"] = time.perf_counter() - t0
+        statements = self._replace_statements(scratch, full=scope is None)
+        return statements, RunReport(
             mode=mode,
-            identifiers=counts,
+            identifiers=pq.read_metadata(scratch / "map.parquet").num_rows,
             profiles=pq.read_metadata(scratch / "profiles.parquet").num_rows,
             conflicts=len(result.conflicts),
             dirty_closures=result.dirty_closures,
@@ -735,6 +822,86 @@ class IdentityEngine:
             if self.step() is None:
                 return True
         return False
+
+
+def _classify(run: Runner, strong: list[str]) -> ir.Table:
+    """Each new identifier, and whether a record carrying it may change its closure.
+
+    A record changes nothing in the identity graph when it is no alias, all its identifiers are
+    known and already on one profile, none is older than its first sighting, and every pair of
+    a one-per-person identifier (`strong`) with another one has been seen in an earlier record
+    (so no identifier gains a partner that could make it shared).
+    """
+    obs = run.temp("k_new_obs")
+    per = obs.group_by("source", "message_id").aggregate(
+        n=obs.count(), has_alias=(obs.role == "previous").any()
+    )
+    known = run.source("identity_map").select(
+        "id_type", "id_value", "profile_id", "closure_id", "first_seen"
+    )
+    rows = obs.left_join(known, ["id_type", "id_value"]).join(per, ["source", "message_id"])
+    ok_row = ~rows.has_alias & rows.profile_id.notnull() & (rows.ts >= rows.first_seen)
+    records = rows.group_by("source", "message_id").aggregate(
+        ok=ok_row.all(), profiles=rows.profile_id.nunique()
+    )
+    records = records.filter(records.ok & (records.profiles == 1)).select("source", "message_id")
+    a, b = obs.view(), obs.view()
+    pairs = a.join(b, [a.source == b.source, a.message_id == b.message_id])
+    pairs = pairs.filter(
+        a.id_type.isin(strong) & ((a.id_type != b.id_type) | (a.id_value != b.id_value))
+    ).select(
+        a.source,
+        a.message_id,
+        s_type=a.id_type,
+        s_value=a.id_value,
+        o_type=b.id_type,
+        o_value=b.id_value,
+    )
+    history = run.source("identity_observations").semi_join(
+        obs.select("id_type", "id_value"), ["id_type", "id_value"]
+    )
+    history = history.anti_join(obs.select("source", "message_id"), ["source", "message_id"])
+    h1, h2 = history.view(), history.view()
+    seen = h1.join(h2, [h1.source == h2.source, h1.message_id == h2.message_id]).select(
+        s_type=h1.id_type, s_value=h1.id_value, o_type=h2.id_type, o_value=h2.id_value
+    )
+    novel = pairs.anti_join(seen, ["s_type", "s_value", "o_type", "o_value"]).select(
+        "source", "message_id"
+    )
+    quiet = records.anti_join(novel, ["source", "message_id"]).mutate(quiet=ibis.literal(True))
+    marked = rows.left_join(quiet, ["source", "message_id"])
+    return marked.group_by("id_type", "id_value").aggregate(
+        linking=marked.quiet.isnull().any(),
+        ts=marked.ts.max(),
+        profile_id=marked.profile_id.max(),
+        closure_id=marked.closure_id.max(),
+    )
+
+
+def _refreshed(run: Runner) -> ir.Table:
+    """The identities of the quiet profiles, with the new last-seen times."""
+    quiet = run.temp("k_quiet")
+    idmap = run.source("identity_map")
+    mine = idmap.semi_join(quiet.select("profile_id"), "profile_id")
+    seen = quiet.select("id_type", "id_value", new_ts=quiet.ts)
+    rows = mine.left_join(seen, ["id_type", "id_value"])
+    anchors = run.source("profiles").select("profile_id", "anchor_type")
+    rows = rows.join(anchors, "profile_id")
+    return rows.select(
+        "id_type",
+        "id_value",
+        "profile_id",
+        "closure_id",
+        "first_seen",
+        "shared",
+        "anchor_type",
+        last_seen=ibis.greatest(rows.last_seen, rows.new_ts.fill_null(rows.last_seen)),
+    )
+
+
+def _last_seen(run: Runner) -> ir.Table:
+    quiet = run.temp("k_quiet")
+    return quiet.select("id_type", "id_value", "ts")
 
 
 _CONFLICT_SCHEMA = pa.schema(

@@ -203,6 +203,10 @@ def test_a_kiosk_device_and_junk_values_merge_nobody(kilde_server: Server) -> No
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_identifier"
     assert "test@test.com" not in response.text
+    status = orjson.loads(kilde_server.kilde("identity", "status", "--json").stdout)
+    dropped = {(d["field"], d["reason"]) for d in status["dropped"]}
+    assert {("userId", "junk"), ("traits.email", "junk"), ("traits.phone", "junk")} <= dropped
+    assert "test@test.com" not in str(status)
 
 
 def test_a_family_laptop_keeps_two_people_apart_and_records_why(kilde_server: Server) -> None:

@@ -300,6 +300,41 @@ def report(
     console.print(result["explanation"], highlight=False)
 
 
+@identity_app.command("status")
+def status(
+    data: DataOpt = None, plan: PlanOpt = None, token: TokenOpt = None, json: JsonOpt = False
+) -> None:
+    """Profiles, identifiers by type, refused merges and dropped (junk) identifiers."""
+    try:
+        with _client(data, plan, token) as client:
+            client.post("/api/profiles/refresh")
+            result = client.get("/api/identity/status")
+    except KildeError as exc:
+        _fail(exc)
+        return
+    if json:
+        _print_json(result)
+        return
+    console.print(
+        f"{result['profiles']} profiles, {result['identifiers']} identifiers "
+        f"({result['shared_identifiers']} shared), {result['conflicts']} refused merges, "
+        f"{result['unmerges']} unmerges"
+    )
+    table = Table(title="Identifiers by type")
+    table.add_column("type")
+    table.add_column("identifiers", justify="right")
+    for row in result["by_type"]:
+        table.add_row(row["id_type"], str(row["identifiers"]))
+    console.print(table)
+    if result["dropped"]:
+        dropped = Table(title="Dropped from records (junk or wrong shape)")
+        for column in ("field", "reason", "records"):
+            dropped.add_column(column)
+        for row in result["dropped"]:
+            dropped.add_row(row["field"], row["reason"], str(row["records"]))
+        console.print(dropped)
+
+
 @identity_app.command("conflicts")
 def conflicts(
     reason: Annotated[str | None, typer.Option(help="Only this reason")] = None,

@@ -313,9 +313,16 @@ def identity_status(request: Request) -> dict[str, Any]:
     by_type = store.query(
         "SELECT id_type, count(*) AS identifiers FROM identity_map GROUP BY ALL ORDER BY id_type"
     )
+    # identifiers dropped from records as junk or of the wrong shape (counts only, no values)
+    dropped = store.query(
+        "SELECT d->>0 AS field, d->>1 AS reason, count(*) AS records FROM ("
+        " SELECT unnest(CAST(dropped AS JSON[])) AS d FROM identity_records"
+        " WHERE dropped IS NOT NULL) GROUP BY ALL ORDER BY records DESC, field"
+    )
     return {
         **counts,
         "by_type": by_type,
+        "dropped": dropped,
         "last_update": engine.last_tick,
         "last_error": engine.last_error,
         "rebuilding": engine.rebuilding,

@@ -153,7 +153,8 @@ def generate(store: Store, profiles: int, events: int) -> None:
                       || {cats}[product % 5 + 1] || '","price":' || (200 + product * 150) || '}}'
                     ELSE '{{}}' END,
                CASE WHEN kind >= 0.80 AND product < 3 THEN
-                      '{{"campaign":{{"source":"' || ['google','newsletter','instagram'][product + 1]
+                      '{{"campaign":{{"source":"'
+                      || ['google', 'newsletter', 'instagram'][product + 1]
                       || '","medium":"cpc","name":"c' || product || '"}}}}'
                     ELSE '{{}}' END,
                'ok'

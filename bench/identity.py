@@ -130,13 +130,15 @@ def phase_generate(data: Path, scale: float) -> dict[str, Any]:
     return {"people": people, **counts, "seconds": seconds}
 
 
-def phase_rebuild(data: Path) -> dict[str, Any]:
+def phase_rebuild(data: Path, memory_limit: str) -> dict[str, Any]:
     from kilde.identity.engine import IdentityEngine
     from kilde.plan import load_plan
     from kilde.store import Store, Writer
 
     plan = load_plan(PLAN)
     store = Store(data)
+    # DuckDB spills to disk beyond this; the default is 80% of the machine's memory.
+    store.cursor().execute(f"SET memory_limit = '{memory_limit}'")
     writer = Writer(store)
     engine = IdentityEngine(store, writer, lambda: plan, data)
     started = time.perf_counter()
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 = 10M events, 1M people")
     parser.add_argument("--rate", type=int, default=5000, help="load in events per second")
     parser.add_argument("--seconds", type=float, default=40, help="length of the load")
+    parser.add_argument("--memory-limit", default="3GB", help="DuckDB memory limit")
     parser.add_argument("--skip-networkx", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
@@ -334,7 +337,7 @@ def main() -> None:
     if args.phase:
         phases = {
             "generate": lambda: phase_generate(args.data, args.scale),
-            "rebuild": lambda: phase_rebuild(args.data),
+            "rebuild": lambda: phase_rebuild(args.data, args.memory_limit),
             "networkx": lambda: phase_networkx(args.data),
             "latency": lambda: phase_latency(args.data, args.rate, args.seconds),
         }
@@ -352,7 +355,7 @@ def main() -> None:
             f"in {gen['seconds']:.1f} s",
             flush=True,
         )
-        rebuild = _child("rebuild", data)
+        rebuild = _child("rebuild", data, "--memory-limit", args.memory_limit)
         t = rebuild["timings"]
         graph_s = t["components"]
         print(

@@ -35,7 +35,7 @@ def lookup(server: Server, **ids: str) -> list[dict[str, Any]]:
     return profiles
 
 
-def until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+def until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
     """Poll until `check` returns something truthy (the engine works in the background)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -209,7 +209,7 @@ class IdentityEngine:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.last_tick: datetime | None = None
-        self.interval = 0.05
+        self.interval = 0.1
         self._rebuild: concurrent.futures.Future[RunReport] | None = None
         self.progress = ""
         self.last_rebuild: RunReport | None = None
@@ -800,10 +800,23 @@ class IdentityEngine:
                 self._runner.close()
             self._runner = None
 
+    def _news(self) -> tuple[int, str]:
+        """A cheap fingerprint of what could need work: the events' row count (kept in
+        DuckDB's metadata) and the plan's rules."""
+        count = int(self.store.scalar("SELECT count(*) FROM events") or 0)
+        return count, self.rules_hash()
+
     def _run(self) -> None:
+        done: tuple[int, str] | None = None
         while not self._stop.is_set():
             try:
+                news = self._news()
+                if news == done:
+                    self._stop.wait(self.interval)
+                    continue
                 report = self.step()
+                if report is None:
+                    done = news  # everything up to this count is read
                 self.last_error = None
                 self.last_tick = datetime.now(UTC)
             except Exception as exc:  # keep running; the error is visible in the status

@@ -26,6 +26,7 @@ ADMIN_TOKEN = "kat_test-admin-token-0123456789abcdef"
 WEB_KEY = "demo-web-write-key"
 BACKEND_KEY = "demo-backend-write-key"
 APP_KEY = "demo-app-write-key"
+START_TIMEOUT = 120
 
 
 def free_port() -> int:
@@ -96,7 +97,8 @@ def start_server(
         [sys.executable, "-m", "kilde.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    # Generous: on a busy 2-core machine importing the app alone can take 15 s.
+    deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"kilde serve exited early:\n{log_path.read_text()}")
@@ -106,7 +108,9 @@ def start_server(
         except httpx.HTTPError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"kilde serve did not answer within 30 s:\n{log_path.read_text()}")
+    raise RuntimeError(
+        f"kilde serve did not answer within {START_TIMEOUT} s:\n{log_path.read_text()}"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,10 @@ def text_cell(row: Row, ctx: Context, name: str) -> str | None:
     return value if value is None or type(value) is str else values.text(value)
 
 
+def _text(value: Any) -> str | None:
+    return value if value is None or type(value) is str else values.text(value)
+
+
 def email_key(email: str) -> str:
     return email.strip().lower()
 
@@ -101,9 +105,10 @@ def identity(row: Row, ctx: Context) -> tuple[dict[str, Any], list[dict[str, Any
     so every import of the same address lands on the same id; the address itself goes into
     context.externalIds for identity resolution.
     """
-    user_id = text_cell(row, ctx, "user_id")
-    anonymous_id = text_cell(row, ctx, "anonymous_id")
-    email = text_cell(row, ctx, "email")
+    found = ctx.fields_of(row)
+    user_id = _text(found.get("user_id"))
+    anonymous_id = _text(found.get("anonymous_id"))
+    email = _text(found.get("email"))
     external: list[dict[str, Any]] = []
     if email is not None:
         if "@" not in email:
@@ -142,7 +147,7 @@ def identity(row: Row, ctx: Context) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def when(row: Row, ctx: Context, *, required: bool) -> str | None:
-    raw = cell(row, ctx, "timestamp")
+    raw = ctx.fields_of(row).get("timestamp")
     column = ctx.resolved.fields.get("timestamp")
     if raw is None:
         if required:

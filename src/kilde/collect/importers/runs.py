@@ -289,6 +289,9 @@ def _stored_message_ids(services: Services, source: str, records: list[Any]) -> 
     unknown = [i for i in _ids(records) if recent is None or (source, i) not in recent]
     if not unknown:
         return set()
+    capacity = getattr(recent, "capacity", 0)
+    if capacity and services.store.scalar("SELECT count(*) FROM events") < capacity:
+        return set()  # the writer still remembers every stored id: nothing to look up
     rows = services.store.query(
         "SELECT message_id FROM events WHERE source = ? "
         "AND message_id IN (SELECT unnest(?::VARCHAR[]))",

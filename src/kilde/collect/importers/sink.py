@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
+
 from kilde.client import Client
 from kilde.collect.importers.engine import ChunkResult, RunInfo
 from kilde.errors import KildeError
@@ -25,7 +27,11 @@ class ApiSink:
         delay = 0.25
         for attempt in range(RETRIES):
             try:
-                return self.client.post(path, json=body)
+                return self.client.post(
+                    path,
+                    content=orjson.dumps(body, default=str),
+                    headers={"Content-Type": "application/json"},
+                )
             except KildeError as exc:
                 if "(503)" not in exc.message or attempt == RETRIES - 1:
                     raise

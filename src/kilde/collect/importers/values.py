@@ -41,13 +41,16 @@ def text(value: Any) -> str | None:
 
 def amount(value: Any, decimal_mark: str | None = None) -> tuple[float, str | None]:
     """(amount, currency code found beside it). Accepts 1234.50, 1 234,50, 1,234.50, € 12."""
-    if isinstance(value, bool):
+    if type(value) is str:
+        raw = value.strip()
+        if decimal_mark != "," and _PLAIN.match(raw):
+            return float(raw), None
+    elif isinstance(value, bool):
         raise _bad_amount()
-    if isinstance(value, int | float | Decimal):
+    elif isinstance(value, int | float | Decimal):
         return float(value), None
-    raw = str(value).strip()
-    if decimal_mark != "," and _PLAIN.match(raw):
-        return float(raw), None
+    else:
+        raw = str(value).strip()
     currency = None
     for symbol, code in _SYMBOLS.items():
         if symbol in raw:
@@ -120,6 +123,11 @@ def currency_code(value: Any) -> str:
 
 def timestamp(value: Any, fmt: str | None = None, zone: tzinfo = UTC) -> datetime:
     """A moment in UTC. Without `fmt`: ISO 8601, or Unix seconds/milliseconds."""
+    if fmt is None and type(value) is str and len(value) == 20 and value[10] == "T":
+        try:  # the common case, 2026-11-29T08:15:00Z, without the general path
+            return datetime.fromisoformat(value).astimezone(UTC)
+        except ValueError:
+            pass
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, date):

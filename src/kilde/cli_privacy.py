@@ -363,7 +363,8 @@ def requests_list(
         print_json(result)
         return
     table = Table(title=f"{result['count']} requests ({state}), {result['overdue']} overdue")
-    for column in ("id", "kind", "law", "received", "due", "days left", "verified", "state"):
+    table.add_column("id", no_wrap=True, min_width=16)
+    for column in ("kind", "law", "received", "due", "days left", "verified", "state"):
         table.add_column(column)
     for row in result["requests"]:
         left = row["days_left"]
@@ -499,15 +500,18 @@ def audit(
         print_json(result)
         return
     table = Table(title=f"{result['count']} audit entries")
-    for column in ("when", "who", "action", "status", "personal data"):
-        table.add_column(column, overflow="fold")
+    table.add_column("when", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    table.add_column("status")
+    table.add_column("personal data")
+    table.add_column("who", overflow="fold")
     for row in result["entries"]:
         table.add_row(
             str(row["logged_at"])[:19],
-            row["actor"],
             row["action"],
             str(row["status"]),
             "yes" if row["personal_data"] else "",
+            row["actor"],
         )
     console.print(table)
 

@@ -105,20 +105,17 @@ def import_file(
     token: TokenOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Import a file of orders, contacts, interactions, social logins or bought data.
+    """Import orders, CRM contacts, tickets, social logins or bought data.
 
-    Every row goes through the collection plan like any tracked event. Rows that cannot be
-    imported go to a reject file (line, column, reason) and to the dead letter; importing the
-    same file again stores nothing twice.
+    Every row is checked against the collection plan like a tracked event.
 
-    Examples:
+    Rejected rows go to a reject file (line, column, reason) and the dead letter.
 
-      kilde import transactions orders.csv --source shop-orders
+    Importing the same file again stores nothing twice. See docs/importing.md.
 
-      kilde import contacts crm.xlsx --source crm --map crm.mapping.yaml --dry-run
+    kilde import transactions orders.csv --source shop-orders
 
-      kilde import broker people.csv --source databroker --broker "Acme Data"
-      --acquired 2026-10-01 --licence-expires 2027-09-30 --purpose advertising
+    kilde import contacts crm.xlsx -s crm --map crm.mapping.yaml --dry-run
     """
     if kind not in KINDS:
         fail(KildeError(f"{kind!r} is not a kind of import", fix="use one of: " + ", ".join(KINDS)))

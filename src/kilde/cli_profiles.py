@@ -119,7 +119,10 @@ def render(found: dict[str, Any], timeline: list[dict[str, Any]]) -> Group:
     for column in ("type", "value", "first seen", "last seen"):
         ids.add_column(column, overflow="fold")
     for i in found["identities"]:
-        ids.add_row(i["type"], i["value"], str(i["first_seen"])[:19], str(i["last_seen"])[:19])
+        value = i["value"] if i["type"] != "email_sha256" else i["value"][:16] + "…"
+        if i.get("shared"):
+            value += " (shared)"
+        ids.add_row(i["type"], value, str(i["first_seen"])[:19], str(i["last_seen"])[:19])
     tr = Table(title="Traits", show_edge=False)
     for column in ("trait", "value", "source", "tier", "observed", "candidates"):
         tr.add_column(column, overflow="fold")

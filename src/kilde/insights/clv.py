@@ -174,18 +174,24 @@ def gamma_gamma_log_likelihood(params: Array, x: Array, m: Array) -> Array:
 def _maximise(negative: Any, start: Array) -> tuple[Array, float, int]:
     """Minimise a negative log-likelihood over log-parameters; return the parameters.
 
-    L-BFGS-B gets close in few evaluations; a short Nelder-Mead run from there polishes the
-    last digits (it needs no gradient, so flat or ragged likelihoods do not fool it).
+    L-BFGS-B (numerical gradients) converges in few evaluations; when it stops without
+    converging, Nelder-Mead, which needs no gradient, carries on from where it stopped.
     """
-    first = optimize.minimize(negative, np.log(start), method="L-BFGS-B")
-    polished = optimize.minimize(
-        negative,
-        first.x,
-        method="Nelder-Mead",
-        options={"maxiter": 2_000, "xatol": 1e-8, "fatol": 1e-9},
+    first = optimize.minimize(
+        negative, np.log(start), method="L-BFGS-B", options={"ftol": 1e-12, "gtol": 1e-7}
     )
-    best = polished if polished.fun <= first.fun else first
-    return np.exp(best.x), float(-best.fun), int(first.nit + polished.nit)
+    best, iterations = first, int(first.nit)
+    if not first.success:
+        polished = optimize.minimize(
+            negative,
+            first.x,
+            method="Nelder-Mead",
+            options={"maxiter": 4_000, "xatol": 1e-8, "fatol": 1e-9},
+        )
+        iterations += int(polished.nit)
+        if polished.fun <= first.fun:
+            best = polished
+    return np.exp(best.x), float(-best.fun), iterations
 
 
 def _check_data(x: Array, t_x: Array, T: Array) -> None:
@@ -220,13 +226,13 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
     # Fitted in units of the mean T (alpha scales with the unit of time, nothing else does),
     # so that the penalty below means the same whatever the unit.
     scale = float(np.mean(T)) or 1.0
-    t_s, T_s = t_x / scale, T / scale
+    (xu, t_s, T_s), weights = _compress(x, t_x / scale, T / scale)
     start = np.array([1.0, 1.0, 1.0, 1.0])
 
     def negative_with(penalty: float) -> Any:
         def negative(log_params: Array) -> float:
             params = np.exp(log_params)
-            value = -float(np.sum(bgnbd_log_likelihood(params, x, t_s, T_s)))
+            value = -float(np.dot(weights, bgnbd_log_likelihood(params, xu, t_s, T_s)))
             value += penalty * float(np.sum(log_params**2))
             return value if math.isfinite(value) else 1e300
 
@@ -245,6 +251,12 @@ def fit_bgnbd(x: Array, t_x: Array, T: Array) -> BgNbd:
 
 
 RUNAWAY = 1e5
+
+
+def _compress(*columns: Array) -> tuple[tuple[Array, ...], Array]:
+    """Distinct customers' rows and how many customers share each (the likelihood is a sum)."""
+    rows, counts = np.unique(np.stack(columns, axis=1), axis=0, return_counts=True)
+    return tuple(rows[:, i] for i in range(len(columns))), counts.astype(np.float64)
 RIDGE = 0.01  # on the log-parameters (scale-free): pulls runaway values back
 
 
@@ -262,12 +274,12 @@ def fit_gamma_gamma(x: Array, m: Array) -> GammaGamma:
 
     # Fitted on spend in units of its mean (gamma scales with the currency, p and q do not).
     scale = float(np.mean(m))
-    m_s = m / scale
+    (xu, m_s), weights = _compress(x, m / scale)
 
     def negative_with(penalty: float) -> Any:
         def negative(log_params: Array) -> float:
             params = np.exp(log_params)
-            value = -float(np.sum(gamma_gamma_log_likelihood(params, x, m_s)))
+            value = -float(np.dot(weights, gamma_gamma_log_likelihood(params, xu, m_s)))
             value += penalty * float(np.sum(log_params**2))
             return value if math.isfinite(value) else 1e300
 

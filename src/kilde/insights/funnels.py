@@ -9,6 +9,7 @@ A funnel can be limited to the members of a segment.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,25 +58,39 @@ def funnel(
         first = first.filter(first.timestamp >= ibis.literal(ctx.now - timedelta(days=since_days)))
     if segment_rule is not None:
         first = first.semi_join(members(segment_rule, ctx).select("profile_id"), "profile_id")
-    reached = first.group_by("profile_id").aggregate(start=first.timestamp.min())
-    reached = reached.mutate(t=reached.start)
-    stages: list[ir.Table] = [reached]
-    for ev in rows[1:]:
-        prev = stages[-1]
-        later = ev.select("profile_id", ts=ev.timestamp)
-        joined = prev.join(later, "profile_id")
-        joined = joined.filter(
-            (joined.ts >= joined.t)
-            & (joined.ts <= joined.start + ibis.interval(seconds=int(window_days * 86400)))
+    # Every step's events once, in one table held by the backend for the steps below.
+    parts = [first.select("profile_id", "timestamp", step=ibis.literal(0))]
+    parts += [
+        r.select("profile_id", "timestamp", step=ibis.literal(i)) for i, r in enumerate(rows[1:], 1)
+    ]
+    hits = parts[0].union(*parts[1:]).cache() if len(parts) > 1 else parts[0].cache()
+    stages: list[ir.Table] = []
+    try:
+        start = hits.filter(hits.step == 0)
+        reached = start.group_by("profile_id").aggregate(start=start.timestamp.min())
+        stages.append(reached.mutate(t=reached.start).cache())
+        window = ibis.interval(seconds=int(window_days * 86400))
+        for i in range(1, len(steps)):
+            prev = stages[-1]
+            later = hits.filter(hits.step == i).select("profile_id", ts=hits.timestamp)
+            joined = prev.join(later, "profile_id")
+            joined = joined.filter((joined.ts >= joined.t) & (joined.ts <= joined.start + window))
+            stages.append(
+                joined.group_by("profile_id", "start").aggregate(t=joined.ts.min()).cache()
+            )
+        counts = [int(stage.count().to_pyarrow().as_py()) for stage in stages]
+        last = stages[-1]
+        hours = (
+            last.aggregate(
+                h=((last.t.epoch_seconds() - last.start.epoch_seconds()) / 3600.0).median()
+            )
+            .to_pyarrow()
+            .to_pylist()[0]["h"]
         )
-        stages.append(joined.group_by("profile_id", "start").aggregate(t=joined.ts.min()))
-    counts = [int(stage.count().to_pyarrow().as_py()) for stage in stages]
-    last = stages[-1]
-    hours = (
-        last.aggregate(h=((last.t.epoch_seconds() - last.start.epoch_seconds()) / 3600.0).median())
-        .to_pyarrow()
-        .to_pylist()[0]["h"]
-    )
+    finally:
+        for table in (hits, *stages):
+            with contextlib.suppress(Exception):
+                table.release()
     out = []
     for i, (step, n) in enumerate(zip(steps, counts, strict=True)):
         previous = counts[i - 1] if i else n

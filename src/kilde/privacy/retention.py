@@ -6,7 +6,9 @@ has expired and, by the plan's `privacy.retention_action`:
 
 - `delete`: removes expired events (and what identity resolution read from them);
 - `anonymise`: keeps expired events for aggregate reporting but removes everything that
-  identifies the person (user and anonymous id, IP address, traits, context, the URL's query).
+  identifies the person: user and anonymous id, IP address, traits, context, and the URL,
+  referrer and search of pages (the path stays). Other properties are kept: an event whose
+  properties identify people should be deleted instead.
 
 Expired traits are taken out of the events that carried them and off the profiles. Events and
 traits without a retention in the plan are kept and reported, so the gap is visible. Every run
@@ -16,8 +18,10 @@ The consent ledger and the erasure records are kept: they are the company's evid
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +30,7 @@ import orjson
 
 from kilde.plan.models import EventSpec, Plan, retention_days
 from kilde.privacy.services import Privacy
+from kilde.store.database import Store
 from kilde.store.writer import WriteBatch
 
 _ANONYMISED = '{"kilde":{"anonymised":true}}'
@@ -93,79 +98,123 @@ def retain(
     plan = privacy.plan
     action = plan.privacy.retention_action
     run_id = "ret_" + uuid.uuid4().hex[:16]
-    store = privacy.store
     with privacy.lock:
-        rules, unplanned, unplanned_params = _event_rules(plan, now)
-        live = "NOT (user_id IS NULL AND anonymous_id IS NULL AND context = ?)"
-        events: list[dict[str, Any]] = []
-        for rule in rules:
-            expired = int(
-                store.scalar(
-                    f"SELECT count(*) FROM events WHERE {rule.where} AND timestamp < ? AND {live}",
-                    [*rule.params, rule.cutoff, _ANONYMISED],
-                )
-                or 0
-            )
-            events.append(
-                {
-                    "event": rule.what,
-                    "retention": rule.retention,
-                    "cutoff": rule.cutoff,
-                    "expired": expired,
-                }
-            )
-        traits: list[dict[str, Any]] = []
-        for spec in plan.traits:
-            if spec.retention is None:
-                continue
-            cutoff = now - timedelta(days=retention_days(spec.retention))
-            found = store.query(
-                "SELECT (SELECT count(*) FROM events WHERE timestamp < ? AND ("
-                " json_exists(traits, ?) OR json_exists(context, ?))) AS events, "
-                "(SELECT count(*) FROM profile_traits WHERE name = ? AND observed_at < ?) "
-                "AS profiles",
-                [cutoff, _path(spec.name), "$.traits" + _path(spec.name)[1:], spec.name, cutoff],
-            )[0]
-            traits.append(
-                {
-                    "trait": spec.name,
-                    "retention": spec.retention,
-                    "cutoff": cutoff,
-                    "events": int(found["events"] or 0),
-                    "profiles": int(found["profiles"] or 0),
-                }
-            )
-        kept = int(
-            store.scalar(f"SELECT count(*) FROM events WHERE {unplanned}", unplanned_params) or 0
-        )
-        statements: list[tuple[str, list[Any]]] = []
-        if not dry_run:
-            statements = _statements(rules, traits, action, live)
-        report: dict[str, Any] = {
+        if dry_run:
+            report = _measure(privacy.store.scalar, plan, now)
+        else:
+            # Counted and changed alone on the writer thread, so the report is exactly what
+            # was done, even while records keep arriving.
+            report = privacy.writer.exclusive(lambda: _apply(privacy.store, plan, now, action))
+        report = {
             "run_id": run_id,
             "trigger": trigger,
             "dry_run": dry_run,
             "action": action,
             "at": now,
-            "events": events,
-            "traits": traits,
-            "expired_events": sum(e["expired"] for e in events),
-            "expired_traits": sum(t["events"] + t["profiles"] for t in traits),
-            "kept_without_retention": kept,
+            **{k: v for k, v in report.items() if k != "_rules"},
+            "seconds": round(time.perf_counter() - started, 3),
         }
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        statements.append(
-            (
-                "INSERT INTO retention_runs VALUES (?, ?, ?, ?, ?, ?)",
-                [run_id, now, datetime.now(UTC), trigger, dry_run, orjson.dumps(report).decode()],
+        privacy.writer.write_sync(
+            WriteBatch(
+                statements=[
+                    (
+                        "INSERT INTO retention_runs VALUES (?, ?, ?, ?, ?, ?)",
+                        [
+                            run_id,
+                            now,
+                            datetime.now(UTC),
+                            trigger,
+                            dry_run,
+                            orjson.dumps(report).decode(),
+                        ],
+                    )
+                ]
             )
         )
-        privacy.writer.write_sync(WriteBatch(statements=statements))
         engine = privacy.identity
         if not dry_run and report["expired_events"] and engine is not None:
             engine.rebuild()  # profiles and identities from what is left
             report["profiles_rebuilt"] = True
         return report
+
+
+_LIVE = "NOT (user_id IS NULL AND anonymous_id IS NULL AND context = ?)"
+Scalar = Callable[[str, list[Any]], Any]
+
+
+def _measure(scalar: Scalar, plan: Plan, now: datetime) -> dict[str, Any]:
+    """What has expired now, per event and trait of the plan."""
+    rules, unplanned, unplanned_params = _event_rules(plan, now)
+    events: list[dict[str, Any]] = []
+    for rule in rules:
+        expired = scalar(
+            f"SELECT count(*) FROM events WHERE {rule.where} AND timestamp < ? AND {_LIVE}",
+            [*rule.params, rule.cutoff, _ANONYMISED],
+        )
+        events.append(
+            {
+                "event": rule.what,
+                "retention": rule.retention,
+                "cutoff": rule.cutoff,
+                "expired": int(expired or 0),
+            }
+        )
+    traits: list[dict[str, Any]] = []
+    for spec in plan.traits:
+        if spec.retention is None:
+            continue
+        cutoff = now - timedelta(days=retention_days(spec.retention))
+        path = _path(spec.name)
+        in_events = scalar(
+            "SELECT count(*) FROM events WHERE timestamp < ? AND ("
+            "json_exists(traits, ?) OR json_exists(context, ?))",
+            [cutoff, path, "$.traits" + path[1:]],
+        )
+        in_profiles = scalar(
+            "SELECT count(*) FROM profile_traits WHERE name = ? AND observed_at < ?",
+            [spec.name, cutoff],
+        )
+        traits.append(
+            {
+                "trait": spec.name,
+                "retention": spec.retention,
+                "cutoff": cutoff,
+                "events": int(in_events or 0),
+                "profiles": int(in_profiles or 0),
+            }
+        )
+    kept = scalar(f"SELECT count(*) FROM events WHERE {unplanned}", unplanned_params)
+    return {
+        "events": events,
+        "traits": traits,
+        "expired_events": sum(e["expired"] for e in events),
+        "expired_traits": sum(t["events"] + t["profiles"] for t in traits),
+        "kept_without_retention": int(kept or 0),
+        "_rules": rules,
+    }
+
+
+def _apply(store: Store, plan: Plan, now: datetime, action: str) -> dict[str, Any]:
+    """On the writer thread: measure, then change, in one transaction."""
+    con = store.cursor()
+
+    def scalar(sql: str, params: list[Any]) -> Any:
+        row = con.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    try:
+        con.execute("BEGIN TRANSACTION")
+        report = _measure(scalar, plan, now)
+        for sql, params in _statements(report["_rules"], report["traits"], action, _LIVE):
+            con.execute(sql, params)
+        con.execute("COMMIT")
+    except Exception:
+        with contextlib.suppress(Exception):
+            con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return report
 
 
 def _path(name: str) -> str:
@@ -207,7 +256,9 @@ def _statements(
                 (
                     "UPDATE events SET user_id = NULL, anonymous_id = NULL, previous_id = NULL, "
                     "group_id = NULL, ip = NULL, traits = '{}', context = ?, integrations = '{}', "
-                    "page_url = page_path, referrer = NULL FROM retention_expired x "
+                    "page_url = page_path, referrer = NULL, properties = json_merge_patch("
+                    'properties, \'{"url": null, "referrer": null, "search": null}\') '
+                    "FROM retention_expired x "
                     "WHERE events.source = x.source AND events.message_id = x.message_id",
                     [_ANONYMISED],
                 )

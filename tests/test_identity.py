@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -475,3 +476,56 @@ def test_demo_identity_accuracy_against_truth(own_server: Server) -> None:
     assert report["profiles_mixed"] <= 15, report
     readable = own_server.kilde("identity", "report")
     assert "precision" in readable.stdout and "recall" in readable.stdout
+
+
+def test_a_form_signup_links_the_browsing_cookie_the_order_and_the_phone(
+    kilde_server: Server,
+) -> None:
+    """The hosted signup form carries the browsing cookie; the order system sends the email in
+    context.traits (Segment's convention for server calls); support runs on the phone app."""
+    cookie, phone, user = uid("cookie"), uid("phone"), uid("user")
+    email = f"{uid('sara')}@example.com"
+    send(kilde_server, WEB_KEY, {"type": "page", "anonymousId": cookie, "name": "Home"})
+    browser = httpx.Client(base_url=kilde_server.url, cookies={"kilde_aid": cookie})
+    page = browser.get("/f/newsletter")
+    assert page.status_code == 200
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert token
+    signed_up = browser.post(
+        "/f/newsletter", data={"csrf": token.group(1), "email": email, "first_name": "Sara"}
+    )
+    assert signed_up.status_code == 200
+    send(
+        kilde_server,
+        BACKEND_KEY,
+        {
+            "type": "track",
+            "userId": user,
+            "event": "Order Completed",
+            "properties": {"order_id": uid("o"), "revenue": 990.0, "currency": "NOK"},
+            "context": {"traits": {"email": email}},
+        },
+    )
+    send(
+        kilde_server,
+        APP_KEY,
+        {"type": "identify", "anonymousId": phone, "traits": {"email": email}},
+        {"type": "screen", "anonymousId": phone, "name": "Support chat"},
+    )
+
+    def joined() -> list[dict[str, Any]] | None:
+        found = lookup(kilde_server, user_id=user)
+        if found and lookup(kilde_server, anonymous_id=phone) == found:
+            return found if lookup(kilde_server, anonymous_id=cookie) == found else None
+        return None
+
+    pid = until(joined, "cookie, order and phone on one profile")[0]["profile_id"]
+    shown = profile(kilde_server, pid)
+    assert shown["traits"]["first_name"]["source"] == "forms"
+    assert shown["consents"]["marketing_email"]["state"] == "denied"  # the unticked box
+    events = timeline(kilde_server, pid)
+    kinds = {(e["source"], e["type"], e["event"]) for e in events}
+    assert ("web", "page", "Home") in kinds
+    assert ("backend", "track", "Order Completed") in kinds
+    assert ("app", "screen", "Support chat") in kinds
+    assert any(source == "forms" for source, _, _ in kinds)

@@ -344,3 +344,19 @@ def test_admin_token_still_works_everywhere(shop: Server) -> None:
             answer = client.get(path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
             assert answer.status_code == 200, path
         assert client.get("/api/users").status_code == 401
+
+
+def test_upload_an_import_with_progress(admin: Page, shop: Server) -> None:
+    sample = Path(__file__).resolve().parent.parent / "docs" / "samples" / "orders.csv"
+    admin.goto(f"{shop.url}/quality#imports")
+    admin.set_input_files("#upload-file", str(sample))
+    admin.get_by_label("Kind").select_option("transactions")
+    admin.get_by_label("Source", exact=True).select_option("shop-orders")
+    admin.get_by_role("button", name="Upload and import").click()
+    status = admin.locator("[data-status]")
+    expect(status).to_have_text(re.compile(r"^Import \w+: [1-9]\d* stored"), timeout=60_000)
+    expect(admin.locator("#import-runs")).to_contain_text("orders.csv")
+    assert admin.locator("progress").evaluate("p => p.value === p.max")
+    with _admin_api(shop) as api:
+        runs = api.get("/api/imports").json()["imports"]
+    assert any(r["file_name"] == "orders.csv" and r["stored"] for r in runs)

@@ -53,9 +53,9 @@ def _nice_max(value: float) -> float:
     return float(value)
 
 
-def _svg(width: int, height: int, title: str, body: str) -> Markup:
+def _svg(width: int, height: int, title: str, body: str, wide: bool = False) -> Markup:
     return Markup(
-        f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg class="chart{" wide" if wide else ""}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{escape(title)}" preserveAspectRatio="xMidYMid meet" '
         f'xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>{body}</svg>'
     )
@@ -112,7 +112,7 @@ def stacked_bars(
             f'<text class="axis" x="{_n(x)}" y="{height - 6}" text-anchor="middle">'
             f"{escape(labels[i][5:])}</text>"
         )
-    return _svg(width, height, title, "".join(parts))
+    return _svg(width, height, title, "".join(parts), wide=True)
 
 
 def hbars(

@@ -204,6 +204,9 @@ class IdentityEngine:
         self.lock = threading.RLock()
         self._guard = threading.Lock()
         self._runner: Runner | None = None
+        self._rules_for: Plan | None = None
+        self._rules_hash = ""
+        self._news_cursor: Any = None
         self._runner_key = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -245,8 +248,12 @@ class IdentityEngine:
         return salt
 
     def rules_hash(self) -> str:
-        raw = self.plan().identity.model_dump_json()
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        plan = self.plan()
+        if self._rules_for is not plan:  # plans are immutable: hash each one once
+            raw = plan.identity.model_dump_json()
+            self._rules_hash = hashlib.sha256(raw.encode()).hexdigest()[:16]
+            self._rules_for = plan
+        return self._rules_hash
 
     def separations(self) -> list[Separation]:
         rows = self.store.query(
@@ -328,6 +335,10 @@ class IdentityEngine:
         """Process what arrived since the last step; None if nothing did."""
         with self.lock:
             if self._state("rules") != self.rules_hash():
+                if not self.store.scalar("SELECT count(*) FROM events"):
+                    # nothing to rebuild from: just remember the rules
+                    self.writer.write_sync(WriteBatch(statements=self._state_statements(None)))
+                    return None
                 return self.rebuild()
             if self.backlog() > REBUILD_BACKLOG:
                 return self.rebuild()
@@ -799,12 +810,18 @@ class IdentityEngine:
             with contextlib.suppress(Exception):
                 self._runner.close()
             self._runner = None
+        if self._news_cursor is not None:
+            with contextlib.suppress(Exception):
+                self._news_cursor.close()
+            self._news_cursor = None
 
     def _news(self) -> tuple[int, str]:
         """A cheap fingerprint of what could need work: the events' row count (kept in
         DuckDB's metadata) and the plan's rules."""
-        count = int(self.store.scalar("SELECT count(*) FROM events") or 0)
-        return count, self.rules_hash()
+        if self._news_cursor is None:
+            self._news_cursor = self.store.cursor()
+        row = self._news_cursor.execute("SELECT count(*) FROM events").fetchone()
+        return int(row[0] if row else 0), self.rules_hash()
 
     def _run(self) -> None:
         done: tuple[int, str] | None = None

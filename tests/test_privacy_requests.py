@@ -140,7 +140,7 @@ def test_the_register_is_generated_from_the_plan(tmp_path: Path) -> None:
     assert markdown.returncode == 0, markdown.stderr
     text = markdown.stdout
     assert text.startswith("# Record of processing activities (GDPR Art. 30)")
-    assert "**Contact for data protection:**\nprivacy@fjordfell.example" in text
+    assert "**Contact for data protection:** privacy@fjordfell.example\n" in text
     for purpose, basis in (
         ("analytics", "legitimate_interest"),
         ("marketing_email", "consent (double opt-in)"),

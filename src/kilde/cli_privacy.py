@@ -50,6 +50,11 @@ RequestOpt = Annotated[
 ]
 
 
+def say(*objects: Any, **options: Any) -> None:
+    """Print without wrapping long lines (scripts read them) or colouring values."""
+    console.print(*objects, **{"highlight": False, "soft_wrap": True, **options})
+
+
 def register(app: typer.Typer, plan_app: typer.Typer) -> None:
     app.add_typer(privacy_app, name="privacy")
     plan_app.command("register")(plan_register)
@@ -94,7 +99,7 @@ def export(
             target.write_bytes(response.content)
     except KildeError as exc:
         fail(exc)
-    console.print(f"wrote {target} ({len(response.content) // 1024 + 1} KB)", highlight=False)
+    say(f"wrote {target} ({len(response.content) // 1024 + 1} KB)", highlight=False)
 
 
 @privacy_app.command("erase")
@@ -125,13 +130,13 @@ def erase(
         print_json(result)
         return
     if result["status"] == "already_erased":
-        console.print(
+        say(
             f"already erased on {str(result['completed_at'])[:19]} ({result['erasure_id']}); "
             "nothing left to remove",
             highlight=False,
         )
         return
-    console.print(
+    say(
         f"[green]erased[/] ({result['erasure_id']}): {result['rows_removed']} rows from "
         f"{len(result['removed'])} tables, {len(result['files_cleaned'])} files; "
         f"{result['suppressed']} identifiers suppressed; store "
@@ -139,7 +144,7 @@ def erase(
         highlight=False,
     )
     for table, count in sorted(result["removed"].items()):
-        console.print(f"  {table}: {count}", highlight=False)
+        say(f"  {table}: {count}", highlight=False)
 
 
 @privacy_app.command("suppress")
@@ -167,13 +172,11 @@ def suppress(
         return
     for result in done:
         if remove:
-            console.print(f"removed {result['removed']} entries ({result['entries']} left)")
+            say(f"removed {result['removed']} entries ({result['entries']} left)")
         else:
-            console.print(
-                f"suppressed {result['suppressed']} identifiers ({result['entries']} in all)"
-            )
+            say(f"suppressed {result['suppressed']} identifiers ({result['entries']} in all)")
     if listing is not None:
-        console.print(
+        say(
             f"{listing['entries']} entries on the suppression list; "
             f"{listing['dropped']} records dropped at the door"
         )
@@ -183,7 +186,7 @@ def suppress(
         for row in listing["by_source"]:
             table.add_row(str(row["day"]), row["source"], row["channel"], str(row["records"]))
         if listing["by_source"]:
-            console.print(table)
+            say(table)
 
 
 # -- consent and do-not-sell ----------------------------------------------------------------------
@@ -229,7 +232,7 @@ def consent(
             state["channel"] or "",
             state["evidence"] or "",
         )
-    console.print(table)
+    say(table)
 
 
 @privacy_app.command("do-not-sell")
@@ -250,7 +253,7 @@ def do_not_sell(
             )
     except KildeError as exc:
         fail(exc)
-    console.print(
+    say(
         "do not sell or share: " + ("[bold]yes[/]" if result["do_not_sell"] else "no"),
         highlight=False,
     )
@@ -273,7 +276,7 @@ def status(
     if json:
         print_json(result)
         return
-    console.print(
+    say(
         f"consent gate: [bold]{result['mode']}[/]; {result['suppression_entries']} entries on "
         "the suppression list",
         highlight=False,
@@ -284,13 +287,13 @@ def status(
     for row in result["withheld_by_purpose"]:
         what = "whole records" if row["kind"] == "event" else "traits left out"
         table.add_row(row["purpose"], what, str(row["records"]))
-    console.print(table)
+    say(table)
     table = Table(title="Dropped at the door: suppressed people")
     for column in ("source", "channel", "records"):
         table.add_column(column)
     for row in result["suppressed_by_source"]:
         table.add_row(row["source"], row["channel"], str(row["records"]))
-    console.print(table)
+    say(table)
 
 
 # -- retention ------------------------------------------------------------------------------------
@@ -326,8 +329,8 @@ def retain(
             str(row["cutoff"])[:10],
             f"{row['events']} events, {row['profiles']} profiles",
         )
-    console.print(table)
-    console.print(
+    say(table)
+    say(
         f"{verb} {report['expired_events']} events and {report['expired_traits']} trait values; "
         f"{report['kept_without_retention']} events have no retention in the plan",
         highlight=False,
@@ -379,7 +382,7 @@ def requests_list(
             row["verification"],
             row["state"],
         )
-    console.print(table)
+    say(table)
 
 
 @requests_app.command("add")
@@ -412,7 +415,7 @@ def requests_add(
     if json:
         print_json(result)
         return
-    console.print(
+    say(
         f"logged {result['id']} ({result['kind']}, {result['law']}): answer by "
         f"{str(result['due_at'])[:10]}",
         highlight=False,
@@ -451,7 +454,7 @@ def requests_update(
     if json:
         print_json(result)
         return
-    console.print(
+    say(
         f"{result['id']}: {result['state']}, verification {result['verification']}, due "
         f"{str(result['due_at'])[:10]}" + (f"; {result['outcome']}" if result["outcome"] else ""),
         highlight=False,
@@ -513,7 +516,7 @@ def audit(
             "yes" if row["personal_data"] else "",
             row["actor"],
         )
-    console.print(table)
+    say(table)
 
 
 # -- the Art. 30 register -------------------------------------------------------------------------
@@ -541,4 +544,4 @@ def plan_register(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        console.print(f"wrote {output}", highlight=False)
+        say(f"wrote {output}", highlight=False)

@@ -113,7 +113,10 @@ def render(plan: Plan, fmt: str) -> str:
             )
         return out.getvalue()
     template = _HTML if fmt == "html" else _MARKDOWN
+    company = plan.company
     return template.render(
+        controller=company.name + (f", {company.website}" if company.website else ""),
+        contact=company.contact or "not set in the plan (company.contact)",
         plan=plan,
         rows=rows,
         sources=plan.sources,
@@ -124,11 +127,9 @@ def render(plan: Plan, fmt: str) -> str:
 _MARKDOWN = jinja2.Environment(autoescape=False, trim_blocks=True, lstrip_blocks=True).from_string(
     """# Record of processing activities (GDPR Art. 30)
 
-**Controller:** {{ plan.company.name }}
-{%- if plan.company.website %}, {{ plan.company.website }}{% endif %}
+**Controller:** {{ controller }}
 
-**Contact for data protection:**
-{{ plan.company.contact or "not set in the plan (company.contact)" }}
+**Contact for data protection:** {{ contact }}
 
 Generated from the collection plan on {{ generated }}.
 

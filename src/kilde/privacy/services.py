@@ -79,7 +79,11 @@ class Privacy:
     def subject(self, body: dict[str, Any]) -> Subject:
         """The person a request body names (SubjectError when it names nobody or several)."""
         given, profile_id = parse_request(body, self.normaliser())
-        return resolve(self.store, given, profile_id)
+        subject = resolve(self.store, given, profile_id)
+        if not subject.known and self.identity is not None:
+            self.catch_up()  # stored a moment ago, not yet read by identity resolution
+            subject = resolve(self.store, given, profile_id)
+        return subject
 
     def subject_hash(self, subject: Subject) -> str:
         """How privacy tables remember who a request was about."""

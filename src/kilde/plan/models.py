@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import fastjsonschema
 from jsonschema import Draft7Validator
@@ -253,7 +253,9 @@ class IdentityRules(_Strict):
     """How identifiers are stitched into profiles (the `identity:` section; all optional)."""
 
     # Stronger identifiers first: a record's event belongs to the profile of its first one.
-    priority: list[IdentifierType] = Field(default_factory=lambda: list(IDENTIFIER_TYPES))
+    priority: list[IdentifierType] = Field(
+        default_factory=lambda: cast(list[IdentifierType], list(IDENTIFIER_TYPES))
+    )
     # The most identifiers of a type one profile may hold; a link that would exceed it is
     # refused and recorded as a merge conflict.
     limits: dict[IdentifierType, int] = Field(default_factory=dict)
@@ -282,11 +284,13 @@ class IdentityRules(_Strict):
 
     def limit(self, id_type: str) -> int:
         """The per-profile limit of a type: the plan's, else the default."""
-        return dict(self.limits).get(id_type, DEFAULT_LIMITS.get(id_type, 1))
+        limits: dict[str, int] = {str(k): v for k, v in self.limits.items()}
+        return limits.get(id_type, DEFAULT_LIMITS.get(id_type, 1))
 
     def shared_threshold(self, id_type: str) -> int | None:
         """Partners above which an identifier of this type is shared (None: never)."""
-        return dict(self.shared_after).get(id_type, DEFAULT_SHARED_AFTER.get(id_type))
+        shared: dict[str, int] = {str(k): v for k, v in self.shared_after.items()}
+        return shared.get(id_type, DEFAULT_SHARED_AFTER.get(id_type))
 
 
 class Plan(_Strict):

@@ -452,8 +452,10 @@ def same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if not origin or origin == "null":
         return origin is None
-    host = request.headers.get("host", "")
-    return origin.split("://", 1)[-1] == host
+    hosts = {request.headers.get("host", "")}
+    if getattr(request.app.state.settings, "trust_proxy", False):
+        hosts.add(request.headers.get("x-forwarded-host", "").split(",")[0].strip())
+    return origin.split("://", 1)[-1] in hosts - {""}
 
 
 # -- login throttling ---------------------------------------------------------------------------

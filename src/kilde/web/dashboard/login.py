@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from typing import Any
 
@@ -18,7 +19,8 @@ router = APIRouter()
 
 
 def _safe_next(target: Any) -> str:
-    if isinstance(target, str) and target.startswith("/") and not target.startswith("//"):
+    # Only paths of this site: not //host, nor /\host (a backslash), which browsers read as //host.
+    if isinstance(target, str) and re.match(r"^/(?![/\\])", target):
         return target.split("?", 1)[0][:200]
     return "/"
 

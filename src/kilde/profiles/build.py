@@ -17,6 +17,7 @@ import pyarrow as pa
 from kilde.identity.runner import Runner
 from kilde.plan.models import Plan
 from kilde.profiles.traits import TIERS, tier_expr
+from kilde.store.portable import ranked_list
 
 SESSION_GAP_MINUTES = 30
 PROFILE_COLUMNS = (
@@ -118,7 +119,7 @@ def _computed(run: Runner, identities: ir.Table) -> ir.Table:
         email_clicks=(ev.event == "Email Link Clicked").sum().cast("int64"),
         latest_nps=ev.nps.argmax(ev.timestamp, where=ev.nps.notnull()),
         support_sentiment=ev.sentiment.mean(where=ev.event == "Support Interaction"),
-        channels=ev.source.collect(distinct=True, order_by=ev.source),
+        channels=ev.source.collect(distinct=True).sort(),
     )
     base = base.mutate(
         total_revenue=base.total_revenue.fill_null(0.0),
@@ -134,9 +135,7 @@ def _computed(run: Runner, identities: ir.Table) -> ir.Table:
         )
     )
     top = ranked.filter(ranked.rn < 3)
-    favourites = top.group_by("profile_id").aggregate(
-        favourite_categories=top.category.collect(order_by=[top.rn])
-    )
+    favourites = ranked_list(top, "profile_id", "category", "rn", 3, "favourite_categories")
     base = base.left_join(favourites, "profile_id").drop("profile_id_right")
     profiles = identities.group_by("profile_id", "closure_id").aggregate(
         first_seen=identities.first_seen.min(),
@@ -181,7 +180,7 @@ def _traits(run: Runner, plan: Plan, identities: ir.Table) -> ir.Table:
     ev = profile_events(run, identities)
     ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
     tier = tier_expr(plan, ev.source, ev.context)
-    pairs = ev.traits.cast("json").map
+    # One unnest per select and a lookup by key: Spark allows a single generator per select.
     found = ev.select(
         "profile_id",
         "closure_id",
@@ -189,9 +188,10 @@ def _traits(run: Runner, plan: Plan, identities: ir.Table) -> ir.Table:
         "message_id",
         observed_at=ev.timestamp,
         tier=tier,
-        name=pairs.keys().unnest(),
-        value=pairs.values().unnest().cast("string"),
+        pairs=ev.traits.cast("json").map,
     )
+    found = found.mutate(name=found.pairs.keys().unnest())
+    found = found.mutate(value=found.pairs[found.name].cast("string")).drop("pairs")
     found = found.filter(found.value.notnull() & (found.value != "null"))
     rank = found.tier.cases(*[(t, i) for i, t in enumerate(TIERS)], else_=len(TIERS))
     best_first = ibis.window(

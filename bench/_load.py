@@ -55,18 +55,13 @@ CITIES = [("Oslo", "NO"), ("Bergen", "NO"), ("Stockholm", "SE"), ("Berlin", "DE"
 SITE = "https://fjordfell.example"
 
 
-def _context(rng: random.Random, path: str, title: str) -> dict[str, Any]:
+def _context(rng: random.Random, path: str) -> dict[str, Any]:
     context: dict[str, Any] = {
         "ip": f"{rng.choice(IP_PREFIXES)}.{rng.randint(1, 254)}",
         "userAgent": rng.choice(USER_AGENTS),
         "locale": "nb-NO",
-        "library": {"name": "analytics.js", "version": "next-1.70.0"},
-        "page": {
-            "path": path,
-            "url": SITE + path,
-            "referrer": "https://www.google.com/",
-            "title": title,
-        },
+        "library": {"name": "analytics.js", "version": "5.2.0"},
+        "page": {"path": path, "url": SITE + path, "referrer": "https://www.google.com/"},
     }
     if rng.random() < 0.3:
         context["campaign"] = {"source": "newsletter", "medium": "email", "name": "november"}
@@ -87,7 +82,7 @@ def make_event(rng: random.Random) -> dict[str, Any]:
             "type": "page",
             "name": "Product",
             "properties": {"path": path, "url": SITE + path, "title": name},
-            "context": _context(rng, path, name),
+            "context": _context(rng, path),
             **ids,
         }
     if roll < 0.75:
@@ -103,7 +98,7 @@ def make_event(rng: random.Random) -> dict[str, Any]:
                 "price": price,
                 "currency": "NOK",
             },
-            "context": _context(rng, path, name),
+            "context": _context(rng, path),
             **ids,
         }
     if roll < 0.92:
@@ -117,7 +112,7 @@ def make_event(rng: random.Random) -> dict[str, Any]:
                 "price": price,
                 "quantity": rng.randint(1, 3),
             },
-            "context": _context(rng, "/cart", "Cart"),
+            "context": _context(rng, "/cart"),
             **ids,
         }
     city, country = rng.choice(CITIES)
@@ -134,7 +129,7 @@ def make_event(rng: random.Random) -> dict[str, Any]:
             "country": country,
             "newsletter": rng.random() < 0.4,
         },
-        "context": _context(rng, "/account", "Account"),
+        "context": _context(rng, "/account"),
     }
 
 

@@ -303,13 +303,12 @@ def run_load(
     prefix: str,
 ) -> LoadResult:
     """Entry of the load process (a separate process from both the server and the bench)."""
+    drive = _drive(host, port, connections, duration, batch_size, seed, prefix)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        runner = asyncio.run
-    return runner(_drive(host, port, connections, duration, batch_size, seed, prefix))
+        return asyncio.run(drive)
+    return uvloop.run(drive)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -360,3 +360,28 @@ def test_upload_an_import_with_progress(admin: Page, shop: Server) -> None:
     with _admin_api(shop) as api:
         runs = api.get("/api/imports").json()["imports"]
     assert any(r["file_name"] == "orders.csv" and r["stored"] for r in runs)
+
+
+def test_the_questions_of_the_issue_by_clicking(admin: Page, shop: Server) -> None:
+    """Best customers, who is about to leave, where buyers come from: a few clicks each."""
+    with _admin_api(shop) as api:
+        groups = {
+            g["rfm_group"]: g["customers"] for g in api.get("/api/insights/rfm").json()["groups"]
+        }
+    best = next(name for name in ("Champions", "Loyal") if groups.get(name))
+    admin.goto(f"{shop.url}/insights")
+    admin.get_by_role("link", name=best, exact=True).click()
+    count = admin.locator("[data-preview-count]")
+    expect(count).to_have_attribute("data-preview-count", str(groups[best]))
+    expect(admin.locator("#preview tbody tr").first).to_contain_text(best)
+    admin.goto(f"{shop.url}/insights?tab=churn")
+    admin.get_by_role("link", name="Who is flagged").click()
+    expect(admin.locator("[data-preview-count]")).to_be_visible()
+    admin.goto(f"{shop.url}/insights?tab=attribution")
+    channels = admin.locator(
+        "section", has=admin.get_by_role("heading", name="Where buyers come from")
+    )
+    expect(channels.locator("tbody tr").first).not_to_contain_text("No conversion yet")
+    admin.get_by_label("Model").select_option("first_touch")
+    admin.get_by_role("button", name="Show").click()
+    expect(admin).to_have_url(re.compile("model=first_touch"))

@@ -39,7 +39,7 @@ def _label(value: float) -> str:
         return f"{value / 1000:.0f}k"
     if abs(value) >= 1000:
         return f"{value / 1000:.1f}k"
-    return f"{value:g}" if value == int(value) else f"{value:.2f}"
+    return f"{value:.3g}"
 
 
 def _nice_max(value: float) -> float:

@@ -116,6 +116,16 @@ def rule_from_form(page: Page) -> tuple[dict[str, Any] | None, str]:
     return {combine: conditions}, ""
 
 
+def _linked(page: Page) -> dict[str, str] | None:
+    """A condition handed over in the address by a link from another page (no personal data:
+    e.g. "computed rfm_group equals Champions" from the RFM table)."""
+    query = page.request.query_params
+    row = {key: (query.get(key) or "")[:200] for key in ("kind", "name", "op", "value")}
+    if row["kind"] not in KINDS or not row["name"]:
+        return None
+    return row | {"within": "", "not": ""}
+
+
 def _unavailable(page: Page) -> Response:
     return page.render("unavailable.html", title="Segments", what="Segments")
 
@@ -124,7 +134,11 @@ def _form_context(page: Page) -> dict[str, Any]:
     plan = page.state.pipeline.plan
     rows = [_row(page, i) for i in range(ROWS)]
     if page.form is None:
-        rows[0] = {"kind": "computed", "name": "orders", "op": "gte", "value": "2"} | {
+        rows[0] = _linked(page) or {
+            "kind": "computed",
+            "name": "orders",
+            "op": "gte",
+            "value": "2",
             "within": "",
             "not": "",
         }
@@ -175,6 +189,12 @@ def segments_page(page: Page) -> Response:
                 problem = f"{exc.message}. {exc.fix}"
         if page.is_htmx() and action != "save":
             return page.render("segment_preview.html", preview=preview, problem=problem, rule=rule)
+    elif (linked := _linked(page)) is not None:  # a link from another page: preview at once
+        rule = {"all": [c for c in [_condition(linked)] if c]}
+        try:
+            preview = _preview(page, api, rule)
+        except HttpProblem as exc:
+            problem = f"{exc.message}. {exc.fix}"
     listing = call(api.list_segments, page.request)
     return page.render(
         "segments.html",

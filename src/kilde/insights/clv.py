@@ -257,6 +257,8 @@ def _compress(*columns: Array) -> tuple[tuple[Array, ...], Array]:
     """Distinct customers' rows and how many customers share each (the likelihood is a sum)."""
     rows, counts = np.unique(np.stack(columns, axis=1), axis=0, return_counts=True)
     return tuple(rows[:, i] for i in range(len(columns))), counts.astype(np.float64)
+
+
 RIDGE = 0.01  # on the log-parameters (scale-free): pulls runaway values back
 
 

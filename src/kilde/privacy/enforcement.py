@@ -283,7 +283,6 @@ def _broker_purpose(context: dict[str, Any]) -> str | None:
 def check_use(
     store: Store,
     plan: Plan,
-    screen: CollectionScreen,
     profile_ids: list[str],
     purpose: str,
     *,

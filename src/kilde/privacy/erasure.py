@@ -162,6 +162,7 @@ def erase(
         finally:
             if engine is not None and _identity_runs():
                 engine.start()
+        privacy.screen.consent.forget(subject.values("user_id"), subject.values("anonymous_id"))
         files = clean_files(privacy.data_dir, _sweep_values(subject, suppressed))
         details = {"tables": removed, "files": files}
         privacy.writer.write_sync(_finish(erasure_id, details, compacted))

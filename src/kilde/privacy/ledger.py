@@ -133,6 +133,15 @@ class ConsentState:
                 self._people[key] = person
                 person.keys.add(key)
 
+    def forget(self, user_ids: list[str], anonymous_ids: list[str]) -> None:
+        """Drop what is known of these ids (after an erasure)."""
+        keys = [("u", u.strip()) for u in user_ids] + [("a", a.strip()) for a in anonymous_ids]
+        with self._lock:
+            for key in keys:
+                person = self._people.pop(key, None)
+                if person is not None:
+                    person.keys.discard(key)
+
     def load(self, store: Store) -> None:
         """Rebuild from the ledger and the identity map; keeps decisions noted meanwhile."""
         with self._lock:

@@ -404,9 +404,7 @@ def check(request: Request, body: CheckBody) -> dict[str, Any]:
     """May this purpose use the person's (or these profiles') data now?"""
     privacy = _privacy(request)
     profiles = body.profile_ids or _subject(request, privacy, body).profile_ids
-    result = check_use(
-        privacy.store, privacy.plan, privacy.screen, profiles, body.purpose, sale=body.sale
-    )
+    result = check_use(privacy.store, privacy.plan, profiles, body.purpose, sale=body.sale)
     return {"purpose": body.purpose, "profiles": result}
 
 

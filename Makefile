@@ -27,6 +27,7 @@ system-packages:
 
 run: setup
 	KILDE_PLAN=$(PLAN) KILDE_DATA=$(DATA) $(BIN)/kilde demo
+	KILDE_PLAN=$(PLAN) KILDE_DATA=$(DATA) $(BIN)/kilde users add admin --role admin --generate --if-none
 	KILDE_PLAN=$(PLAN) KILDE_DATA=$(DATA) $(BIN)/kilde serve
 
 lint: setup

@@ -242,3 +242,16 @@ def test_nothing_personal_in_the_server_log(server: Server) -> None:
     assert "private.person" not in server.log_text()
     assert PASSWORD not in server.log_text()
     assert not list(Path(server.data_dir).glob("*password*"))
+
+
+def test_first_admin_with_a_generated_password(server: Server) -> None:
+    """What `make run` does: a first admin with a made-up password, only when there is none."""
+    again = users(server, "add", "first", "--role", "admin", "--generate", "--if-none")
+    assert again.returncode == 0 and "exist already" in again.stdout
+    assert "first" not in _names(server)
+    made = users(server, "add", "second", "--role", "admin", "--generate")
+    assert made.returncode == 0, made.stderr
+    password = re.search(r"password \(shown once\): (\S+)", made.stdout)
+    assert password is not None
+    client = login(server, "second", password.group(1))
+    assert client.get("/api/users").status_code == 200

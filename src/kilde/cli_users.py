@@ -8,6 +8,7 @@ users of the machine could see.
 
 from __future__ import annotations
 
+import secrets
 import sys
 from typing import Annotated, Any
 
@@ -56,15 +57,26 @@ def users_add(
     username: Annotated[str, typer.Argument(help="The name to log in with")],
     role: RoleOpt = "viewer",
     password_stdin: StdinOpt = False,
+    generate: Annotated[
+        bool, typer.Option("--generate", help="Make up a strong password and print it once")
+    ] = False,
+    if_none: Annotated[
+        bool, typer.Option("--if-none", help="Do nothing when any dashboard user exists")
+    ] = False,
     data: DataOpt = None,
     plan: PlanOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Add a dashboard user (the password is hashed with argon2id)."""
-    password = _password(password_stdin)
+    if if_none and _call(data, plan, token, "GET", "/api/users")["users"]:
+        console.print("dashboard users exist already; none added")
+        return
+    password = secrets.token_urlsafe(15) if generate else _password(password_stdin)
     body = {"username": username, "password": password, "role": role}
     _call(data, plan, token, "POST", "/api/users", json=body)
     console.print(f"added [bold]{username}[/] ({role}); they can log in at the server's address")
+    if generate:
+        console.print(f"  password (shown once): [bold yellow]{password}[/]", highlight=False)
 
 
 @users_app.command("list")

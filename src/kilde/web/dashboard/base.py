@@ -299,6 +299,16 @@ def page_route(
                 response = error_page(
                     request, session, 422, "That did not work", exc.message, exc.fix or ""
                 )
+            except Exception as exc:  # a page, not a JSON body; the text may quote data
+                log.error("page %s failed: %s", path, type(exc).__name__)
+                response = error_page(
+                    request,
+                    session,
+                    500,
+                    "Something went wrong",
+                    "Kilde failed to show this page.",
+                    "Reload it; if it persists, report it with the time it happened.",
+                )
             if request.method == "POST" or level in ("personal", "privacy", "admin"):
                 audit(request, response.status_code, personal=level != "aggregate")
             return response

@@ -28,7 +28,10 @@ def kilde_import(
 
 def events(server: Server, **params: Any) -> list[dict[str, Any]]:
     answer = httpx.get(
-        f"{server.url}/api/events", params={"limit": 1000, **params}, headers=server.admin
+        f"{server.url}/api/events",
+        params={"limit": 1000, **params},
+        headers=server.admin,
+        timeout=TIMEOUT,
     )
     answer.raise_for_status()
     found: list[dict[str, Any]] = answer.json()["events"]
@@ -40,6 +43,7 @@ def dead_letters(server: Server, source: str) -> list[dict[str, Any]]:
         f"{server.url}/api/bad-events",
         params={"source": source, "limit": 1000},
         headers=server.admin,
+        timeout=TIMEOUT,
     )
     answer.raise_for_status()
     letters: list[dict[str, Any]] = answer.json()["dead_letters"]
@@ -64,3 +68,19 @@ class FixedAnalyzer:
 
 def fixed_analyzer() -> FixedAnalyzer:
     return FixedAnalyzer()
+
+
+# The server may be slow to answer on a busy machine; the tests wait rather than fail.
+TIMEOUT = 120
+
+
+def post(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url, timeout=TIMEOUT, **kwargs)
+
+
+def get(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(url, timeout=TIMEOUT, **kwargs)
+
+
+def request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, url, timeout=TIMEOUT, **kwargs)

@@ -6,18 +6,14 @@ import time
 import uuid
 from typing import Any
 
-import httpx
-
 from tests.conftest import Server
-from tests.import_support import SAMPLES, events
+from tests.import_support import SAMPLES, events, get, post, request
 
 
 def _wait(server: Server, run_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        run: dict[str, Any] = httpx.get(
-            f"{server.url}/api/imports/{run_id}", headers=server.admin
-        ).json()
+        run: dict[str, Any] = get(f"{server.url}/api/imports/{run_id}", headers=server.admin).json()
         if run["status"] != "running":
             return run
         time.sleep(0.2)
@@ -31,7 +27,7 @@ def test_the_import_endpoints_need_the_admin_token(kilde_server: Server) -> None
         ("GET", "/api/imports"),
         ("POST", "/api/imports/uploads?filename=a.csv"),
     ):
-        answer = httpx.request(method, f"{kilde_server.url}{path}", json={})
+        answer = request(method, f"{kilde_server.url}{path}", json={})
         assert answer.status_code == 401, path
         assert answer.json()["error"] == "missing_admin_token"
 
@@ -46,10 +42,10 @@ def test_bad_chunks_get_a_4xx_with_the_fix(kilde_server: Server) -> None:
         ({"source": "crm", "kind": "broker", "records": []}, 422, "import_failed"),
     ]
     for body, status, code in cases:
-        answer = httpx.post(url, json=body, headers=kilde_server.admin)
+        answer = post(url, json=body, headers=kilde_server.admin)
         assert answer.status_code == status, (body, answer.text)
         assert answer.json()["error"] == code and answer.json()["fix"]
-    broken = httpx.post(url, content=b"{not json", headers=kilde_server.admin)
+    broken = post(url, content=b"{not json", headers=kilde_server.admin)
     assert broken.status_code == 400 and broken.json()["error"] == "malformed_json"
 
 
@@ -57,7 +53,7 @@ def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) ->
     prefix = f"u{uuid.uuid4().hex[:6]}"
     text = (SAMPLES / "orders.csv").read_text().replace("o-10", f"{prefix}-")
     text += f"{prefix}-09,,,2026-09-30,X,Y,Z,1,1,1,NOK,completed\n"  # nobody: rejected
-    uploaded = httpx.post(
+    uploaded = post(
         f"{kilde_server.url}/api/imports/uploads",
         params={"filename": "../../orders export.csv"},
         content=text.encode(),
@@ -66,7 +62,7 @@ def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) ->
     assert uploaded["file_name"] == "orders_export.csv"
     assert uploaded["bytes"] == len(text.encode())
 
-    checked = httpx.post(
+    checked = post(
         f"{kilde_server.url}/api/imports/uploads/{uploaded['upload_id']}/run",
         json={"kind": "transactions", "source": "shop-orders", "dry_run": True},
         headers=kilde_server.admin,
@@ -74,7 +70,7 @@ def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) ->
     assert checked.status_code == 202
     assert checked.json()["summary"]["stored"] == 4 and checked.json()["run_id"] is None
 
-    started = httpx.post(
+    started = post(
         f"{kilde_server.url}/api/imports/uploads/{uploaded['upload_id']}/run",
         json={"kind": "transactions", "source": "shop-orders"},
         headers=kilde_server.admin,
@@ -89,14 +85,12 @@ def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) ->
         if e["properties"]["order_id"].startswith(prefix)
     ]
     assert len(stored) == 4
-    rejects = httpx.get(
-        f"{kilde_server.url}/api/imports/{run['id']}/rejects", headers=kilde_server.admin
-    )
+    rejects = get(f"{kilde_server.url}/api/imports/{run['id']}/rejects", headers=kilde_server.admin)
     assert rejects.status_code == 200
     assert rejects.text.splitlines()[0] == "line,end_line,column,error,reason,fix"
     assert rejects.text.splitlines()[1].startswith("7,,,missing_identifier,")
 
-    listed = httpx.get(
+    listed = get(
         f"{kilde_server.url}/api/imports",
         params={"source": "shop-orders"},
         headers=kilde_server.admin,
@@ -105,19 +99,19 @@ def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) ->
 
 
 def test_an_upload_that_does_not_exist_or_a_bad_mapping(kilde_server: Server) -> None:
-    missing = httpx.post(
+    missing = post(
         f"{kilde_server.url}/api/imports/uploads/up_00000000000000000000/run",
         json={"kind": "contacts", "source": "crm"},
         headers=kilde_server.admin,
     )
     assert missing.status_code == 404 and missing.json()["success"] is False
-    uploaded = httpx.post(
+    uploaded = post(
         f"{kilde_server.url}/api/imports/uploads",
         params={"filename": "crm.csv"},
         content=(SAMPLES / "crm-contacts.csv").read_bytes(),
         headers=kilde_server.admin,
     ).json()
-    bad = httpx.post(
+    bad = post(
         f"{kilde_server.url}/api/imports/uploads/{uploaded['upload_id']}/run",
         json={"kind": "contacts", "source": "crm", "mapping": {"colums": {}}},
         headers=kilde_server.admin,

@@ -6,10 +6,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import httpx
-
 from tests.conftest import Server
-from tests.import_support import SAMPLES, events, kilde_import, write
+from tests.import_support import SAMPLES, events, get, kilde_import, post, write
 
 SOCIAL_KEY = "demo-social-login-write-key"
 
@@ -94,7 +92,7 @@ def test_broker_rows_keep_their_provenance_and_the_run_records_the_licence(
         "lawful_basis": "consent",
         "import_run": summary["run_id"],
     }
-    run_row = httpx.get(
+    run_row = get(
         f"{kilde_server.url}/api/imports/{summary['run_id']}", headers=kilde_server.admin
     ).json()
     assert run_row["tier"] == "broker" and run_row["broker"] == "Nordic Data AS"
@@ -144,7 +142,7 @@ def test_bought_data_needs_its_terms_a_running_licence_and_a_broker_source(
 
 def test_social_login_claims_become_an_identity_and_traits(kilde_server: Server) -> None:
     sub = str(uuid.uuid4().int)[:21]
-    answer = httpx.post(
+    answer = post(
         f"{kilde_server.url}/v1/social-login",
         json={
             "provider": "https://accounts.google.com",
@@ -176,7 +174,7 @@ def test_social_login_claims_become_an_identity_and_traits(kilde_server: Server)
     assert (external["type"], external["id"]) == ("google", sub)
     assert person["context"]["provenance"] == {"tier": "first_party", "provider": "google"}
 
-    unverified = httpx.post(
+    unverified = post(
         f"{kilde_server.url}/v1/social-login",
         json={
             "provider": "apple",
@@ -187,7 +185,7 @@ def test_social_login_claims_become_an_identity_and_traits(kilde_server: Server)
     ).json()
     assert unverified["userId"] == "cust-777" and "email" in unverified["left_out"]
 
-    missing_sub = httpx.post(
+    missing_sub = post(
         f"{kilde_server.url}/v1/social-login",
         json={"provider": "google", "claims": {"email": "y@example.com"}},
         auth=(SOCIAL_KEY, ""),
@@ -196,7 +194,7 @@ def test_social_login_claims_become_an_identity_and_traits(kilde_server: Server)
     assert missing_sub.json()["error"] == "invalid_claims"
     assert missing_sub.json()["fix"] and "y@example.com" not in missing_sub.text
 
-    no_key = httpx.post(
+    no_key = post(
         f"{kilde_server.url}/v1/social-login",
         json={"provider": "google", "claims": {"sub": "1"}},
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import httpx
-
 from tests.conftest import Server
-from tests.import_support import SAMPLES, events, kilde_import, write
+from tests.import_support import SAMPLES, events, get, kilde_import, post, write
 
 
 def test_bought_data_about_a_suppressed_person_is_never_stored(
@@ -17,7 +15,7 @@ def test_bought_data_about_a_suppressed_person_is_never_stored(
     tag = uuid.uuid4().hex[:6]
     erased = f"erased.{tag}@example.com"
     kept = f"kept.{tag}@example.com"
-    suppressed = httpx.post(
+    suppressed = post(
         f"{kilde_server.url}/api/privacy/suppress",
         json={"email": erased},
         headers=kilde_server.admin,
@@ -54,7 +52,7 @@ def test_the_demo_imports_order_history_crm_tickets_and_bought_data(own_server: 
     for name in ("order-history.csv", "crm-export.csv", "helpdesk-export.jsonl"):
         assert f"imported {name}: " in result.stdout
     assert (own_server.data_dir / "demo-imports" / "nordic-data-2026.csv").is_file()
-    runs = httpx.get(f"{own_server.url}/api/imports", headers=own_server.admin).json()["imports"]
+    runs = get(f"{own_server.url}/api/imports", headers=own_server.admin).json()["imports"]
     assert {r["kind"] for r in runs} == {"transactions", "contacts", "interactions", "broker"}
     assert all(r["status"] == "done" and r["rejected"] == 0 for r in runs)
     tickets = events(own_server, source="support")

@@ -9,10 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import httpx
-
 from tests.conftest import Server, start_server
-from tests.import_support import SAMPLES, dead_letters, events, kilde_import, write
+from tests.import_support import SAMPLES, dead_letters, events, get, kilde_import, post, write
 
 
 def orders_file(tmp_path: Path, prefix: str) -> Path:
@@ -179,7 +177,7 @@ def test_broken_rows_are_rejected_one_by_one_with_line_column_and_reason(
         for letter in dead_letters(kilde_server, "shop-orders")
         if letter["reason"] and letter["channel"] == "import"
     ]
-    detail = httpx.get(
+    detail = get(
         f"{kilde_server.url}/api/bad-events/{letters[0]['id']}", headers=kilde_server.admin
     ).json()
     assert detail["channel"] == "import"
@@ -187,9 +185,7 @@ def test_broken_rows_are_rejected_one_by_one_with_line_column_and_reason(
         letter
         for letter in letters
         if p
-        in httpx.get(
-            f"{kilde_server.url}/api/bad-events/{letter['id']}", headers=kilde_server.admin
-        ).text
+        in get(f"{kilde_server.url}/api/bad-events/{letter['id']}", headers=kilde_server.admin).text
     ]
     assert len(mine) == 5
 
@@ -203,9 +199,7 @@ def test_broken_rows_are_rejected_one_by_one_with_line_column_and_reason(
         letter
         for letter in dead_letters(kilde_server, "shop-orders")
         if p
-        in httpx.get(
-            f"{kilde_server.url}/api/bad-events/{letter['id']}", headers=kilde_server.admin
-        ).text
+        in get(f"{kilde_server.url}/api/bad-events/{letter['id']}", headers=kilde_server.admin).text
     ]
     assert len(letters_after) == 5
 
@@ -232,7 +226,7 @@ def test_a_refund_the_plan_does_not_know_waits_in_the_dead_letter_until_replayed
     start = plan.index("  - name: Order Refunded")
     end = plan.index("  # Support tickets")
     own_server.plan_path.write_text(plan[:start] + plan[end:])
-    httpx.post(f"{own_server.url}/api/plan/reload", headers=own_server.admin).raise_for_status()
+    post(f"{own_server.url}/api/plan/reload", headers=own_server.admin).raise_for_status()
     file = orders_file(tmp_path, "r")
     rejects = tmp_path / "rejects.csv"
     code, summary, _ = kilde_import(
@@ -282,7 +276,7 @@ def test_without_a_server_the_import_runs_in_process(tmp_path: Path) -> None:
     server = start_server(data)
     try:
         assert len(events(server, source="shop-orders")) == 4
-        runs = httpx.get(f"{server.url}/api/imports", headers=server.admin).json()["imports"]
+        runs = get(f"{server.url}/api/imports", headers=server.admin).json()["imports"]
         assert [(r["kind"], r["status"], r["stored"]) for r in runs] == [
             ("transactions", "done", 4)
         ]

@@ -336,7 +336,7 @@ def main() -> None:
         if kilde.stored != args.rows:
             print(f"  WARNING: {kilde.stored:,} events stored for {args.rows:,} rows")
         if not args.skip_dlt:
-            for mode in ("dicts", "arrow"):
+            for mode in ("arrow", "dicts"):
                 dlt = run_dlt(csv_path, work, mode)
                 rate = args.rows / dlt.seconds
                 cpu_rate = args.rows / dlt.cpu

@@ -29,17 +29,29 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_PLAN = ROOT / "src" / "kilde" / "demo" / "kilde.yaml"
 ADMIN_TOKEN = "kat_bench-admin-token-0123456789abcdef"
 PASSWORD = "bench-password-long-enough"
-PAGES = (
-    "/",
-    "/live",
-    "/profiles",
-    "/segments",
-    "/insights?tab=rfm",
-    "/insights?tab=funnel",
-    "/insights?tab=retention",
-    "/insights?tab=attribution",
-    "/quality",
-    "/privacy",
+# Each page and the admin API call its main figures come from (None: several small ones, or
+# shown on the line before). The slow insights tabs answer at once and fetch their panel.
+PAGES: tuple[tuple[str, tuple[str, str, dict[str, object] | None] | None], ...] = (
+    ("/", ("GET", "/api/overview", None)),
+    ("/live", ("GET", "/api/events?limit=50", None)),
+    ("/profiles", None),
+    ("/segments", ("GET", "/api/segments", None)),
+    ("/insights?tab=rfm", ("GET", "/api/insights/rfm", None)),
+    (
+        "/insights?tab=funnel",
+        (
+            "POST",
+            "/api/insights/funnel",
+            {"steps": ["Product Viewed", "Product Added", "Checkout Started", "Order Completed"]},
+        ),
+    ),
+    ("/insights/panel?tab=funnel", None),  # the funnel tab's figures, fetched by the page
+    ("/insights?tab=retention", ("GET", "/api/insights/retention?periods=12", None)),
+    ("/insights/panel?tab=retention", None),
+    ("/insights?tab=attribution", ("GET", "/api/insights/attribution", None)),
+    ("/insights/panel?tab=attribution", None),
+    ("/quality", ("GET", "/api/bad-events?limit=1000", None)),
+    ("/privacy", ("GET", "/api/privacy/requests", None)),
 )
 
 
@@ -49,15 +61,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def timed(client: httpx.Client, path: str, rounds: int) -> tuple[float, float]:
-    client.get(path).raise_for_status()  # warm-up
-    times = []
-    for _ in range(rounds):
+def timed(
+    client: httpx.Client, path: str, rounds: int, method: str = "GET", body: object = None
+) -> tuple[float, float]:
+    def once() -> float:
         started = time.perf_counter()
-        answer = client.get(path)
-        times.append((time.perf_counter() - started) * 1000)
+        answer = client.request(method, path, json=body)
+        elapsed = (time.perf_counter() - started) * 1000
         answer.raise_for_status()
-    times.sort()
+        return elapsed
+
+    once()  # warm-up
+    times = sorted(once() for _ in range(rounds))
     return statistics.median(times), times[max(0, int(len(times) * 0.9) - 1)]
 
 
@@ -110,11 +125,19 @@ def main() -> None:
         )
         base_median, base_p90 = timed(admin, "/api/stats", args.rounds)
         print(f"store: {args.customers} customers, {events} events; {args.rounds} rounds each")
-        print(f"{'page':28} {'median ms':>10} {'p90 ms':>8} {'x baseline':>11}")
+        print(
+            f"{'page':28} {'median ms':>10} {'p90 ms':>8} {'x baseline':>11} "
+            f"{'its API ms':>11} {'page/API':>9}"
+        )
         print(f"{'GET /api/stats (baseline)':28} {base_median:10.1f} {base_p90:8.1f} {1.0:11.1f}")
-        for path in PAGES:
+        for path, source in PAGES:
             median, p90 = timed(browser, path, args.rounds)
-            print(f"{path:28} {median:10.1f} {p90:8.1f} {median / base_median:11.1f}")
+            line = f"{path:28} {median:10.1f} {p90:8.1f} {median / base_median:11.1f}"
+            if source is not None:
+                method, api_path, body = source
+                api_median, _ = timed(admin, api_path, args.rounds, method, body)
+                line += f" {api_median:11.1f} {median / api_median:9.2f}"
+            print(line)
     finally:
         server.terminate()
         server.wait(timeout=60)

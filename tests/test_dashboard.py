@@ -130,6 +130,7 @@ def test_login_then_every_page_renders(admin: Page, shop: Server) -> None:
         response = admin.goto(f"{shop.url}{path}")
         assert response is not None and response.status == 200, path
         expect(admin.get_by_role("heading", level=1)).to_have_text(heading)
+        expect(admin.locator("#panel-loading")).to_have_count(0, timeout=60_000)
         assert "internal_error" not in admin.content()
         name = path.strip("/").replace("?tab=", "-") or "overview"
         _shot(admin, name)

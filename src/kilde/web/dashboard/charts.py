@@ -53,9 +53,9 @@ def _nice_max(value: float) -> float:
     return float(value)
 
 
-def _svg(width: int, height: int, title: str, body: str, wide: bool = False) -> Markup:
+def _svg(width: int, height: int, title: str, body: str, kind: str = "") -> Markup:
     return Markup(
-        f'<svg class="chart{" wide" if wide else ""}" viewBox="0 0 {width} {height}" role="img" '
+        f'<svg class="chart {kind}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="{escape(title)}" preserveAspectRatio="xMidYMid meet" '
         f'xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>{body}</svg>'
     )
@@ -112,7 +112,7 @@ def stacked_bars(
             f'<text class="axis" x="{_n(x)}" y="{height - 6}" text-anchor="middle">'
             f"{escape(labels[i][5:])}</text>"
         )
-    return _svg(width, height, title, "".join(parts), wide=True)
+    return _svg(width, height, title, "".join(parts), "wide")
 
 
 def hbars(
@@ -140,7 +140,7 @@ def hbars(
             f'<text class="value" x="{_n(label_w + max(w, 1) + 6)}" y="{y + 16}">'
             f"{escape(shown)}</text>"
         )
-    return _svg(width, height, title, "".join(parts))
+    return _svg(width, height, title, "".join(parts), "bars")
 
 
 def columns(items: Sequence[tuple[str, float]], title: str, height: int = 200) -> Markup:
@@ -189,7 +189,7 @@ def heatmap(
             parts.append(
                 f'<rect class="heat h{level}" x="{x}" y="{y}" width="{cell_w - 2}" '
                 f'height="{cell_h - 2}"><title>{escape(str(name))}, {escape(str(cols[j]))}: '
-                f'{escape(shown)}</title></rect><text class="cell{" dark" if level >= 3 else ""}" '
+                f'{escape(shown)}</title></rect><text class="cell{" dark" if level >= 4 else ""}" '
                 f'x="{x + (cell_w - 2) / 2:.1f}" y="{y + 16}" text-anchor="middle">'
                 f"{escape(shown)}</text>"
             )

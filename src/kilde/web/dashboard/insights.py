@@ -221,24 +221,33 @@ def _surveys(page: Page, api: Any | None) -> dict[str, Any]:
     }
 
 
+# Tabs whose figures take a moment on a large store: the page comes at once, they follow.
+SLOW = {"funnel", "retention", "attribution"}
+
+
+def _data(page: Page, tab: str, api: Any | None) -> dict[str, Any]:
+    if api is None and tab in NEEDS_INSIGHTS:
+        return {}
+    builders = {
+        "rfm": _rfm,
+        "clv": _clv,
+        "churn": _churn,
+        "preferences": _preferences,
+        "funnel": _funnel,
+        "retention": _retention,
+        "attribution": _attribution,
+        "campaigns": _campaigns,
+        "surveys": _surveys,
+    }
+    result: dict[str, Any] = builders[tab](page, api)
+    return result
+
+
 @page_route(router, "/insights", "aggregate")
 def insights_page(page: Page) -> Response:
     tab = _q(page, "tab", "rfm", tuple(t for t, _ in TABS))
     api = insights(page.request)
-    data: dict[str, Any] = {}
-    if api is not None or tab not in NEEDS_INSIGHTS:
-        builders = {
-            "rfm": _rfm,
-            "clv": _clv,
-            "churn": _churn,
-            "preferences": _preferences,
-            "funnel": _funnel,
-            "retention": _retention,
-            "attribution": _attribution,
-            "campaigns": _campaigns,
-            "surveys": _surveys,
-        }
-        data = builders[tab](page, api)
+    lazy = tab in SLOW and api is not None and page.request.query_params.get("now") != "1"
     status = call(api.insights_status, page.request) if api is not None else None
     return page.render(
         "insights.html",
@@ -247,5 +256,15 @@ def insights_page(page: Page) -> Response:
         tabs=TABS,
         available=api is not None,
         models=status,
-        d=data,
+        lazy=lazy,
+        query=page.request.url.query,
+        d={} if lazy else _data(page, tab, api),
     )
+
+
+@page_route(router, "/insights/panel", "aggregate")
+def insights_panel(page: Page) -> Response:
+    """The figures of one tab, for the page to put in place once they are computed."""
+    tab = _q(page, "tab", "rfm", tuple(t for t, _ in TABS))
+    api = insights(page.request)
+    return page.render("insights_panel.html", tab=tab, d=_data(page, tab, api))

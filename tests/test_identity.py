@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ADMIN_TOKEN, APP_KEY, BACKEND_KEY, WEB_KEY, Server
 
 BROKER_KEY = "demo-databroker-write-key"
+# A busy 2-core machine can take seconds to answer; no test here measures time.
+TIMEOUT = 60.0
 
 
 def uid(prefix: str) -> str:
@@ -23,14 +25,18 @@ def uid(prefix: str) -> str:
 
 def send(server: Server, key: str, *messages: dict[str, Any]) -> None:
     batch = [{"messageId": uid("m"), **m} for m in messages]
-    response = httpx.post(f"{server.url}/v1/batch", json={"batch": batch}, auth=(key, ""))
+    response = httpx.post(
+        f"{server.url}/v1/batch", json={"batch": batch}, auth=(key, ""), timeout=TIMEOUT
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert not body["rejected"], body["rejected"]
 
 
 def lookup(server: Server, **ids: str) -> list[dict[str, Any]]:
-    response = httpx.post(f"{server.url}/api/profiles/lookup", json=ids, headers=server.admin)
+    response = httpx.post(
+        f"{server.url}/api/profiles/lookup", json=ids, headers=server.admin, timeout=TIMEOUT
+    )
     assert response.status_code == 200, response.text
     profiles: list[dict[str, Any]] = response.json()["profiles"]
     return profiles
@@ -49,7 +55,9 @@ def until(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
 
 
 def profile(server: Server, profile_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{server.url}/api/profiles/{profile_id}", headers=server.admin)
+    response = httpx.get(
+        f"{server.url}/api/profiles/{profile_id}", headers=server.admin, timeout=TIMEOUT
+    )
     assert response.status_code == 200, response.text
     found: dict[str, Any] = response.json()
     return found
@@ -60,6 +68,7 @@ def timeline(server: Server, profile_id: str) -> list[dict[str, Any]]:
         f"{server.url}/api/profiles/{profile_id}/events",
         params={"limit": 1000},
         headers=server.admin,
+        timeout=TIMEOUT,
     )
     assert response.status_code == 200, response.text
     events: list[dict[str, Any]] = response.json()["events"]
@@ -67,7 +76,9 @@ def timeline(server: Server, profile_id: str) -> list[dict[str, Any]]:
 
 
 def conflicts(server: Server, **params: Any) -> list[dict[str, Any]]:
-    response = httpx.get(f"{server.url}/api/merge-conflicts", params=params, headers=server.admin)
+    response = httpx.get(
+        f"{server.url}/api/merge-conflicts", params=params, headers=server.admin, timeout=TIMEOUT
+    )
     assert response.status_code == 200, response.text
     found: list[dict[str, Any]] = response.json()["conflicts"]
     return found
@@ -200,6 +211,7 @@ def test_a_kiosk_device_and_junk_values_merge_nobody(kilde_server: Server) -> No
         f"{kilde_server.url}/api/profiles/lookup",
         json={"email": "test@test.com"},
         headers=kilde_server.admin,
+        timeout=TIMEOUT,
     )
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_identifier"
@@ -382,12 +394,14 @@ def test_unmerge_splits_a_wrong_merge_for_good(own_server: Server) -> None:
         f"{own_server.url}/api/profiles/{dad_p}/unmerge",
         json={"identifiers": ["not-an-identifier"]},
         headers=own_server.admin,
+        timeout=TIMEOUT,
     )
     assert bad.status_code == 400 and bad.json()["fix"]
     alone = httpx.post(
         f"{own_server.url}/api/profiles/{daughter_p}/unmerge",
         json={"identifiers": [f"anonymous_id:{dad}"]},
         headers=own_server.admin,
+        timeout=TIMEOUT,
     )
     assert alone.status_code == 409 and alone.json()["error"] == "cannot_unmerge"
 
@@ -419,7 +433,9 @@ def test_merged_away_profile_ids_redirect(kilde_server: Server) -> None:
     assert moved["profile_id"] == old_first
     assert moved["redirected_from"] == old_second
     missing = httpx.get(
-        f"{kilde_server.url}/api/profiles/p_doesnotexist", headers=kilde_server.admin
+        f"{kilde_server.url}/api/profiles/p_doesnotexist",
+        headers=kilde_server.admin,
+        timeout=TIMEOUT,
     )
     assert missing.status_code == 404 and missing.json()["fix"]
 
@@ -439,7 +455,10 @@ def test_profile_show_cli_and_no_personal_data_in_the_log(kilde_server: Server) 
     until(lambda: lookup(kilde_server, email=email), "the profile")
     # The GET form works too (discouraged: personal data in URLs), and is not logged.
     response = httpx.get(
-        f"{kilde_server.url}/api/profiles", params={"email": email}, headers=kilde_server.admin
+        f"{kilde_server.url}/api/profiles",
+        params={"email": email},
+        headers=kilde_server.admin,
+        timeout=TIMEOUT,
     )
     assert response.status_code == 200 and response.json()["count"] == 1
     result = kilde_server.kilde("profile", "show", email)
@@ -456,12 +475,15 @@ def test_profile_show_cli_and_no_personal_data_in_the_log(kilde_server: Server) 
 
 def test_admin_token_is_required(kilde_server: Server) -> None:
     for method, path in (("GET", "/api/merge-conflicts"), ("POST", "/api/profiles/lookup")):
-        response = httpx.request(method, f"{kilde_server.url}{path}", json={"email": "x@y.no"})
+        response = httpx.request(
+            method, f"{kilde_server.url}{path}", json={"email": "x@y.no"}, timeout=TIMEOUT
+        )
         assert response.status_code == 401
     wrong = httpx.post(
         f"{kilde_server.url}/api/profiles/lookup",
         json={},
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=TIMEOUT,
     )
     assert wrong.status_code == 400 and wrong.json()["error"] == "missing_identifier"
 
@@ -486,7 +508,9 @@ def test_a_form_signup_links_the_browsing_cookie_the_order_and_the_phone(
     cookie, phone, user = uid("cookie"), uid("phone"), uid("user")
     email = f"{uid('sara')}@example.com"
     send(kilde_server, WEB_KEY, {"type": "page", "anonymousId": cookie, "name": "Home"})
-    browser = httpx.Client(base_url=kilde_server.url, cookies={"kilde_aid": cookie})
+    browser = httpx.Client(
+        base_url=kilde_server.url, cookies={"kilde_aid": cookie}, timeout=TIMEOUT
+    )
     page = browser.get("/f/newsletter")
     assert page.status_code == 200
     token = re.search(r'name="csrf" value="([^"]+)"', page.text)

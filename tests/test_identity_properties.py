@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,8 +110,9 @@ class Shop:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
 @settings(
-    max_examples=16,
+    max_examples=12,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

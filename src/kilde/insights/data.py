@@ -6,6 +6,9 @@ All of it is Ibis expressions over the store's tables, so the same code runs on 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -44,14 +47,38 @@ def profile_events(backend: Any) -> ir.Table:
 
 
 def behaviour(backend: Any) -> ir.Table:
-    """Profile events without Kilde's own computed events."""
+    """Profile events without Kilde's own computed events (held ones, see `hold_behaviour`)."""
+    held: ir.Table | None = getattr(backend, _HELD, None)
+    if held is not None:
+        return held
     ev = profile_events(backend)
     return ev.filter(ev.event.isnull() | ~ev.event.isin(COMPUTED_EVENTS))
 
 
+_HELD = "_kilde_behaviour"
+HELD_COLUMNS = ("profile_id", "source", "message_id", "type", "event", "timestamp", "properties")
+
+
+@contextmanager
+def hold_behaviour(backend: Any) -> Iterator[None]:
+    """Join the events to their profiles once, and let every `behaviour` read that result.
+
+    For computations that read the profiles' events many times over (the profile insights):
+    the backend keeps the joined events (these columns only) until the block ends.
+    """
+    held = behaviour(backend).select(*HELD_COLUMNS).cache()
+    setattr(backend, _HELD, held)
+    try:
+        yield
+    finally:
+        setattr(backend, _HELD, None)
+        with contextlib.suppress(Exception):
+            held.release()
+
+
 def orders(backend: Any) -> ir.Table:
     """profile_id, timestamp, revenue, message_id of every completed order."""
-    ev = profile_events(backend)
+    ev = behaviour(backend)
     ev = ev.filter(ev.event == ORDER_EVENT)
     props = ev.properties.cast("json")
     return ev.select(

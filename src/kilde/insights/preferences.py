@@ -67,7 +67,8 @@ def favourite_products(backend: Any) -> ir.Table:
 def channel_and_time(backend: Any) -> ir.Table:
     """profile_id, preferred_channel, preferred_time."""
     ev = behaviour(backend)
-    hour = ev.timestamp.hour()
+    # the hour (UTC) by arithmetic on the epoch: far cheaper than calendar functions
+    hour = (ev.timestamp.epoch_seconds() % 86400) / 3600
     ev = ev.select(
         "profile_id",
         channel=ev.source,

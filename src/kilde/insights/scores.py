@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from kilde.insights.churn import activity
 from kilde.insights.clv import HORIZON_WEEKS, purchase_summary, score_profiles
+from kilde.insights.data import hold_behaviour
 from kilde.insights.preferences import channel_and_time, favourite_products
 from kilde.insights.recommendations import recommended
 from kilde.insights.rfm import rfm_scores
@@ -56,69 +57,70 @@ def compute(
     backend: Any, now: datetime, out: Path, horizon_weeks: float = HORIZON_WEEKS
 ) -> dict[str, Any]:
     """Write every profile's insight row to the Parquet file `out`; return the models' info."""
-    profiles = backend.table("profiles")
-    summary = purchase_summary(backend, now).to_pyarrow()
-    values = score_profiles(summary, horizon_weeks)
-    clv_table = ibis.memtable(
-        pa.table(
-            {
-                "profile_id": pa.array(values.profile_id, pa.string()),
-                "expected_purchases": _column(values.expected_purchases),
-                "p_alive": _column(values.p_alive),
-                "expected_spend": _column(values.expected_spend),
-                "clv": _column(values.clv),
-                "repeat_purchases": _column(
-                    summary.column("x").to_numpy(zero_copy_only=False)
-                    if summary.num_rows
-                    else np.zeros(0)
-                ),
-            }
+    with hold_behaviour(backend):
+        profiles = backend.table("profiles")
+        summary = purchase_summary(backend, now).to_pyarrow()
+        values = score_profiles(summary, horizon_weeks)
+        clv_table = ibis.memtable(
+            pa.table(
+                {
+                    "profile_id": pa.array(values.profile_id, pa.string()),
+                    "expected_purchases": _column(values.expected_purchases),
+                    "p_alive": _column(values.p_alive),
+                    "expected_spend": _column(values.expected_spend),
+                    "clv": _column(values.clv),
+                    "repeat_purchases": _column(
+                        summary.column("x").to_numpy(zero_copy_only=False)
+                        if summary.num_rows
+                        else np.zeros(0)
+                    ),
+                }
+            )
         )
-    )
-    joined = (
-        profiles.select("profile_id")
-        .left_join(rfm_scores(profiles, now), "profile_id")
-        .drop("profile_id_right")
-        .left_join(clv_table, "profile_id")
-        .drop("profile_id_right")
-        .left_join(activity(backend, now), "profile_id")
-        .drop("profile_id_right")
-        .left_join(favourite_products(backend), "profile_id")
-        .drop("profile_id_right")
-        .left_join(channel_and_time(backend), "profile_id")
-        .drop("profile_id_right")
-        .left_join(recommended(backend), "profile_id")
-        .drop("profile_id_right")
-    )
-    # BG/NBD assumes nobody leaves before their first repeat purchase, so it gives one-time
-    # buyers no risk at all; for them (and non-buyers) the inactivity flag speaks instead.
-    has_model = joined.p_alive.notnull() & (joined.repeat_purchases > 0)
-    result = joined.select(
-        "profile_id",
-        "recency_days",
-        "frequency",
-        "monetary",
-        "r_score",
-        "f_score",
-        "m_score",
-        "rfm_score",
-        "rfm_group",
-        "expected_purchases",
-        "p_alive",
-        "expected_spend",
-        "clv",
-        churn_risk=ibis.ifelse(has_model, 1.0 - joined.p_alive, ibis.null("float64")),
-        churn_flag=joined.churn_flag.fill_null(False),
-        churn_basis=ibis.ifelse(has_model, "model", "inactivity"),
-        days_inactive=joined.days_inactive,
-        usual_gap_days=joined.usual_gap_days,
-        favourite_products=joined.favourite_products,
-        preferred_channel=joined.preferred_channel,
-        preferred_time=joined.preferred_time,
-        recommended_products=joined.recommended_products,
-        computed_at=ibis.literal(now),
-    )
-    backend.to_parquet(result, out)
+        joined = (
+            profiles.select("profile_id")
+            .left_join(rfm_scores(profiles, now), "profile_id")
+            .drop("profile_id_right")
+            .left_join(clv_table, "profile_id")
+            .drop("profile_id_right")
+            .left_join(activity(backend, now), "profile_id")
+            .drop("profile_id_right")
+            .left_join(favourite_products(backend), "profile_id")
+            .drop("profile_id_right")
+            .left_join(channel_and_time(backend), "profile_id")
+            .drop("profile_id_right")
+            .left_join(recommended(backend), "profile_id")
+            .drop("profile_id_right")
+        )
+        # BG/NBD assumes nobody leaves before their first repeat purchase, so it gives one-time
+        # buyers no risk at all; for them (and non-buyers) the inactivity flag speaks instead.
+        has_model = joined.p_alive.notnull() & (joined.repeat_purchases > 0)
+        result = joined.select(
+            "profile_id",
+            "recency_days",
+            "frequency",
+            "monetary",
+            "r_score",
+            "f_score",
+            "m_score",
+            "rfm_score",
+            "rfm_group",
+            "expected_purchases",
+            "p_alive",
+            "expected_spend",
+            "clv",
+            churn_risk=ibis.ifelse(has_model, 1.0 - joined.p_alive, ibis.null("float64")),
+            churn_flag=joined.churn_flag.fill_null(False),
+            churn_basis=ibis.ifelse(has_model, "model", "inactivity"),
+            days_inactive=joined.days_inactive,
+            usual_gap_days=joined.usual_gap_days,
+            favourite_products=joined.favourite_products,
+            preferred_channel=joined.preferred_channel,
+            preferred_time=joined.preferred_time,
+            recommended_products=joined.recommended_products,
+            computed_at=ibis.literal(now),
+        )
+        backend.to_parquet(result, out)
     return {
         "computed_at": now.isoformat(),
         "profiles_with_orders": len(values.profile_id),

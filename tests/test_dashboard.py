@@ -49,6 +49,13 @@ PAGES = [
     ("/privacy", "Privacy"),
     ("/users", "Users"),
 ]
+DESTINATION = """
+destinations:
+  - name: google-winback
+    kind: google_customer_match
+    purpose: advertising
+    segments: [high-value-at-risk]
+"""
 DOCS_SHOTS = {"overview", "insights", "segments-saved", "profile", "quality", "overview-phone"}
 
 
@@ -57,6 +64,8 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("dashboard")
     plan = base / "kilde.yaml"
     shutil.copy(DEMO_PLAN, plan)
+    with plan.open("a") as extra:  # an audience list to run from the page
+        extra.write(DESTINATION)
     server = start_server(base / "data", plan, KILDE_TRUST_PROXY="1")
     try:
         server.kilde("demo", "--customers", "100", "--days", "60")
@@ -386,3 +395,17 @@ def test_the_questions_of_the_issue_by_clicking(admin: Page, shop: Server) -> No
     admin.get_by_label("Model").select_option("first_touch")
     admin.get_by_role("button", name="Show").click()
     expect(admin).to_have_url(re.compile("model=first_touch"))
+
+
+def test_run_a_destination_from_the_page(admin: Page, shop: Server) -> None:
+    with _admin_api(shop) as api:
+        members = api.get("/api/segments/high-value-at-risk").json()["members"]
+    admin.goto(f"{shop.url}/quality#destinations")
+    row = admin.locator("#destinations tbody tr", has_text="google-winback")
+    expect(row).to_contain_text("advertising")
+    row.get_by_role("button", name="Run now").click()
+    notice = admin.locator("[data-result=destination]")
+    expect(notice).to_contain_text("Ran google-winback")
+    # The sync's own report: the segment's members, minus those without advertising consent.
+    expect(notice).to_contain_text(f"high-value-at-risk members {members}")
+    expect(notice).to_contain_text("excluded no consent")

@@ -12,9 +12,9 @@ from starlette.responses import Response
 from kilde.collect.importers import api as import_api
 from kilde.collect.importers.base import KINDS
 from kilde.plan import Plan
-from kilde.web import admin_api
+from kilde.web import activate_api, admin_api
 from kilde.web.dashboard.base import Page, page_route
-from kilde.web.dashboard.optional import module
+from kilde.web.dashboard.optional import call, module
 
 router = APIRouter()
 MAX_LETTERS = 1000
@@ -56,7 +56,7 @@ def _replay(page: Page) -> dict[str, Any]:
 
 @page_route(router, "/quality", "aggregate", methods=("GET", "POST"))
 def quality_page(page: Page) -> Response:
-    result = None
+    result: dict[str, Any] | None = None
     if page.form is not None:
         if not page.user.can("change"):
             return page.render(
@@ -69,6 +69,11 @@ def quality_page(page: Page) -> Response:
         if page.field("action") == "reload":
             admin_api.reload_plan(page.request)
             result = {"reloaded": True}
+        elif page.field("action") == "destination":
+            name = page.field("destination")
+            body = activate_api.RunRequest(full=False)
+            ran = call(activate_api.run_destination, page.request, name, body)
+            result = {"destination": name, "ran": ran}
         else:
             result = _replay(page)
     listing = admin_api.bad_events(
@@ -90,6 +95,7 @@ def quality_page(page: Page) -> Response:
         imports=import_api.runs(page.request, source=None, limit=20)["imports"],
         kinds=KINDS,
         import_sources=[s.name for s in plan.sources],
+        destinations=activate_api.list_destinations(page.request)["destinations"],
     )
 
 

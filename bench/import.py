@@ -160,9 +160,12 @@ def run_kilde(csv_path: Path, work: Path, in_process: bool, identity: bool) -> M
         "KILDE_DATA": str(data),
         "KILDE_PLAN": str(DEMO_PLAN),
         "KILDE_ADMIN_TOKEN": ADMIN_TOKEN,
-        # Identity resolution updates profiles from new events in a background thread of the
-        # server; off by default here, so the figures are those of the import itself.
+        # Identity resolution, segments and deliveries update profiles from new events in
+        # background threads of the server; paused by default here, so the figures are those of
+        # the import itself.
         "KILDE_IDENTITY_BACKGROUND": "1" if identity else "0",
+        "KILDE_INSIGHTS_BACKGROUND": "1" if identity else "0",
+        "KILDE_DELIVERY_BACKGROUND": "1" if identity else "0",
     }
     server = None
     server_rss = None
@@ -200,10 +203,16 @@ def run_kilde(csv_path: Path, work: Path, in_process: bool, identity: bool) -> M
             answer = httpx.get(
                 f"{url}/api/stats", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60
             ).json()
-            stored = int(answer["events"])
+            stored = sum(
+                int(row["events"])
+                for row in answer["by_source_and_type"]
+                if row["source"] == "shop-orders"
+            )
         else:
             with duckdb.connect(str(data / "kilde.duckdb"), read_only=True) as con:
-                row = con.execute("SELECT count(*) FROM events").fetchone()
+                row = con.execute(
+                    "SELECT count(*) FROM events WHERE source = 'shop-orders'"
+                ).fetchone()
                 stored = int(row[0]) if row else 0
     finally:
         before_server = children_cpu()
@@ -289,7 +298,9 @@ def main() -> None:
     parser.add_argument("--skip-dlt", action="store_true")
     parser.add_argument("--in-process", action="store_true", help="no server: CLI in-process")
     parser.add_argument(
-        "--identity", action="store_true", help="keep identity resolution running in the server"
+        "--identity",
+        action="store_true",
+        help="keep identity resolution, segments and deliveries running in the server",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kilde-bench-import-"))
@@ -310,7 +321,7 @@ def main() -> None:
         # the busier one bounds the rate.
         k_cpu_rate = args.rows / max(kilde.cpu, kilde.server_cpu)
         where = "in-process" if args.in_process else "through kilde serve"
-        where += ", identity resolution " + ("running" if args.identity else "paused")
+        where += ", background engines " + ("running" if args.identity else "paused")
         print(
             f"kilde import ({where}): {kilde.seconds:.1f} s, {k_rate:,.0f} rows/s, peak RSS "
             f"import process {mb(kilde.peak_rss)}"

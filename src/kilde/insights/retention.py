@@ -8,7 +8,7 @@ any event of theirs, or only orders (`activity=orders`). Periods still in the fu
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
 import ibis
@@ -48,15 +48,22 @@ def retention(
     cohort: Cohort = "first_seen",
     activity: Activity = "any",
 ) -> dict[str, Any]:
-    ev = behaviour(backend)
-    ev = ev.filter(ev.timestamp <= ibis.literal(now))
-    orders = ev.filter(ev.event == ORDER_EVENT)
-    source = orders if cohort == "first_order" else ev
-    starts = source.group_by("profile_id").aggregate(first=source.timestamp.min())
     current = _number_now(period, now)
+    oldest = _start_of(period, current - periods + 1)
+    since = datetime(oldest.year, oldest.month, oldest.day, tzinfo=UTC)
+    ev = behaviour(backend)
+    orders = ev.filter(ev.event == ORDER_EVENT)
+    if cohort == "first_order":
+        starts = orders.group_by("profile_id").aggregate(first=orders.timestamp.min())
+    else:  # the profiles know when each was first seen: no need to read all events again
+        profiles = backend.table("profiles")
+        starts = profiles.select("profile_id", first=profiles.first_seen)
+    starts = starts.filter(starts.first >= ibis.literal(since))
     starts = starts.select("profile_id", cohort=_number(period, starts.first))
-    starts = starts.filter(starts.cohort > current - periods)
-    acts = orders if activity == "orders" else ev
+    # only the periods shown: older events are never read
+    acts = (orders if activity == "orders" else ev).filter(
+        lambda t: (t.timestamp >= ibis.literal(since)) & (t.timestamp <= ibis.literal(now))
+    )
     active = acts.select("profile_id", when=_number(period, acts.timestamp)).distinct()
     joined = active.join(starts, "profile_id")
     joined = joined.mutate(k=joined.when - joined.cohort)

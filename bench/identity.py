@@ -365,10 +365,12 @@ def main() -> None:
             f"{rebuild['conflicts']:,} refused merges, {rebuild['shared']:,} shared identifiers",
             flush=True,
         )
+        python_records = int(t.pop("extract_python_records", 0))
         print(
             "  stages: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
-            + f"; components took {rebuild['rounds']} rounds",
+            + f"; components took {rebuild['rounds']} rounds; {python_records:,} records "
+            "needed the Python normaliser (identify, alias, rich context)",
             flush=True,
         )
         if not args.skip_networkx:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kilde.identity import extract
+from kilde.identity.engine import Extracted
 from kilde.identity.extract import plain_id
 from kilde.identity.identifiers import Identifier, Normaliser, parse_identifier
 from kilde.identity.runner import Runner
@@ -156,3 +161,110 @@ def test_set_based_plain_ids_match_the_python_normaliser(values: list[str]) -> N
     table = run.temp("k_values")
     got = run.arrow("plain", lambda: table.select(value=plain_id(table.raw, normaliser)))
     assert got.column("value").to_pylist() == [normaliser.plain_id(v) for v in values]
+
+
+EMAILISH = st.one_of(
+    st.sampled_from(
+        [
+            "Ola@Example.com",
+            " mailto:kari@example.no ",
+            "a+b@x.io",
+            "+x@y.no",
+            "test@test.com",
+            "null",
+            "",
+            " ",
+            "a b@c.no",
+            "ø@æ.no",
+            "x@y",
+            "x@@y.no",
+            "0000",
+        ]
+    ),
+    st.from_regex(r"[a-zA-Z0-9.+ _-]{0,6}@[a-z.]{0,6}\.[a-z]{1,3}", fullmatch=True),
+    st.text(alphabet="ab@.+ \t\x0bX", max_size=10),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["identify", "track", "page"]),
+            st.one_of(st.none(), JUNKY),
+            st.one_of(st.none(), JUNKY),
+            st.one_of(st.none(), EMAILISH, st.integers()),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    fold=st.booleans(),
+)
+def test_set_based_extraction_matches_the_python_normaliser(
+    rows: list[tuple[str, str | None, str | None, Any]], fold: bool
+) -> None:
+    """Records read set-based give the same records and observations as the Python path."""
+    normaliser = Normaliser(IdentityRules(fold_plus_addressing=fold))
+    events: dict[str, list[Any]] = {
+        "source": [],
+        "message_id": [],
+        "type": [],
+        "user_id": [],
+        "anonymous_id": [],
+        "timestamp": [],
+        "received_at": [],
+        "traits": [],
+        "context": [],
+    }
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    for index, (kind, user, anon, mail) in enumerate(rows):
+        traits = {} if mail is None else {"email": mail, "first_name": "x"}
+        events["source"].append("web")
+        events["message_id"].append(f"m{index}")
+        events["type"].append(kind)
+        events["user_id"].append(None if user is None else user.replace("\x00", ""))
+        events["anonymous_id"].append(None if anon is None else anon.replace("\x00", ""))
+        events["timestamp"].append(at)
+        events["received_at"].append(at)
+        events["traits"].append(orjson.dumps(traits).decode() if kind == "identify" else None)
+        events["context"].append("{}")
+    stamp = pa.timestamp("us", tz="UTC")
+    table = pa.table(
+        events,
+        schema=pa.schema(
+            [
+                (name, stamp if name in ("timestamp", "received_at") else pa.string())
+                for name in events
+            ]
+        ),
+    )
+    run = Runner(duckdb.connect())
+    run.put("events", table)
+    source = run.temp("events")
+    rich = run.arrow("rich", lambda: source.filter(extract.is_rich(source)).select("message_id"))
+    rich_ids = set(rich.column("message_id").to_pylist())
+    ids = extract.simple(source, normaliser)
+    got_records = run.arrow("r", lambda: extract.simple_records(ids, normaliser)).to_pylist()
+    got_obs = run.arrow("o", lambda: extract.simple_observations(ids)).to_pylist()
+    expected = Extracted()
+    for row in table.to_pylist():
+        if row["message_id"] not in rich_ids:
+            expected.add({**row, "previous_id": None}, normaliser)
+    want_records, want_obs = expected.tables()
+
+    def records(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (
+                r["message_id"],
+                r["primary_type"],
+                r["primary_value"],
+                orjson.loads(r["dropped"]) if r["dropped"] else None,
+            )
+            for r in rows
+        )
+
+    def observations(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((r["message_id"], r["id_type"], r["id_value"]) for r in rows)
+
+    assert records(got_records) == records(want_records.to_pylist())
+    assert observations(got_obs) == observations(want_obs.to_pylist())

@@ -12,7 +12,13 @@ from __future__ import annotations
 import ibis
 import ibis.expr.types as ir
 
-from kilde.identity.identifiers import JUNK_VALUES, MAX_LENGTH, REPEATED_JUNK, Normaliser
+from kilde.identity.identifiers import (
+    EMAIL_PATTERN,
+    JUNK_VALUES,
+    MAX_LENGTH,
+    REPEATED_JUNK,
+    Normaliser,
+)
 
 RECORD_COLUMNS = (
     "source",
@@ -28,13 +34,32 @@ OBSERVATION_COLUMNS = ("source", "message_id", "ts", "id_type", "id_value", "rol
 _RICH_MARKERS = ('"traits"', '"externalIds"', '"advertisingId"')
 
 
+_PYTHON_TRAITS = ("phone", "email_sha256", "sha256_email", "hashed_email")
+
+
+def _present(value: ir.Value) -> ir.BooleanValue:
+    """A JSON member that is there and not JSON null."""
+    return value.notnull() & (value.cast("string") != "null")
+
+
 def is_rich(events: ir.Table) -> ir.BooleanValue:
-    """Records that need the Python normaliser (see the module docstring)."""
+    """Records that need the Python normaliser (see the module docstring).
+
+    Identify calls whose only identifier trait is a plain ASCII email string are normalised
+    set-based too; phones (libphonenumber), hashed emails and anything unusual go to Python.
+    """
     context = events.context.cast("string").fill_null("")
     marked = ibis.literal(False)
     for marker in _RICH_MARKERS:
         marked = marked | context.contains(marker)
-    return (events.type == "identify") | (events.type == "alias") | marked
+    traits = events.traits.cast("json")
+    python_traits = ibis.literal(False)
+    for key in _PYTHON_TRAITS:
+        python_traits = python_traits | _present(traits[key])
+    email = traits["email"]
+    odd_email = _present(email) & (email.str.isnull() | email.str.re_search(r"[^\x00-\x7f]"))
+    identify = (events.type == "identify") & (events.traits.isnull() | python_traits | odd_email)
+    return identify | (events.type == "alias") | marked
 
 
 def plain_id(column: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
@@ -53,11 +78,35 @@ def plain_id(column: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
     return ibis.ifelse(bad, ibis.null().cast("string"), text)
 
 
+def _is_junk(text: ir.StringValue, normaliser: Normaliser) -> ir.BooleanValue:
+    low = text.strip().lower()
+    return low.isin(sorted(normaliser.junk | JUNK_VALUES)) | low.re_search(REPEATED_JUNK)
+
+
+def email(raw: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
+    """`Normaliser.email` as an expression (for ASCII addresses; others go to Python)."""
+    text = raw.strip().lower()
+    text = ibis.ifelse(text.startswith("mailto:"), text.substr(7), text)
+    valid = text.re_search(EMAIL_PATTERN) & (text.length() <= 254) & ~_is_junk(text, normaliser)
+    local = text.split("@")[0]
+    domain = text.split("@")[1]
+    if normaliser.rules.fold_plus_addressing:
+        local = local.split("+")[0]
+    folded = local + "@" + domain
+    good = valid & (local.length() > 0) & ~_is_junk(folded, normaliser)
+    return ibis.ifelse(good, folded, ibis.null().cast("string"))
+
+
 def simple(events: ir.Table, normaliser: Normaliser) -> ir.Table:
     """Simple records with their normalised ids: one row per record."""
     rows = events.filter(~is_rich(events))
     user = plain_id(rows.user_id, normaliser)
     anon = plain_id(rows.anonymous_id, normaliser)
+    raw_email = ibis.ifelse(
+        rows.type == "identify", rows.traits.cast("json")["email"].str, ibis.null().cast("string")
+    )
+    mail = email(raw_email, normaliser)
+    given = raw_email.notnull() & (raw_email != "")
     return rows.select(
         "source",
         "message_id",
@@ -66,26 +115,48 @@ def simple(events: ir.Table, normaliser: Normaliser) -> ir.Table:
         kind=rows.type,
         user=user,
         anon=anon,
-        user_junk=rows.user_id.notnull() & user.isnull(),
-        anon_junk=rows.anonymous_id.notnull() & anon.isnull(),
+        user_junk=rows.user_id.notnull() & (rows.user_id != "") & user.isnull(),
+        anon_junk=rows.anonymous_id.notnull() & (rows.anonymous_id != "") & anon.isnull(),
+        email=mail,
+        email_sha256=mail.hexdigest("sha256"),
+        email_dropped=ibis.cases(
+            (given & mail.isnull() & _is_junk(raw_email, normaliser), "junk"),
+            (given & mail.isnull(), "invalid"),
+            else_=None,
+        ),
     )
+
+
+SIMPLE_TYPES = ("user_id", "anonymous_id", "email", "email_sha256")
+
+
+def _columns(ids: ir.Table) -> dict[str, ir.StringValue]:
+    return {
+        "user_id": ids.user,
+        "anonymous_id": ids.anon,
+        "email": ids.email,
+        "email_sha256": ids.email_sha256,
+    }
 
 
 def simple_records(ids: ir.Table, normaliser: Normaliser) -> ir.Table:
-    user_first = normaliser.rank["user_id"] < normaliser.rank["anonymous_id"]
-    first, second = (ids.user, ids.anon) if user_first else (ids.anon, ids.user)
-    first_type, second_type = (
-        ("user_id", "anonymous_id") if user_first else ("anonymous_id", "user_id")
-    )
+    columns = _columns(ids)
+    ordered = sorted(SIMPLE_TYPES, key=lambda t: normaliser.rank[t])
     primary_type = ibis.cases(
-        (first.notnull(), first_type), (second.notnull(), second_type), else_=None
+        *[(columns[t].notnull(), t) for t in ordered], else_=ibis.null().cast("string")
     )
-    dropped = ibis.cases(
-        (ids.user_junk & ids.anon_junk, '[["userId","junk"],["anonymousId","junk"]]'),
-        (ids.user_junk, '[["userId","junk"]]'),
-        (ids.anon_junk, '[["anonymousId","junk"]]'),
-        else_=None,
-    )
+    primary_value = ibis.coalesce(*[columns[t] for t in ordered])
+    parts = [
+        ibis.ifelse(ids.user_junk, '["userId","junk"]', ibis.null().cast("string")),
+        ibis.ifelse(ids.anon_junk, '["anonymousId","junk"]', ibis.null().cast("string")),
+        ibis.ifelse(
+            ids.email_dropped.notnull(),
+            '["traits.email","' + ids.email_dropped + '"]',
+            ibis.null().cast("string"),
+        ),
+    ]
+    joined = ibis.literal(",").join(parts)  # NULLs are skipped
+    dropped = ibis.ifelse(joined == "", ibis.null().cast("string"), "[" + joined + "]")
     return ids.select(
         "source",
         "message_id",
@@ -93,17 +164,19 @@ def simple_records(ids: ir.Table, normaliser: Normaliser) -> ir.Table:
         "received_at",
         "kind",
         primary_type=primary_type,
-        primary_value=ibis.coalesce(first, second),
+        primary_value=primary_value,
         dropped=dropped.cast("json"),
     )
 
 
 def simple_observations(ids: ir.Table) -> ir.Table:
-    users = ids.filter(ids.user.notnull()).select(
-        "source", "message_id", "ts", id_type=ibis.literal("user_id"), id_value=ids.user
-    )
-    anons = ids.filter(ids.anon.notnull()).select(
-        "source", "message_id", "ts", id_type=ibis.literal("anonymous_id"), id_value=ids.anon
-    )
-    both = users.union(anons)
-    return both.mutate(role=ibis.literal("self"))
+    parts = [
+        ids.filter(value.notnull()).select(
+            "source", "message_id", "ts", id_type=ibis.literal(id_type), id_value=value
+        )
+        for id_type, value in _columns(ids).items()
+    ]
+    rows = parts[0]
+    for part in parts[1:]:
+        rows = rows.union(part)
+    return rows.mutate(role=ibis.literal("self"))

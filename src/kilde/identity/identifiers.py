@@ -49,7 +49,9 @@ JUNK_VALUES = frozenset(
         "x@x.com",
     }
 )
-_EMAIL = re.compile(r"^[^@\s\"'<>,;]+@[^@\s\"'<>,;]+\.[a-z]{2,}$")
+# The same pattern runs in SQL for simple records (see extract.py), so it names its characters.
+EMAIL_PATTERN = r"^[^@\t\n\x0b\x0c\r \"'<>,;]+@[^@\t\n\x0b\x0c\r \"'<>,;]+\.[a-z]{2,}$"
+_EMAIL = re.compile(EMAIL_PATTERN)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _AD_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _EXTERNAL_KIND = re.compile(r"^[a-z][a-z0-9_.\-]{0,63}$")
@@ -114,10 +116,10 @@ class Normaliser:
         return text
 
     def email(self, raw: str) -> str | None:
-        text = raw.strip().lower()
+        text = raw.strip(WHITESPACE).lower()
         if text.startswith("mailto:"):
             text = text[7:]
-        if not _EMAIL.match(text) or len(text) > 254 or self.is_junk(text):
+        if not _EMAIL.fullmatch(text) or len(text) > 254 or self.is_junk(text):
             return None
         local, _, domain = text.rpartition("@")
         if self.rules.fold_plus_addressing and "+" in local:

@@ -27,6 +27,8 @@ from kilde.cli_import import import_file
 from kilde.cli_insights import register as register_insights
 from kilde.cli_privacy import register as register_privacy
 from kilde.cli_profiles import register as register_profiles
+from kilde.cli_scale import LakeOpt, serve_collector
+from kilde.cli_scale import register as register_scale
 from kilde.cli_users import users_app
 from kilde.cli_web import snippet as snippet_command
 from kilde.client import Client, remove_server_file, write_server_file
@@ -51,6 +53,7 @@ app.add_typer(bad_app, name="bad-events")
 app.add_typer(admin_app, name="admin")
 app.add_typer(events_app, name="events")
 register_profiles(app)  # profile, profiles, identity
+register_scale(app)  # compute, lake
 register_privacy(app, plan_app)  # privacy ..., plan register
 register_insights(app)  # segment, insights
 app.add_typer(email_app, name="email")
@@ -81,8 +84,20 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port [env KILDE_PORT, default 8321]")] = None,
     data: DataOpt = None,
     plan: PlanOpt = None,
+    collector_only: Annotated[
+        bool,
+        typer.Option(
+            "--collector-only",
+            help="Only collect, appending to the lake (--lake): stateless, run many behind a "
+            "load balancer; no admin API or dashboard",
+        ),
+    ] = False,
+    lake: LakeOpt = None,
 ) -> None:
     """Run the collector, admin API and dashboard on the embedded store."""
+    if collector_only:
+        serve_collector(host, port, data, plan, lake)
+        return
     import uvicorn
 
     from kilde.web.admin_token import ensure_admin_token

@@ -515,67 +515,10 @@ class IdentityEngine:
     ) -> tuple[list[tuple[str, list[Any]]], RunReport]:
         """Stitch (all, or the closures of `scope`) into parquet files and the statements
         that replace the old results with them."""
-        plan = self.plan()
-        run = self.runner
-        now = datetime.now(UTC)
-        result: StitchResult = stitch(run, plan.identity, self.salt(), scope, self.separations())
-        t0 = time.perf_counter()
-        identities = result.identities
-        pq.write_table(
-            run.arrow(
-                "out/map",
-                lambda: identities.select(
-                    "id_type",
-                    "id_value",
-                    "profile_id",
-                    "closure_id",
-                    "first_seen",
-                    "last_seen",
-                    "shared",
-                ),
-            ),
-            scratch / "map.parquet",
+        report = stitch_outputs(
+            self.runner, self.plan(), self.salt(), self.separations(), scope, scratch, mode
         )
-        pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
-        pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
-        conflict_rows = [c.row() for c in result.conflicts]
-        pq.write_table(
-            pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
-            if conflict_rows
-            else _CONFLICT_SCHEMA.empty_table(),
-            scratch / "conflicts.parquet",
-        )
-
-        def issued() -> ir.Table:
-            fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
-            return fresh.anti_join(run.source("profile_ids"), "profile_id")
-
-        pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
-
-        def closures_expr() -> ir.Table:
-            mine = identities.select("closure_id")
-            if scope is None:
-                return mine.distinct()
-            idm = run.source("identity_map")
-            old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
-            return mine.union(old.select("closure_id")).distinct()
-
-        pq.write_table(
-            run.arrow(f"out/closures/{scope is None}", closures_expr),
-            scratch / "closures.parquet",
-        )
-        timings = dict(result.timings)
-        timings["profiles"] = time.perf_counter() - t0
-        statements = self._replace_statements(scratch, full=scope is None)
-        return statements, RunReport(
-            mode=mode,
-            identifiers=pq.read_metadata(scratch / "map.parquet").num_rows,
-            profiles=pq.read_metadata(scratch / "profiles.parquet").num_rows,
-            conflicts=len(result.conflicts),
-            dirty_closures=result.dirty_closures,
-            rounds=result.rounds,
-            timings=timings,
-        )
+        return self._replace_statements(scratch, full=scope is None), report
 
     def _replace_statements(self, scratch: Path, *, full: bool) -> list[tuple[str, list[Any]]]:
         def p(name: str) -> list[Any]:
@@ -762,21 +705,13 @@ class IdentityEngine:
         """Records that need the Python normaliser, written as parquet parts."""
         run = self.runner
 
-        def rich() -> ir.Table:
-            ev = run.source("events")
-            return ev.filter(extract.is_rich(ev)).select(*RICH_COLUMNS)
-
-        sql, _ = run.sql("rebuild/rich", rich)
+        sql, _ = run.sql("rebuild/rich", lambda: rich_records(run.source("events")))
         count = 0
         part = 0
         cur = self.store.cursor()
         try:
             for batch in cur.sql(sql).to_arrow_reader(100_000):
-                found = Extracted()
-                columns = batch.to_pydict()
-                names = list(columns)
-                for values in zip(*columns.values(), strict=True):
-                    found.add(dict(zip(names, values, strict=True)), normaliser)
+                found = extract_rich(batch, normaliser)
                 self._write_part(found, scratch, part)
                 part += 1
                 count += found.count
@@ -932,6 +867,93 @@ def _refreshed(run: Runner) -> ir.Table:
 def _last_seen(run: Runner) -> ir.Table:
     quiet = run.temp("k_quiet")
     return quiet.select("id_type", "id_value", "ts")
+
+
+def rich_records(events: ir.Table) -> ir.Table:
+    """The records whose identifiers are read in Python (identify, alias, rich context)."""
+    return events.filter(extract.is_rich(events)).select(*RICH_COLUMNS)
+
+
+def extract_rich(batch: pa.RecordBatch, normaliser: Normaliser) -> Extracted:
+    """Identifiers of a batch of `rich_records` rows, read by the Python normaliser."""
+    found = Extracted()
+    columns = batch.to_pydict()
+    names = list(columns)
+    for values in zip(*columns.values(), strict=True):
+        found.add(dict(zip(names, values, strict=True)), normaliser)
+    return found
+
+
+def stitch_outputs(
+    run: Runner,
+    plan: Plan,
+    salt: str,
+    separations: list[Separation],
+    scope: pa.Table | None,
+    scratch: Path,
+    mode: str,
+) -> RunReport:
+    """Stitch (all, or the closures of `scope`) and build the profiles, as parquet files in
+    `scratch`: map, profiles, traits, conflicts, ids (newly issued profile ids) and closures
+    (those replaced). Any Runner: the engine's DuckDB one, or Spark's (kilde.store.backends)."""
+    now = datetime.now(UTC)
+    result: StitchResult = stitch(run, plan.identity, salt, scope, separations)
+    t0 = time.perf_counter()
+    identities = result.identities
+    pq.write_table(
+        run.arrow(
+            "out/map",
+            lambda: identities.select(
+                "id_type",
+                "id_value",
+                "profile_id",
+                "closure_id",
+                "first_seen",
+                "last_seen",
+                "shared",
+            ),
+        ),
+        scratch / "map.parquet",
+    )
+    pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
+    pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
+    conflict_rows = [c.row() for c in result.conflicts]
+    pq.write_table(
+        pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
+        if conflict_rows
+        else _CONFLICT_SCHEMA.empty_table(),
+        scratch / "conflicts.parquet",
+    )
+
+    def issued() -> ir.Table:
+        fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
+        return fresh.anti_join(run.source("profile_ids"), "profile_id")
+
+    pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
+
+    def closures_expr() -> ir.Table:
+        mine = identities.select("closure_id")
+        if scope is None:
+            return mine.distinct()
+        idm = run.source("identity_map")
+        old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
+        return mine.union(old.select("closure_id")).distinct()
+
+    pq.write_table(
+        run.arrow(f"out/closures/{scope is None}", closures_expr),
+        scratch / "closures.parquet",
+    )
+    timings = dict(result.timings)
+    timings["profiles"] = time.perf_counter() - t0
+    return RunReport(
+        mode=mode,
+        identifiers=pq.read_metadata(scratch / "map.parquet").num_rows,
+        profiles=pq.read_metadata(scratch / "profiles.parquet").num_rows,
+        conflicts=len(result.conflicts),
+        dirty_closures=result.dirty_closures,
+        rounds=result.rounds,
+        timings=timings,
+    )
 
 
 _CONFLICT_SCHEMA = pa.schema(

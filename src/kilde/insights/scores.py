@@ -59,7 +59,9 @@ def compute(
     """Write every profile's insight row to the Parquet file `out`; return the models' info."""
     with hold_behaviour(backend):
         profiles = backend.table("profiles")
-        summary = purchase_summary(backend, now).to_pyarrow()
+        # In a fixed order: the fits sum over rows, and the last bits of a sum depend on its
+        # order, which differs between engines (and between runs of a parallel one).
+        summary = purchase_summary(backend, now).order_by("profile_id").to_pyarrow()
         values = score_profiles(summary, horizon_weeks)
         clv_table = ibis.memtable(
             pa.table(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -130,6 +133,47 @@ def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> F
     app.include_router(activate_api.router)
     app.include_router(privacy_api.router)
     app.include_router(dashboard.router)  # last: the dashboard's pages at /
+    _install_error_handlers(app)
+    app.add_middleware(AccessLog)
+    app.add_middleware(CorsForCollection)
+    return app
+
+
+def create_collector_app(settings: Settings, lake_dir: Path) -> FastAPI:
+    """`kilde serve --collector-only`: the collection routes only, appending to a lake.
+
+    Stateless: events and dead letters go to new files in the lake (kilde.store.lake); the
+    process keeps only a private scratch store for its privacy screen, seeded from the lake's
+    state and removed on exit. No admin API, no dashboard; /api/health answers the balancer.
+    """
+    from kilde.store.lake import Lake, LakeWriter, collector_store
+
+    plan = load_plan(settings.plan_path)
+    lake = Lake(lake_dir)
+    store = collector_store(lake)
+    writer = LakeWriter(lake, store)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        settle_garbage_collector()
+        yield
+        writer.close()
+        store.close()
+        shutil.rmtree(store.path.parent, ignore_errors=True)
+
+    app = FastAPI(title="Kilde collector", version=__version__, lifespan=lifespan, docs_url=None)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.writer = writer
+    app.state.pipeline = Pipeline(plan, writer)
+    app.state.keys = WriteKeys.of(plan)
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "mode": "collector", "files_written": writer.files_written}
+
+    app.include_router(website_routes.router)  # before segment_api, see its docstring
+    app.include_router(segment_api.router)
     _install_error_handlers(app)
     app.add_middleware(AccessLog)
     app.add_middleware(CorsForCollection)

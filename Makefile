@@ -24,6 +24,10 @@ system-packages:
 		if [ "$$(id -u)" = "0" ]; then SUDO=""; else SUDO="sudo"; fi; \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
+	@if ! command -v java >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = "0" ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; \
+	fi
 
 run: setup
 	KILDE_PLAN=$(PLAN) KILDE_DATA=$(DATA) $(BIN)/kilde demo

@@ -101,7 +101,8 @@ class CollectionScreen:
     def use_plan(self, plan: Plan) -> None:
         self.plan = plan
         self.rules = _Rules(plan)
-        self.normaliser = self.suppression.normaliser = Normaliser(plan.identity)
+        self.normaliser = Normaliser(plan.identity)
+        self.suppression.use_normaliser(self.normaliser)
 
     # -- in Pipeline.prepare ------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from kilde.store.writer import WriteBatch, Writer
 
 _TRAIT_KEYS = (("email", "email"), ("phone", "phone"))
 _HASHED_EMAIL_KEYS = ("email_sha256", "sha256_email", "hashed_email")
+DIGEST_CACHE = 200_000  # identifiers whose hashes are kept at hand
 
 
 def load_salt(store: Store, writer: Writer) -> str:
@@ -124,7 +125,13 @@ class SuppressionList:
             r["hash"] for r in store.query("SELECT hash FROM suppression_list")
         }
         self._lock = threading.Lock()
+        self._digests: dict[tuple[str, Any], tuple[str, ...]] = {}
         self.epoch = 0  # goes up with every addition
+
+    def use_normaliser(self, normaliser: Normaliser) -> None:
+        """The plan's identity rules changed: normalise (and hash) anew."""
+        self.normaliser = normaliser
+        self._digests = {}
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -167,24 +174,34 @@ class SuppressionList:
         if not self._hashes:
             return None
         try:
+            digests = self._digests
             for id_type, raw in raw_identifiers(record, row=row):
-                if id_type == RECIPIENT:
-                    value: str | None = raw
-                else:
-                    value = self.normaliser.normalise(id_type, raw)
-                if value is None:
+                if not isinstance(raw, str | int | float):
                     continue
-                digest = self.hasher.of(id_type, value)
-                if digest in self._hashes:
-                    return digest
-                if id_type == "email":
-                    hashed = hashlib.sha256(value.encode()).hexdigest()
-                    digest = self.hasher.of("email_sha256", hashed)
+                key = (id_type, raw)
+                found = digests.get(key)
+                if found is None:
+                    found = self._digests_of(id_type, raw)
+                    if len(digests) >= DIGEST_CACHE:
+                        digests.clear()
+                    digests[key] = found
+                for digest in found:
                     if digest in self._hashes:
                         return digest
         except Exception:  # a malformed record is the dead letter's business, not ours
             return None
         return None
+
+    def _digests_of(self, id_type: str, raw: Any) -> tuple[str, ...]:
+        """The hashes a raw identifier is listed under (the same ids come back all the time,
+        so `hit` keeps these: normalising and hashing cost more than the lookup)."""
+        value = raw if id_type == RECIPIENT else self.normaliser.normalise(id_type, raw)
+        if not isinstance(value, str):
+            return ()
+        if id_type != "email":
+            return (self.hasher.of(id_type, value),)
+        hashed = hashlib.sha256(value.encode()).hexdigest()
+        return (self.hasher.of(id_type, value), self.hasher.of("email_sha256", hashed))
 
     def count_statements(
         self, hits: Counter[str], source: str, channel: str, at: datetime

@@ -822,9 +822,11 @@ def _classify(run: Runner, strong: list[str]) -> ir.Table:
         o_type=b.id_type,
         o_value=b.id_value,
     )
-    history = run.source("identity_observations").semi_join(
-        obs.select("id_type", "id_value"), ["id_type", "id_value"]
-    )
+    # Only identifiers of records with a pair need their history (none: the scan is skipped).
+    paired = pairs.select(id_type=pairs.s_type, id_value=pairs.s_value)
+    past = run.source("identity_observations")
+    with_pair = past.semi_join(paired, ["id_type", "id_value"]).select("source", "message_id")
+    history = past.semi_join(with_pair, ["source", "message_id"])
     history = history.anti_join(obs.select("source", "message_id"), ["source", "message_id"])
     h1, h2 = history.view(), history.view()
     seen = h1.join(h2, [h1.source == h2.source, h1.message_id == h2.message_id]).select(

@@ -355,7 +355,8 @@ async def _store(
         )
     await pipeline.writer.write(batch)
     email = next((v for n, v in sub.values.items() if by_name[n].type == "email"), None)
-    if awaiting and email:
+    suppressed = any(o.status == "suppressed" for o in outcomes)
+    if awaiting and email and not suppressed:  # never mail someone who was erased
         await _send_confirmation(request, form, email, ids, awaiting)
     return _message(request, form.title, form.thank_you, 200)
 

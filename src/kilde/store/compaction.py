@@ -156,7 +156,10 @@ def scratch_store() -> Iterator[Store]:
 
 def _load(con: duckdb.DuckDBPyConnection, table: str, path: Path) -> None:
     con.execute(f'DELETE FROM "{table}"')
-    con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM read_parquet(?)', [str(path)])
+    con.execute(
+        f'INSERT INTO "{table}" BY NAME SELECT * FROM read_parquet(?, hive_partitioning = false)',
+        [str(path)],
+    )
 
 
 def _replace(con: duckdb.DuckDBPyConnection, table: str, path: Path, schema: pa.Schema) -> None:
@@ -209,6 +212,7 @@ def erase_from_lake(lake: Lake, subject: Any, suppressed: list[Identifier]) -> L
     Subject with every identifier of the person). Call it from an erasure when the installation
     has a lake; `kilde lake erase` calls it on its own.
     """
+    import kilde.pipeline  # noqa: F401 - kilde.privacy imports it back; load it first
     from kilde.privacy.erasure import _erase_in_store, _sweep_values
 
     out = LakeErasure()
@@ -269,6 +273,7 @@ def _drop_statements(path: Path, values: list[str]) -> int:
 def subject_in_lake(lake: Lake, given: list[Identifier]) -> Any:
     """The person named by `given`, with every identifier of their profiles in the lake's
     identity state (the privacy module's own resolution, over the lake's identity map)."""
+    import kilde.pipeline  # noqa: F401 - kilde.privacy imports it back; load it first
     from kilde.privacy.subjects import Subject, expand
 
     with scratch_store() as store:
@@ -292,6 +297,7 @@ def retain_lake(
 ) -> dict[str, Any]:
     """Apply the plan's retention to the lake's events, file by file, with retention's own
     measurement and statements; the summed report."""
+    import kilde.pipeline  # noqa: F401 - kilde.privacy imports it back; load it first
     from kilde.privacy.retention import _apply, _measure
 
     now = now or datetime.now(UTC)

@@ -275,3 +275,29 @@ def test_erasure_and_retention_rewrite_the_lake_files(
     done = lake_cli(lake, "retain")
     assert done["expired_events"] == 2 and done["files_rewritten"]
     assert len(lake_rows(lake, tracks)) == 1
+
+
+def test_consent_given_through_a_collector_reaches_the_state_ledger_once(
+    collectors: tuple[Path, list[Server]],
+) -> None:
+    from kilde.store.backends import StateTables
+    from kilde.store.compute import apply_statements
+    from kilde.store.lake import Lake
+
+    lake, (first, second) = collectors
+    person = f"consents-{uuid.uuid4().hex[:8]}"
+    choice = {
+        "type": "track",
+        "event": "Consent Updated",
+        "userId": person,
+        "messageId": uuid.uuid4().hex,
+        "properties": {"purposes": {"marketing_email": True, "advertising": False}},
+    }
+    assert post(first, [choice]).status_code == 200
+    assert post(second, [choice]).status_code == 200  # the same choice, retried elsewhere
+    assert apply_statements(Lake(lake)) >= 2
+    assert apply_statements(Lake(lake)) >= 2  # every compute applies them again
+    ledger = StateTables(lake / "state").read("consent_ledger").to_pylist()
+    mine = {(r["purpose"], r["state"]) for r in ledger if r["user_id"] == person}
+    assert mine == {("marketing_email", "granted"), ("advertising", "denied")}
+    assert len([r for r in ledger if r["user_id"] == person]) == 2

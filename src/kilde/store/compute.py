@@ -315,6 +315,7 @@ class LakeCompute:
     def compute(self, steps: tuple[str, ...] = STEPS) -> ComputeReport:
         started = time.perf_counter()
         report = ComputeReport(f"spark:{self.spark.sparkContext.master}", self.now)
+        report.steps["statements"] = {"result": apply_statements(self.lake)}
         self.register()
         if "identity" in steps:
             self.say("identity: stitching and building profiles")
@@ -602,6 +603,49 @@ def _run_row(
         "seconds": seconds,
         "error": error,
     }
+
+
+# -- what collectors could not write themselves ----------------------------------------------
+
+
+def apply_statements(lake: Lake) -> int:
+    """Bring the statements collectors kept (consent ledger rows) into the state tables.
+
+    They run as they would have in the store, on a scratch store holding the state tables;
+    the ledger's inserts are idempotent (INSERT OR IGNORE on the record's id), so every compute
+    applies all of them again. Returns the number of statements run.
+    """
+    from kilde.store.compaction import scratch_store
+    from kilde.store.lake import STATEMENTS, statement_params
+
+    files = lake.files(STATEMENTS)
+    if not files:
+        return 0
+    state = StateTables(lake.state_dir)
+    ran = 0
+    with scratch_store() as store:
+        con = store.cursor()
+        try:
+            for path in files:
+                for row in pq.read_table(path).to_pylist():
+                    try:
+                        con.execute(row["sql"], statement_params(row["params"]))
+                        ran += 1
+                    except Exception:  # a counter's statement the scratch store cannot run
+                        continue
+            fresh = con.sql("SELECT * FROM consent_ledger ORDER BY seq").to_arrow_table()
+        finally:
+            con.close()
+    known = state.read("consent_ledger")
+    seen = set(known.column("id").to_pylist())
+    fresh = fresh.filter(pa.array([i not in seen for i in fresh.column("id").to_pylist()]))
+    if fresh.num_rows:
+        # Recorded after everything the state holds: numbered on from its last row.
+        last = pc.max(known.column("seq")).as_py() or 0
+        seq = pc.add(fresh.column("seq").cast(pa.int64()), last)
+        fresh = fresh.set_column(fresh.schema.get_field_index("seq"), "seq", seq)
+        state.write("consent_ledger", pa.concat_tables([known, conform(fresh, known.schema)]))
+    return ran
 
 
 # -- moving from DuckDB to the lake -----------------------------------------------------------

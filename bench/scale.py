@@ -211,7 +211,12 @@ def child_duckdb(data: Path) -> dict[str, Any]:
     engine.stop()
     writer.close()
     store.close()
-    return {"seconds": seconds, "profiles": report.profiles, "identifiers": report.identifiers}
+    return {
+        "seconds": seconds,
+        "profiles": report.profiles,
+        "identifiers": report.identifiers,
+        "timings": report.timings,
+    }
 
 
 def child_spark(lake: Path, memory: str) -> dict[str, Any]:
@@ -239,6 +244,7 @@ def child_spark(lake: Path, memory: str) -> dict[str, Any]:
         "session_seconds": session_seconds,
         "profiles": result["profiles"],
         "identifiers": result["identifiers"],
+        "timings": result["timings"],
     }
 
 
@@ -426,6 +432,15 @@ def main() -> None:
                     f"memory exponent {growth(mems)[1:]}; "
                     f"{points[-1][0] // first[0]}x the events took "
                     f"{points[-1][1] / first[1]:.1f}x the time (baseline: {first[0]:,})"
+                )
+        for name in ("duckdb", "spark"):
+            last = next((r for r in reversed(rows) if name in r), None)
+            if last is not None:
+                t = last[name].get("timings", {})
+                parts = ("extract", "prepare", "components", "greedy", "assign", "profiles")
+                print(
+                    f"where the time goes, {name} at {last['size']:,}: "
+                    + ", ".join(f"{k} {t[k]:.1f} s" for k in parts if k in t)
                 )
         sessions = [r["spark"]["session_seconds"] for r in rows if "spark" in r]
         if sessions:

@@ -26,7 +26,7 @@ import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,9 +45,6 @@ from kilde.store.migrations import MIGRATIONS
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-DEFAULT_STORE = "duckdb:kilde-data"
-STATE_DIR = "state"
 
 
 class BackendError(KildeError):
@@ -125,7 +122,8 @@ def spark_session(
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.shuffle.partitions": "2" if master.startswith("local") else "200",
+        # Adaptive execution merges small shuffle partitions; a few per core suit local mode.
+        "spark.sql.shuffle.partitions": "8" if master.startswith("local") else "200",
         "spark.sql.adaptive.enabled": "true",
         "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
         "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
@@ -523,25 +521,3 @@ def _known_schema(name: str) -> pa.Schema | None:
         return table_schema(name)
     except KeyError:
         return None
-
-
-@contextlib.contextmanager
-def duckdb_over_state(state: StateTables, events_glob: str | None) -> Iterator[Any]:
-    """An Ibis DuckDB backend whose tables are views over the Parquet state (and the lake)."""
-    con = duckdb.connect()
-    try:
-        for name in state.names():
-            if state.files(name):
-                con.execute(
-                    f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet(?)',
-                    [str(state.path(name) / "*.parquet")],
-                )
-        if events_glob is not None:
-            con.execute(
-                "CREATE VIEW events AS SELECT * EXCLUDE (day) FROM "
-                "read_parquet(?, hive_partitioning = true, union_by_name = true)",
-                [events_glob],
-            )
-        yield ibis.duckdb.from_connection(con)
-    finally:
-        con.close()

@@ -74,7 +74,11 @@ class Server:
             timeout=120,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kilde {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+            server_tail = "\n".join(self.log_text().splitlines()[-30:])
+            raise AssertionError(
+                f"kilde {' '.join(args)} failed:\n{result.stdout}{result.stderr}"
+                f"\n--- server log, last lines ---\n{server_tail}"
+            )
         return result
 
 

@@ -74,6 +74,20 @@ def send(server: Server, *messages: dict[str, Any], key: str = BACKEND_KEY) -> d
     return body
 
 
+def send_unparseable(server: Server, person: Person) -> None:
+    """A body cut off mid-way that names the person: refused, kept as sent in dead letters."""
+    body = f'{{"type": "identify", "userId": "{person.user_id}", '
+    body += f'"traits": {{"email": "{person.email}"'
+    answer = httpx.post(
+        f"{server.url}/v1/identify",
+        content=body.encode(),
+        auth=(BACKEND_KEY, ""),
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert person.email not in answer.text
+
+
 def send_like_kjs(server: Server, *messages: dict[str, Any]) -> dict[str, Any]:
     """A batch the way k.js sends it: writeKey in the body, no auth header, text/plain."""
     batch = [{"messageId": mid(), **m} for m in messages]

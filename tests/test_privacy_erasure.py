@@ -25,6 +25,7 @@ from tests.privacy_support import (
     scan,
     send,
     send_like_kjs,
+    send_unparseable,
     submit_form,
     until,
 )
@@ -76,6 +77,7 @@ def leave_traces(server: Server, person: Person, tmp_path: Path) -> None:
         },
     )
     assert len(rejected["rejected"]) == 1
+    send_unparseable(server, person)
     assert (
         submit_form(
             server,

@@ -24,6 +24,7 @@ from tests.privacy_support import (
     refresh_profiles,
     send,
     send_like_kjs,
+    send_unparseable,
     submit_form,
     until,
 )
@@ -83,6 +84,7 @@ def test_the_export_holds_everything_that_was_sent_in(own_server: Server, tmp_pa
         },
     )["rejected"]
     assert len(rejected) == 1
+    send_unparseable(own_server, p)
     answer = submit_form(
         own_server,
         "b2b-lead",
@@ -175,8 +177,10 @@ def test_the_export_holds_everything_that_was_sent_in(own_server: Server, tmp_pa
     assert sources["databroker"]["import_run"]["licence_expires_on"] == "2030-09-30"
     assert [s["segment_id"] for s in data["segments"]] == [segment]
     assert {s["kind"] for s in data["scores"]} == {"computed traits", "insights"}
-    assert [d["reason"] for d in data["dead_letters"]] == [rejected[0]["message"]]
+    reasons = [d["reason"] for d in data["dead_letters"]]
+    assert len(reasons) == 2 and reasons[0] == rejected[0]["message"]
     assert f"broken-{p.tag}" in data["dead_letters"][0]["payload"]
+    assert p.email in data["dead_letters"][1]["payload"]  # the body that was not even JSON
     assert [e["campaign_id"] for e in data["email"]] == [campaign]
 
     # every part also as CSV, and a page a person can read

@@ -91,8 +91,7 @@ def export(
         body = {**_who(who), "request_id": request}
         with _client(data, plan, token) as client:
             response = client.raw("POST", "/api/privacy/export", json=body)
-            if response.status_code >= 400:
-                client.request("POST", "/api/privacy/export", json=body)  # raises with the fix
+            client.raise_for(response)
             disposition = response.headers.get("content-disposition", "")
             name = disposition.partition('filename="')[2].rstrip('"') or "kilde-export.zip"
             target = output or Path(name)

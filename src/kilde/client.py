@@ -97,6 +97,13 @@ class Client:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         response: httpx.Response = self._http.request(method, path, **kwargs)
+        self.raise_for(response)
+        return response.json()
+
+    @staticmethod
+    def raise_for(response: httpx.Response) -> None:
+        """Raise the server's own message and fix for a 4xx/5xx answer (never resend to get it)."""
+        method, path = response.request.method, response.request.url.path
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -108,7 +115,6 @@ class Client:
             except (ValueError, AttributeError):
                 message, fix = response.text, None
             raise KildeError(f"{method} {path} failed ({response.status_code}): {message}", fix=fix)
-        return response.json()
 
     def get(self, path: str, **kwargs: Any) -> Any:
         return self.request("GET", path, **kwargs)

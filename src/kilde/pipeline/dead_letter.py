@@ -18,6 +18,16 @@ from kilde.pipeline.enrich import protect_ip
 from kilde.pipeline.normalize import Envelope
 from kilde.plan.models import IpPolicy
 
+
+def payload_field(path: str) -> str:
+    """SQL for one JSON field of a dead letter's payload, NULL when the payload is not JSON.
+
+    A body too broken to parse is kept as sent, so a scan over all dead letters must not fail on
+    it (json_extract_string raises on malformed JSON).
+    """
+    return f"json_extract_string(CASE WHEN json_valid(payload) THEN payload END, '{path}')"
+
+
 # `"ip": "203.0.113.57"` in a body too broken to parse.
 _RAW_IP = re.compile(r'("ip"\s*:\s*)"([0-9A-Fa-f.:]{2,45})"')
 

@@ -42,6 +42,7 @@ import phonenumbers
 
 from kilde.errors import ConfigError
 from kilde.identity.identifiers import Identifier
+from kilde.pipeline.dead_letter import payload_field
 from kilde.privacy.services import Privacy
 from kilde.privacy.subjects import RECIPIENT, Subject, SubjectError, expand
 from kilde.store.database import DB_FILE, Store
@@ -462,8 +463,8 @@ def _erase_in_store(
         run(
             "dead_letters",
             "DELETE FROM dead_letters WHERE "
-            "list_contains($users, trim(json_extract_string(payload, '$.userId'))) OR "
-            "list_contains($anons, trim(json_extract_string(payload, '$.anonymousId')))",
+            "list_contains($users, trim(" + payload_field("$.userId") + ")) OR "
+            "list_contains($anons, trim(" + payload_field("$.anonymousId") + "))",
             **p,
         )
         run(

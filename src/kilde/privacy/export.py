@@ -29,6 +29,7 @@ import orjson
 
 from kilde import __version__
 from kilde.errors import ConfigError
+from kilde.pipeline.dead_letter import payload_field
 from kilde.plan.models import Plan
 from kilde.privacy.do_not_sell import sale_purposes
 from kilde.privacy.ledger import REFUSED, current
@@ -340,8 +341,8 @@ def _collect(con: duckdb.DuckDBPyConnection, privacy: Privacy, subject: Subject)
     letters = _rows(
         con,
         "SELECT id, received_at, source, channel, reason, path, payload, status FROM dead_letters "
-        "WHERE list_contains(?, json_extract_string(payload, '$.userId')) "
-        "OR list_contains(?, json_extract_string(payload, '$.anonymousId')) "
+        "WHERE list_contains(?, " + payload_field("$.userId") + ") "
+        "OR list_contains(?, " + payload_field("$.anonymousId") + ") "
         "OR list_has_any(?, regexp_extract_all(lower(payload), '[^\"\\s,:{}]+')) "
         "ORDER BY received_at",
         [users, anons, [v.lower() for v in values]],

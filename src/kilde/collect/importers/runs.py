@@ -19,7 +19,7 @@ from kilde.collect.importers.broker import broker_provenance
 from kilde.collect.importers.engine import ChunkResult, RunInfo
 from kilde.collect.importers.mapping import BrokerTerms
 from kilde.pipeline import Envelope, Pipeline
-from kilde.pipeline.dead_letter import dead_letter_row
+from kilde.pipeline.dead_letter import dead_letter_row, payload_field
 from kilde.plan.models import Source
 from kilde.store import Store, WriteBatch, Writer
 
@@ -309,9 +309,9 @@ def _pending_message_ids(services: Services, source: str, records: list[Any]) ->
     if not pending:
         return set()
     rows = services.store.query(
-        "SELECT DISTINCT json_extract_string(payload, '$.messageId') AS id FROM dead_letters "
+        "SELECT DISTINCT " + payload_field("$.messageId") + " AS id FROM dead_letters "
         "WHERE source = ? AND channel = ? AND status = 'pending' "
-        "AND json_extract_string(payload, '$.messageId') IN (SELECT unnest(?::VARCHAR[]))",
+        "AND " + payload_field("$.messageId") + " IN (SELECT unnest(?::VARCHAR[]))",
         [source, CHANNEL, _ids(records)],
     )
     return {r["id"] for r in rows}

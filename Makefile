@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= kilde-data
 PLAN ?= src/kilde/demo/kilde.yaml
 
-.PHONY: run test lint typecheck unit setup system-packages bench clean
+.PHONY: run test lint typecheck unit setup system-packages bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ unit: setup system-packages
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+screenshots: setup system-packages
+	KILDE_DOC_SCREENSHOTS=1 $(VENV)/bin/pytest -q tests/test_dashboard.py
 
 bench: setup
 	$(BIN)/python bench/ingest.py

@@ -47,7 +47,7 @@ unit: setup system-packages
 test: lint typecheck unit
 
 screenshots: setup system-packages
-	KILDE_DOC_SCREENSHOTS=1 $(VENV)/bin/pytest -q tests/test_dashboard.py
+	KILDE_DOC_SCREENSHOTS=1 $(BIN)/pytest -q tests/test_dashboard.py
 
 bench: setup
 	$(BIN)/python bench/ingest.py

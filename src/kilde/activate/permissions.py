@@ -10,24 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import kilde.pipeline  # noqa: F401  (before kilde.privacy: the two import each other)
 from kilde.plan.models import Plan
+from kilde.privacy.do_not_sell import flagged_profiles, sale_purposes
+from kilde.privacy.ledger import REFUSED, latest_by_profile
 from kilde.store import Store
-
-# The latest ledger decision per profile and purpose, over all the profile's identifiers.
-_LATEST = """
-WITH ids AS (
-    SELECT id_value, id_type, profile_id FROM identity_map
-    WHERE id_type IN ('user_id', 'anonymous_id')
-), decisions AS (
-    SELECT coalesce(u.profile_id, a.profile_id) AS profile_id, l.state, l.decided_at, l.seq
-    FROM consent_ledger l
-    LEFT JOIN ids u ON u.id_type = 'user_id' AND u.id_value = l.user_id
-    LEFT JOIN ids a ON a.id_type = 'anonymous_id' AND a.id_value = l.anonymous_id
-    WHERE l.purpose = ?
-)
-SELECT profile_id, state FROM decisions WHERE profile_id IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY profile_id ORDER BY decided_at DESC, seq DESC) = 1
-"""
 
 # The latest decision per raw identifier, for people identity resolution has not seen yet.
 _LATEST_IDS = """
@@ -83,16 +70,15 @@ def permission(store: Store, plan: Plan, purpose: str) -> Permission:
     opted_out: set[str] = set()
     if _table_exists(store, "consent_ledger") and _table_exists(store, "identity_map"):
         if needs_consent:
-            decisions = {r["profile_id"]: r["state"] for r in store.query(_LATEST, [purpose])}
+            latest = latest_by_profile(store, [purpose])
+            decisions = {profile_id: state for (profile_id, _), state in latest.items()}
             id_decisions = {
                 r["key"]: r["state"] for r in store.query(_LATEST_IDS, [purpose, purpose])
             }
-        for sale_purpose in (p.id for p in plan.purposes if p.sale_or_sharing):
-            for row in store.query(_LATEST, [sale_purpose]):
-                if row["state"] != "granted":
-                    opted_out.add(row["profile_id"])
+        opted_out = flagged_profiles(store, plan)
+        for sale_purpose in sale_purposes(plan):
             for row in store.query(_LATEST_IDS, [sale_purpose, sale_purpose]):
-                if row["state"] != "granted":
+                if row["state"] in REFUSED:
                     opted_out.add(row["key"])
     return Permission(purpose, needs_consent, decisions, id_decisions, frozenset(opted_out))
 

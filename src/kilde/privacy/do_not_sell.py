@@ -19,7 +19,7 @@ from typing import Any
 
 from kilde.pipeline.consent import GPC_FALLBACK_PURPOSE
 from kilde.plan.models import Plan
-from kilde.privacy.ledger import REFUSED, current, history
+from kilde.privacy.ledger import REFUSED, current, history, latest_by_profile
 from kilde.privacy.subjects import Subject
 from kilde.store.database import Store
 
@@ -43,29 +43,10 @@ def status(store: Store, plan: Plan, subject: Subject) -> dict[str, Any]:
     }
 
 
-_FLAGGED = """
-WITH ids AS (
-    SELECT id_type, id_value, profile_id FROM identity_map
-    WHERE id_type IN ('user_id', 'anonymous_id') AND NOT shared
-), decisions AS (
-    SELECT coalesce(u.profile_id, a.profile_id) AS profile_id, l.purpose, l.state,
-           l.decided_at, l.seq
-    FROM consent_ledger l
-    LEFT JOIN ids u ON u.id_type = 'user_id' AND u.id_value = trim(l.user_id)
-    LEFT JOIN ids a ON a.id_type = 'anonymous_id' AND a.id_value = trim(l.anonymous_id)
-    WHERE list_contains(?, l.purpose)
-), latest AS (
-    SELECT profile_id, state FROM decisions WHERE profile_id IS NOT NULL
-    QUALIFY row_number() OVER (
-        PARTITION BY profile_id, purpose ORDER BY decided_at DESC, seq DESC) = 1
-)
-SELECT DISTINCT profile_id FROM latest WHERE state IN ('denied', 'withdrawn')
-"""
-
-
 def flagged_profiles(store: Store, plan: Plan) -> set[str]:
     """Every profile that opted out of sale or sharing, now."""
-    return {r["profile_id"] for r in store.query(_FLAGGED, [sale_purposes(plan)])}
+    latest = latest_by_profile(store, sale_purposes(plan))
+    return {profile_id for (profile_id, _), state in latest.items() if state in REFUSED}
 
 
 def excluded(store: Store, plan: Plan, profile_ids: list[str]) -> set[str]:

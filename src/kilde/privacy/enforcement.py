@@ -34,7 +34,7 @@ from kilde.pipeline.consent import CONSENT_EVENTS, ledger_statements
 from kilde.pipeline.normalize import Envelope
 from kilde.plan.models import Plan
 from kilde.privacy.do_not_sell import excluded, sale_purposes
-from kilde.privacy.ledger import REFUSED, ConsentState
+from kilde.privacy.ledger import REFUSED, ConsentState, latest_by_profile
 from kilde.privacy.suppression import SuppressionList
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
@@ -322,19 +322,7 @@ def check_use(
 
 
 def _latest(store: Store, profile_ids: list[str], purpose: str) -> dict[str, str]:
-    rows = store.query(
-        "WITH ids AS (SELECT id_type, id_value, profile_id FROM identity_map "
-        " WHERE list_contains(?, profile_id) AND id_type IN ('user_id', 'anonymous_id') "
-        " AND NOT shared) "
-        "SELECT i.profile_id, l.state FROM consent_ledger l JOIN ids i ON "
-        " (i.id_type = 'user_id' AND i.id_value = trim(l.user_id)) OR "
-        " (i.id_type = 'anonymous_id' AND i.id_value = trim(l.anonymous_id)) "
-        "WHERE l.purpose = ? "
-        "QUALIFY row_number() OVER (PARTITION BY i.profile_id "
-        " ORDER BY l.decided_at DESC, l.seq DESC) = 1",
-        [profile_ids, purpose],
-    )
-    return {r["profile_id"]: r["state"] for r in rows}
+    return {p: state for (p, _), state in latest_by_profile(store, [purpose], profile_ids).items()}
 
 
 __all__ = ["CollectionScreen", "Tally", "check_use", "sale_purposes"]

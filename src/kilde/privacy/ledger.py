@@ -15,6 +15,7 @@ that in memory for the consent gate at collection; reads for people go to the st
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,38 @@ _FIELDS = (
     "evidence, ip, message_id"
 )
 _Key = tuple[str, str]  # ("u", user id) or ("a", anonymous id)
+
+
+# The latest decision per profile and purpose over the profile's own identifiers; a shared device
+# speaks for nobody. The one reading behind the check at use, activation and do-not-sell.
+_LATEST_BY_PROFILE = """
+WITH ids AS (
+    SELECT id_type, id_value, profile_id FROM identity_map
+    WHERE id_type IN ('user_id', 'anonymous_id') AND NOT shared {only}
+), decisions AS (
+    SELECT coalesce(u.profile_id, a.profile_id) AS profile_id, l.purpose, l.state,
+           l.decided_at, l.seq
+    FROM consent_ledger l
+    LEFT JOIN ids u ON u.id_type = 'user_id' AND u.id_value = trim(l.user_id)
+    LEFT JOIN ids a ON a.id_type = 'anonymous_id' AND a.id_value = trim(l.anonymous_id)
+    WHERE list_contains(?, l.purpose)
+)
+SELECT profile_id, purpose, state FROM decisions WHERE profile_id IS NOT NULL
+QUALIFY row_number() OVER (
+    PARTITION BY profile_id, purpose ORDER BY decided_at DESC, seq DESC) = 1
+"""
+
+
+def latest_by_profile(
+    store: Store, purposes: Sequence[str], profile_ids: Sequence[str] | None = None
+) -> dict[tuple[str, str], str]:
+    """{(profile id, purpose): latest state}, for every profile or only `profile_ids`."""
+    if profile_ids is None:
+        sql, params = _LATEST_BY_PROFILE.format(only=""), [list(purposes)]
+    else:
+        only = "AND list_contains(?, profile_id)"
+        sql, params = _LATEST_BY_PROFILE.format(only=only), [list(profile_ids), list(purposes)]
+    return {(r["profile_id"], r["purpose"]): r["state"] for r in store.query(sql, params)}
 
 
 @dataclass

@@ -31,13 +31,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kilde.errors import KildeError
-from kilde.identity import extract
+from kilde.identity import extract, keyed
 from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
 from kilde.identity.runner import Runner
 from kilde.identity.stitching import SCOPE_SCHEMA, Separation, StitchResult, stitch
 from kilde.plan.models import IDENTIFIER_TYPES, Plan
-from kilde.profiles.build import computed_traits, trait_rows
+from kilde.profiles.build import computed_traits, keyed_profile_events, trait_rows
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
 
@@ -378,7 +378,8 @@ class IdentityEngine:
             run.put("k_new_obs", observations)
             rules = self.plan().identity
             strong = [t for t in IDENTIFIER_TYPES if rules.limit(t) == 1]
-            classified = run.arrow("tick/classify", lambda: _classify(run, strong)).to_pylist()
+            marked = _classify(run, strong)  # runs its keyed stages; the rest below
+            classified = run.arrow("tick/classify", lambda: marked).to_pylist()
             seeds = {Identifier(r["id_type"], r["id_value"]) for r in classified if r["linking"]}
             statements: list[tuple[str, list[Any]]] = []
             report = RunReport(mode="incremental")
@@ -392,12 +393,21 @@ class IdentityEngine:
                 stitched = set(
                     pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
                 )
+                # New links first, in their own transaction: a lookup shows them before the
+                # (larger) refresh of the quiet profiles below is done.
+                t0 = time.perf_counter()
+                self.writer.write_sync(WriteBatch(statements=statements))
+                report.timings["write_links"] = time.perf_counter() - t0
+                report.timings["links_ready"] = time.perf_counter() - started
+                statements = []
             quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
             if quiet:
+                t0 = time.perf_counter()
                 refresh_dir = scratch / "refresh"
                 refresh_dir.mkdir()
                 statements += self._refresh_outputs(quiet, refresh_dir)
                 report.profiles += len({r["profile_id"] for r in quiet})
+                report.timings["refresh"] = time.perf_counter() - t0
             statements += self._state_statements(found.max_received)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
@@ -426,10 +436,17 @@ class IdentityEngine:
                 }
             ),
         )
-        identities = run.make("k_identities", "refresh/identities", lambda: _refreshed(run))
+        refreshed = _refreshed(run)  # runs its keyed stages
+        identities = run.make("k_identities", "refresh/identities", lambda: refreshed)
         now = datetime.now(UTC)
-        pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
-        pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
+        events = keyed_profile_events(run, identities, "refresh")
+        pq.write_table(
+            computed_traits(run, identities, now, events, "computed/refresh"),
+            scratch / "profiles.parquet",
+        )
+        pq.write_table(
+            trait_rows(run, plan, identities, events, "traits/refresh"), scratch / "traits.parquet"
+        )
         pq.write_table(
             pa.table({"profile_id": sorted({r["profile_id"] for r in quiet})}),
             scratch / "quiet.parquet",
@@ -480,18 +497,27 @@ class IdentityEngine:
             ),
         )
 
+        # keyed stages: every lookup reads only the rows of the identifiers concerned
+        t = run.temp("k_seeds")
+        obs = run.source("identity_observations")
+        idmap = run.source("identity_map")
+        # aliases whose previousId is one of the new ids: their records join the scope
+        prev = keyed.lookup(run, "k_s_prev", obs, "id_value", t, ["id_type", "id_value"])
+        prev = prev.filter(prev.role == "previous").select("source", "message_id")
+        alias_ids = keyed.lookup(
+            run, "k_s_alias", obs, "message_id", prev, ["source", "message_id"]
+        )
+        seeds = run.make(
+            "k_s_seeds",
+            "scope/seeds",
+            lambda: t.union(alias_ids.select("id_type", "id_value")).distinct(),
+        )
+        homes = keyed.lookup(run, "k_s_homes", idmap, "id_value", seeds, ["id_type", "id_value"])
+        closures = homes.select("closure_id")
+        members = keyed.lookup(run, "k_s_members", idmap, "closure_id", closures, ["closure_id"])
+
         def scope_expr() -> ir.Table:
-            t = run.temp("k_seeds")
-            obs = run.source("identity_observations")
-            # aliases whose previousId is one of the new ids: their records join the scope
-            prev = obs.filter(obs.role == "previous").semi_join(t, ["id_type", "id_value"])
-            records = prev.select("source", "message_id").distinct()
-            alias_ids = obs.semi_join(records, ["source", "message_id"])
-            seeds = t.union(alias_ids.select("id_type", "id_value"))
-            idmap = run.source("identity_map")
-            closures = idmap.semi_join(seeds, ["id_type", "id_value"]).select("closure_id")
-            members = idmap.semi_join(closures, "closure_id").select("id_type", "id_value")
-            return seeds.union(members).distinct()
+            return seeds.union(members.select("id_type", "id_value")).distinct()
 
         return run.arrow("scope", scope_expr)
 
@@ -650,41 +676,31 @@ class IdentityEngine:
             started = time.perf_counter()
             say = progress or (lambda _: None)
             scratch = self._scratch()
-            run = self.runner
             try:
                 say("reading identifiers from the events")
                 normaliser = Normaliser(self.plan().identity)
                 t0 = time.perf_counter()
                 count = self._extract_rich(normaliser, scratch)
-                records_sql, _ = run.sql(
-                    "rebuild/records",
-                    lambda: extract.simple_records(
-                        extract.simple(run.source("events"), normaliser), normaliser
-                    ),
-                )
-                observations_sql, _ = run.sql(
-                    "rebuild/observations",
-                    lambda: extract.simple_observations(
-                        extract.simple(run.source("events"), normaliser)
-                    ),
-                )
+                rich_seconds = time.perf_counter() - t0
+                self._extract_simple(normaliser, scratch)
+                parts = [
+                    ("identity_records", "records-*.parquet"),
+                    ("identity_observations", "observations-*.parquet"),
+                    ("identity_records", "simple-records.parquet"),
+                    ("identity_observations", "simple-observations.parquet"),
+                ]
                 self.writer.write_sync(
                     WriteBatch(
                         statements=[
                             ("DELETE FROM identity_records", []),
                             ("DELETE FROM identity_observations", []),
-                            (f"INSERT INTO identity_records BY NAME {records_sql}", []),
-                            (f"INSERT INTO identity_observations BY NAME {observations_sql}", []),
-                            (
-                                "INSERT INTO identity_records BY NAME "
-                                "SELECT * FROM read_parquet(?)",
-                                [str(scratch / "records-*.parquet")],
-                            ),
-                            (
-                                "INSERT INTO identity_observations BY NAME "
-                                "SELECT * FROM read_parquet(?)",
-                                [str(scratch / "observations-*.parquet")],
-                            ),
+                            *[
+                                (
+                                    f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
+                                    [str(scratch / name)],
+                                )
+                                for table, name in parts
+                            ],
                         ]
                     )
                 )
@@ -695,11 +711,43 @@ class IdentityEngine:
                 report = self._stitch_and_write(None, scratch, "rebuild", latest)
                 report.events_read = total
                 report.timings["extract"] = extract_seconds
+                report.timings["extract_python"] = rich_seconds
                 report.timings["extract_python_records"] = count
                 report.seconds = time.perf_counter() - started
                 return report
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
+
+    def _extract_simple(self, normaliser: Normaliser, scratch: Path) -> None:
+        """Records normalised set-based, in one pass over the events, as two parquet files.
+
+        The stages are materialised one after the other (see `extract.simple_raw`).
+        """
+        run = self.runner
+        run.make("k_x_raw", "rebuild/raw", lambda: extract.simple_raw(run.source("events")))
+        run.make(
+            "k_x_texts",
+            "rebuild/texts",
+            lambda: extract.simple_texts(run.temp("k_x_raw"), normaliser),
+        )
+        run.drop("k_x_raw")
+        ids = run.make(
+            "k_x_ids",
+            "rebuild/ids",
+            lambda: extract.simple_emails(run.temp("k_x_texts"), normaliser),
+        )
+        run.drop("k_x_texts")
+        run.parquet(
+            "rebuild/records",
+            lambda: extract.simple_records(ids, normaliser),
+            str(scratch / "simple-records.parquet"),
+        )
+        run.parquet(
+            "rebuild/observations",
+            lambda: extract.simple_observations(ids),
+            str(scratch / "simple-observations.parquet"),
+        )
+        run.drop("k_x_ids")
 
     def _extract_rich(self, normaliser: Normaliser, scratch: Path) -> int:
         """Records that need the Python normaliser, written as parquet parts."""
@@ -801,7 +849,8 @@ def _classify(run: Runner, strong: list[str]) -> ir.Table:
     per = obs.group_by("source", "message_id").aggregate(
         n=obs.count(), has_alias=(obs.role == "previous").any()
     )
-    known = run.source("identity_map").select(
+    idmap = run.source("identity_map")
+    known = keyed.lookup(run, "k_c_known", idmap, "id_value", obs, ["id_type", "id_value"]).select(
         "id_type", "id_value", "profile_id", "closure_id", "first_seen"
     )
     rows = obs.left_join(known, ["id_type", "id_value"]).join(per, ["source", "message_id"])
@@ -822,11 +871,17 @@ def _classify(run: Runner, strong: list[str]) -> ir.Table:
         o_type=b.id_type,
         o_value=b.id_value,
     )
+    all_pairs = pairs
+    pairs = run.make("k_c_pairs", "tick/pairs", lambda: all_pairs)
     # Only identifiers of records with a pair need their history (none: the scan is skipped).
     paired = pairs.select(id_type=pairs.s_type, id_value=pairs.s_value)
     past = run.source("identity_observations")
-    with_pair = past.semi_join(paired, ["id_type", "id_value"]).select("source", "message_id")
-    history = past.semi_join(with_pair, ["source", "message_id"])
+    with_pair = keyed.lookup(
+        run, "k_c_with_pair", past, "id_value", paired, ["id_type", "id_value"]
+    ).select("source", "message_id")
+    history = keyed.lookup(
+        run, "k_c_history", past, "message_id", with_pair, ["source", "message_id"]
+    )
     history = history.anti_join(obs.select("source", "message_id"), ["source", "message_id"])
     h1, h2 = history.view(), history.view()
     seen = h1.join(h2, [h1.source == h2.source, h1.message_id == h2.message_id]).select(
@@ -849,11 +904,12 @@ def _refreshed(run: Runner) -> ir.Table:
     """The identities of the quiet profiles, with the new last-seen times."""
     quiet = run.temp("k_quiet")
     idmap = run.source("identity_map")
-    mine = idmap.semi_join(quiet.select("profile_id"), "profile_id")
+    mine = keyed.lookup(run, "k_q_map", idmap, "profile_id", quiet, ["profile_id"])
     seen = quiet.select("id_type", "id_value", new_ts=quiet.ts)
     rows = mine.left_join(seen, ["id_type", "id_value"])
-    anchors = run.source("profiles").select("profile_id", "anchor_type")
-    rows = rows.join(anchors, "profile_id")
+    profiles = run.source("profiles")
+    anchors = keyed.lookup(run, "k_q_profiles", profiles, "profile_id", quiet, ["profile_id"])
+    rows = rows.join(anchors.select("profile_id", "anchor_type"), "profile_id")
     return rows.select(
         "id_type",
         "id_value",
@@ -917,8 +973,15 @@ def stitch_outputs(
         ),
         scratch / "map.parquet",
     )
-    pq.write_table(computed_traits(run, identities, now), scratch / "profiles.parquet")
-    pq.write_table(trait_rows(run, plan, identities), scratch / "traits.parquet")
+    events = None if scope is None else keyed_profile_events(run, identities, "stitch")
+    part = "" if scope is None else "/stitch"
+    pq.write_table(
+        computed_traits(run, identities, now, events, "computed" + part),
+        scratch / "profiles.parquet",
+    )
+    pq.write_table(
+        trait_rows(run, plan, identities, events, "traits" + part), scratch / "traits.parquet"
+    )
     conflict_rows = [c.row() for c in result.conflicts]
     pq.write_table(
         pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
@@ -927,18 +990,29 @@ def stitch_outputs(
         scratch / "conflicts.parquet",
     )
 
-    def issued() -> ir.Table:
-        fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
-        return fresh.anti_join(run.source("profile_ids"), "profile_id")
+    fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
+    known_ids = run.source("profile_ids")
+    if scope is not None:
+        fresh = run.make("k_o_fresh", "out/fresh", lambda: fresh)
+        known_ids = keyed.lookup(run, "k_o_known", known_ids, "profile_id", fresh, ["profile_id"])
+        old = keyed.lookup(
+            run,
+            "k_o_old",
+            run.source("identity_map"),
+            "id_value",
+            run.temp("k_scope"),
+            ["id_type", "id_value"],
+        )
 
-    pq.write_table(run.arrow("out/issued", issued), scratch / "ids.parquet")
+    def issued() -> ir.Table:
+        return fresh.anti_join(known_ids, "profile_id")
+
+    pq.write_table(run.arrow(f"out/issued/{scope is None}", issued), scratch / "ids.parquet")
 
     def closures_expr() -> ir.Table:
         mine = identities.select("closure_id")
         if scope is None:
             return mine.distinct()
-        idm = run.source("identity_map")
-        old = idm.semi_join(run.temp("k_scope"), ["id_type", "id_value"])
         return mine.union(old.select("closure_id")).distinct()
 
     pq.write_table(

@@ -65,7 +65,13 @@ def is_rich(events: ir.Table) -> ir.BooleanValue:
 def plain_id(column: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
     """`Normaliser.plain_id` as an expression: trimmed, or NULL for junk."""
     text = column.strip()
-    low = text.lower()
+    return _plain(column, text, text.lower(), normaliser)
+
+
+def _plain(
+    column: ir.StringValue, text: ir.StringValue, low: ir.StringValue, normaliser: Normaliser
+) -> ir.StringValue:
+    """`plain_id` from the value, its trimmed text and that lower-cased."""
     repeated = low.re_search(REPEATED_JUNK)
     junk = sorted(normaliser.junk | JUNK_VALUES)
     bad = (
@@ -87,6 +93,85 @@ def email(raw: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
     """`Normaliser.email` as an expression (for ASCII addresses; others go to Python)."""
     text = raw.strip().lower()
     text = ibis.ifelse(text.startswith("mailto:"), text.substr(7), text)
+    return _email_of_text(text, normaliser)
+
+
+def simple_raw(events: ir.Table) -> ir.Table:
+    """Stage 1 of `simple`: the simple records with their raw identifier values.
+
+    Materialise this (and `simple_texts`) when it runs over many events: the normalising
+    expressions use their input many times over, and an engine that inlines the stages
+    would read the JSON and trim the strings once per use instead of once.
+    """
+    rows = events.filter(~is_rich(events))
+    raw_email = ibis.ifelse(
+        rows.type == "identify", rows.traits.cast("json")["email"].str, ibis.null().cast("string")
+    )
+    user_text = rows.user_id.strip()
+    anon_text = rows.anonymous_id.strip()
+    return rows.select(
+        "source",
+        "message_id",
+        ts=rows.timestamp,
+        received_at=rows.received_at,
+        kind=rows.type,
+        raw_user=rows.user_id,
+        raw_anon=rows.anonymous_id,
+        raw_email=raw_email,
+        user_text=user_text,
+        user_low=user_text.lower(),
+        anon_text=anon_text,
+        anon_low=anon_text.lower(),
+    )
+
+
+def simple_texts(raw: ir.Table, normaliser: Normaliser) -> ir.Table:
+    """Stage 2 of `simple`: plain ids normalised, the email trimmed, lower-cased, no mailto:."""
+    user = _plain(raw.raw_user, raw.user_text, raw.user_low, normaliser)
+    anon = _plain(raw.raw_anon, raw.anon_text, raw.anon_low, normaliser)
+    text = raw.raw_email.strip().lower()
+    text = ibis.ifelse(text.startswith("mailto:"), text.substr(7), text)
+    given = raw.raw_email.notnull() & (raw.raw_email != "")
+    return raw.select(
+        "source",
+        "message_id",
+        "ts",
+        "received_at",
+        "kind",
+        user=user,
+        anon=anon,
+        user_junk=raw.raw_user.notnull() & (raw.raw_user != "") & user.isnull(),
+        anon_junk=raw.raw_anon.notnull() & (raw.raw_anon != "") & anon.isnull(),
+        email_text=ibis.ifelse(given, text, ibis.null().cast("string")),
+        email_raw_junk=given & _is_junk(raw.raw_email, normaliser),
+    )
+
+
+def simple_emails(texts: ir.Table, normaliser: Normaliser) -> ir.Table:
+    """Stage 3 of `simple`: the email validated and folded (the columns of `simple`)."""
+    mail = _email_of_text(texts.email_text, normaliser)
+    given = texts.email_text.notnull()
+    return texts.select(
+        "source",
+        "message_id",
+        "ts",
+        "received_at",
+        "kind",
+        "user",
+        "anon",
+        "user_junk",
+        "anon_junk",
+        email=mail,
+        email_sha256=mail.hexdigest("sha256"),
+        email_dropped=ibis.cases(
+            (given & mail.isnull() & texts.email_raw_junk, "junk"),
+            (given & mail.isnull(), "invalid"),
+            else_=None,
+        ),
+    )
+
+
+def _email_of_text(text: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
     valid = text.re_search(EMAIL_PATTERN) & (text.length() <= 254) & ~_is_junk(text, normaliser)
     local = text.split("@")[0]
     domain = text.split("@")[1]
@@ -98,33 +183,8 @@ def email(raw: ir.StringValue, normaliser: Normaliser) -> ir.StringValue:
 
 
 def simple(events: ir.Table, normaliser: Normaliser) -> ir.Table:
-    """Simple records with their normalised ids: one row per record."""
-    rows = events.filter(~is_rich(events))
-    user = plain_id(rows.user_id, normaliser)
-    anon = plain_id(rows.anonymous_id, normaliser)
-    raw_email = ibis.ifelse(
-        rows.type == "identify", rows.traits.cast("json")["email"].str, ibis.null().cast("string")
-    )
-    mail = email(raw_email, normaliser)
-    given = raw_email.notnull() & (raw_email != "")
-    return rows.select(
-        "source",
-        "message_id",
-        ts=rows.timestamp,
-        received_at=rows.received_at,
-        kind=rows.type,
-        user=user,
-        anon=anon,
-        user_junk=rows.user_id.notnull() & (rows.user_id != "") & user.isnull(),
-        anon_junk=rows.anonymous_id.notnull() & (rows.anonymous_id != "") & anon.isnull(),
-        email=mail,
-        email_sha256=mail.hexdigest("sha256"),
-        email_dropped=ibis.cases(
-            (given & mail.isnull() & _is_junk(raw_email, normaliser), "junk"),
-            (given & mail.isnull(), "invalid"),
-            else_=None,
-        ),
-    )
+    """Simple records with their normalised ids: one row per record (the three stages)."""
+    return simple_emails(simple_texts(simple_raw(events), normaliser), normaliser)
 
 
 SIMPLE_TYPES = ("user_id", "anonymous_id", "email", "email_sha256")

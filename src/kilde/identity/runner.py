@@ -31,6 +31,13 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_path(path: str) -> str:
+    """Scratch paths the engine made itself; a quote would end the SQL string."""
+    if "'" in path:
+        raise ValueError("scratch paths may not contain quotes")
+    return path
+
+
 class Runner:
     """Compile-once execution of named Ibis stages on a DuckDB connection."""
 
@@ -102,6 +109,17 @@ class Runner:
         sql, _ = self.sql(key, build)
         result: pa.Table = self.con.sql(sql).to_arrow_table()
         return result
+
+    def parquet(self, key: str, build: Callable[[], ir.Expr], path: str) -> None:
+        """Write a stage's result to a Parquet file (bulk hand-over to the Writer)."""
+        sql, _ = self.sql(key, build)
+        self.con.execute(f"COPY ({sql}) TO '{_check_path(path)}' (FORMAT parquet)")
+
+    def drop(self, *names: str) -> None:
+        """Drop intermediate tables no longer needed (frees their memory early)."""
+        for name in names:
+            self.con.execute(f'DROP TABLE IF EXISTS "{_check_name(name)}"')
+            self._temps.discard(name)
 
     def scalar(self, key: str, build: Callable[[], ir.Expr]) -> Any:
         sql, _ = self.sql(key, build)

@@ -26,6 +26,7 @@ import ibis
 import ibis.expr.types as ir
 import pyarrow as pa
 
+from kilde.identity import keyed
 from kilde.identity.conflicts import Conflict
 from kilde.identity.graph import connected_components
 from kilde.identity.identifiers import Identifier, identifier_order
@@ -87,12 +88,11 @@ def stitch(
     if scope is not None:
         run.put("k_scope", scope.select(["id_type", "id_value"]).cast(SCOPE_SCHEMA))
 
-        def rows_expr() -> ir.Table:
-            sc = run.temp("k_scope")
-            records = obs.semi_join(sc, ["id_type", "id_value"]).select("source", "message_id")
-            return obs.semi_join(records.distinct(), ["source", "message_id"])
-
-        rows = run.make("k_rows", "rows", rows_expr)
+        sc = run.temp("k_scope")
+        mine = keyed.lookup(run, "k_r_ids", obs, "id_value", sc, ["id_type", "id_value"])
+        records = mine.select("source", "message_id")
+        found = keyed.lookup(run, "k_r_rows", obs, "message_id", records, ["source", "message_id"])
+        rows = run.make("k_rows", "rows", lambda: found)
     else:
         rows = obs
 
@@ -155,11 +155,13 @@ def stitch(
         return edges.filter(edges.nid != edges.m).select(a=edges.nid, b=edges.m).distinct()
 
     run.make("k_edges", "edges", edges_expr)
+    _release(run, "k_resolved")
     t0 = time.perf_counter()
     labels, rounds = connected_components(run, "k_numbered", "k_edges")
     timings["components"] = time.perf_counter() - t0
 
     lab = run.make("k_lab", "lab", lambda: numbered.join(run.temp(labels), "nid"))
+    _release(run, "k_edges", "k_both", "k_spread", "k_cc_0", "k_cc_1")
 
     sep_ids = sorted({i for s in separations for i in (*s.keep, *s.split)})
     run.put(
@@ -281,6 +283,13 @@ def stitch(
         dirty_closures=len({label for label, _ in node_info.values()}),
         timings=timings,
     )
+
+
+def _release(run: Runner, *names: str) -> None:
+    """Free intermediate tables no later stage reads (a rebuild's are large). Only on the
+    DuckDB runner: other runners keep theirs until `drop_temps`."""
+    if type(run) is Runner:
+        run.drop(*names)
 
 
 def _loose(table: ir.Table) -> ir.Table:

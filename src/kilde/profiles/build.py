@@ -14,6 +14,7 @@ import ibis
 import ibis.expr.types as ir
 import pyarrow as pa
 
+from kilde.identity import keyed
 from kilde.identity.runner import Runner
 from kilde.plan.models import Plan
 from kilde.profiles.traits import TIERS, tier_expr
@@ -75,41 +76,114 @@ def profile_events(run: Runner, identities: ir.Table) -> ir.Table:
     return events.join(owned, ["source", "message_id"])
 
 
-def computed_traits(run: Runner, identities: ir.Table, now: datetime) -> pa.Table:
-    """One row per profile with the computed traits (the columns of the profiles table)."""
-    table = run.arrow("computed", lambda: _computed(run, identities))
+def keyed_profile_events(run: Runner, identities: ir.Table, key: str) -> ir.Table:
+    """`profile_events` for a few profiles (an incremental tick): keyed lookups of their
+    records, then their events, materialised once for the computed traits and the traits."""
+    records = run.source("identity_records")
+    owners = identities.select(
+        primary_type=identities.id_type,
+        primary_value=identities.id_value,
+        profile_id=identities.profile_id,
+        closure_id=identities.closure_id,
+    )
+    mine = keyed.lookup(
+        run,
+        f"k_pe_records_{key}",
+        records,
+        "primary_value",
+        owners,
+        ["primary_type", "primary_value"],
+    )
+    owned = run.make(
+        f"k_pe_owned_{key}",
+        f"profile_events/owned/{key}",
+        lambda: mine.join(owners, ["primary_type", "primary_value"]).select(
+            "source", "message_id", "profile_id", "closure_id"
+        ),
+    )
+    return run.make(
+        f"k_pe_events_{key}",
+        f"profile_events/events/{key}",
+        lambda: (
+            run.source("events")
+            .select(*_PROFILE_EVENT_COLUMNS)
+            .join(owned, ["source", "message_id"])
+        ),
+    )
+
+
+# the columns of the events the computed traits and the traits read
+_PROFILE_EVENT_COLUMNS = (
+    "source",
+    "message_id",
+    "type",
+    "event",
+    "timestamp",
+    "properties",
+    "traits",
+    "context",
+)
+
+
+def computed_traits(
+    run: Runner,
+    identities: ir.Table,
+    now: datetime,
+    events: ir.Table | None = None,
+    key: str = "computed",
+) -> pa.Table:
+    """One row per profile with the computed traits (the columns of the profiles table).
+
+    `events`: the profiles' events when already at hand (`keyed_profile_events`); `key` names
+    the compiled stage, so it must differ between callers that pass different `events`.
+    """
+    table = run.arrow(key, lambda: _computed(run, identities, events))
     stamp = pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC"))
     return table.append_column("updated_at", stamp)
 
 
-def _computed(run: Runner, identities: ir.Table) -> ir.Table:
-    ev = profile_events(run, identities)
+def _computed(run: Runner, identities: ir.Table, events: ir.Table | None) -> ir.Table:
+    ev = profile_events(run, identities) if events is None else events
     props = ev.properties.cast("json")
+    text = ev.properties.cast("string")
+    nothing = ibis.null()
+
+    def only(when: ir.BooleanValue, value: ir.Value) -> ir.Value:
+        # Each value is read only from the events it counts for: parsing JSON is the costly
+        # part of this stage, and most events need none of it.
+        return ibis.ifelse(when, value, nothing.cast(value.type()))
+
+    has_nps = text.contains('"nps"') | text.contains('"score"')
     ev = ev.select(
         "profile_id",
         "source",
         "type",
         "event",
         "timestamp",
-        revenue=props["revenue"].float,
-        category=props["category"].str,
-        machine=props["machine_open"].bool,
-        nps=ibis.coalesce(props["nps"].int, props["score"].int),
-        sentiment=ibis.coalesce(props["sentiment"].float, props["sentiment_score"].float),
+        revenue=only(ev.event == "Order Completed", props["revenue"].float),
+        category=only(ev.event.isin(["Product Viewed", "Product Added"]), props["category"].str),
+        machine=only(ev.event == "Email Opened", props["machine_open"].bool),
+        nps=only(has_nps, ibis.coalesce(props["nps"].int, props["score"].int)),
+        sentiment=only(
+            ev.event == "Support Interaction",
+            ibis.coalesce(props["sentiment"].float, props["sentiment_score"].float),
+        ),
     )
-    gap = ibis.window(group_by=ev.profile_id, order_by=[ev.timestamp])
-    previous = ev.timestamp.lag().over(gap)
-    ev = ev.mutate(
+    # Sessions need the events in time order: a window over two narrow columns only.
+    times = ev.select("profile_id", "timestamp")
+    gap = ibis.window(group_by=times.profile_id, order_by=[times.timestamp])
+    previous = times.timestamp.lag().over(gap)
+    times = times.mutate(
         new_session=(
             previous.isnull()
-            | (ev.timestamp > previous + ibis.interval(minutes=SESSION_GAP_MINUTES))
+            | (times.timestamp > previous + ibis.interval(minutes=SESSION_GAP_MINUTES))
         ).cast("int64")
     )
+    sessions = times.group_by("profile_id").aggregate(sessions=times.new_session.sum())
     is_order = ev.event == "Order Completed"
     human_open = (ev.event == "Email Opened") & ~ev.machine.fill_null(False)
     base = ev.group_by("profile_id").aggregate(
         events=ev.count(),
-        sessions=ev.new_session.sum(),
         page_views=(ev.type == "page").sum().cast("int64"),
         screen_views=(ev.type == "screen").sum().cast("int64"),
         orders=is_order.sum().cast("int64"),
@@ -137,6 +211,7 @@ def _computed(run: Runner, identities: ir.Table) -> ir.Table:
     top = ranked.filter(ranked.rn < 3)
     favourites = ranked_list(top, "profile_id", "category", "rn", 3, "favourite_categories")
     base = base.left_join(favourites, "profile_id").drop("profile_id_right")
+    base = base.left_join(sessions, "profile_id").drop("profile_id_right")
     profiles = identities.group_by("profile_id", "closure_id").aggregate(
         first_seen=identities.first_seen.min(),
         last_seen=identities.last_seen.max(),
@@ -170,14 +245,20 @@ def _computed(run: Runner, identities: ir.Table) -> ir.Table:
     )
 
 
-def trait_rows(run: Runner, plan: Plan, identities: ir.Table) -> pa.Table:
+def trait_rows(
+    run: Runner,
+    plan: Plan,
+    identities: ir.Table,
+    events: ir.Table | None = None,
+    key: str = "traits",
+) -> pa.Table:
     """The winning value of every trait of the profiles in `identities`, with provenance."""
-    table = run.arrow("traits", lambda: _traits(run, plan, identities))
+    table = run.arrow(key, lambda: _traits(run, plan, identities, events))
     return table.cast(TRAIT_SCHEMA)
 
 
-def _traits(run: Runner, plan: Plan, identities: ir.Table) -> ir.Table:
-    ev = profile_events(run, identities)
+def _traits(run: Runner, plan: Plan, identities: ir.Table, events: ir.Table | None) -> ir.Table:
+    ev = profile_events(run, identities) if events is None else events
     ev = ev.filter((ev.type == "identify") & ev.traits.notnull())
     tier = tier_expr(plan, ev.source, ev.context)
     # One unnest per select and a lookup by key: Spark allows a single generator per select.

@@ -10,6 +10,12 @@ has expired and, by the plan's `privacy.retention_action`:
   referrer and search of pages (the path stays). Other properties are kept: an event whose
   properties identify people should be deleted instead.
 
+Bought data (`kilde import broker`) is kept only while its licence runs: once the licence
+expiry date in a record's provenance has passed, the record is deleted (whatever the action:
+an anonymised copy would still be the broker's data), with what identity resolution and the
+profiles took from it; profiles are then rebuilt from what is left. The report lists it as
+"broker data (licence expired)".
+
 Expired traits are taken out of the events that carried them and off the profiles. Events and
 traits without a retention in the plan are kept and reported, so the gap is visible. Every run
 is recorded with its report (`retention_runs`); a dry run reports without changing anything.
@@ -28,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from kilde.pipeline.dead_letter import payload_field
 from kilde.plan.models import EventSpec, Plan, retention_days
 from kilde.privacy.services import Privacy
 from kilde.store.database import Store
@@ -139,6 +146,12 @@ def retain(
 
 
 _LIVE = "NOT (user_id IS NULL AND anonymous_id IS NULL AND context = ?)"
+# Records bought from a data broker whose licence has expired (before the given date).
+_BROKER_EXPIRED = (
+    "json_extract_string(context, '$.provenance.tier') = 'broker' AND "
+    "TRY_CAST(json_extract_string(context, '$.provenance.licence_expires_on') AS DATE) < ?"
+)
+BROKER_EXPIRED = "broker data (licence expired)"
 Scalar = Callable[[str, list[Any]], Any]
 
 
@@ -157,6 +170,16 @@ def _measure(scalar: Scalar, plan: Plan, now: datetime) -> dict[str, Any]:
                 "retention": rule.retention,
                 "cutoff": rule.cutoff,
                 "expired": int(expired or 0),
+            }
+        )
+    broker = scalar(f"SELECT count(*) FROM events WHERE {_BROKER_EXPIRED}", [now.date()])
+    if broker:
+        events.append(
+            {
+                "event": BROKER_EXPIRED,
+                "retention": "until the licence expires",
+                "cutoff": now,
+                "expired": int(broker),
             }
         )
     traits: list[dict[str, Any]] = []
@@ -207,6 +230,9 @@ def _apply(store: Store, plan: Plan, now: datetime, action: str) -> dict[str, An
         report = _measure(scalar, plan, now)
         for sql, params in _statements(report["_rules"], report["traits"], action, _LIVE):
             con.execute(sql, params)
+        if any(e["event"] == BROKER_EXPIRED for e in report["events"]):
+            for sql, params in _broker_statements(now):
+                con.execute(sql, params)
         con.execute("COMMIT")
     except Exception:
         with contextlib.suppress(Exception):
@@ -287,6 +313,38 @@ def _statements(
         out.append(
             ("DELETE FROM profile_traits WHERE name = ? AND observed_at < ?", [name, cutoff])
         )
+    return out
+
+
+def _broker_statements(now: datetime) -> list[tuple[str, list[Any]]]:
+    """Delete bought records whose licence has expired, and what was derived from them."""
+    out: list[tuple[str, list[Any]]] = [
+        (
+            "CREATE OR REPLACE TEMP TABLE broker_expired AS SELECT source, message_id "
+            f"FROM events WHERE {_BROKER_EXPIRED}",
+            [now.date()],
+        )
+    ]
+    for table in ("identity_records", "identity_observations", "profile_traits", "events"):
+        out.append(
+            (
+                f"DELETE FROM {table} t USING broker_expired x "
+                "WHERE t.source = x.source AND t.message_id = x.message_id",
+                [],
+            )
+        )
+    # Rows of such files that were rejected wait in the dead letter with the same provenance.
+    out.append(
+        (
+            "DELETE FROM dead_letters WHERE "
+            + payload_field("$.context.provenance.tier")
+            + " = 'broker' AND TRY_CAST("
+            + payload_field("$.context.provenance.licence_expires_on")
+            + " AS DATE) < ?",
+            [now.date()],
+        )
+    )
+    out.append(("DROP TABLE broker_expired", []))
     return out
 
 

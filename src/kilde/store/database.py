@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 
+from kilde.config import duckdb_checkpoint_threshold, duckdb_memory_limit
 from kilde.errors import KildeError
 from kilde.store.migrations import MIGRATIONS
 
@@ -24,11 +25,13 @@ class StoreLockedError(KildeError):
 class Store:
     """The DuckDB file. One process writes; reads use their own cursor per call."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, memory_limit: str | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / DB_FILE
+        # Bounded, so the server's memory stays flat however much it imports (config.py).
+        self.memory_limit = memory_limit or duckdb_memory_limit()
         try:
-            self._con = duckdb.connect(str(self.path))
+            self._con = self._connect()
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise StoreLockedError(
@@ -39,6 +42,15 @@ class Store:
             raise
         self._lock = threading.Lock()
         self.migrate()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        return duckdb.connect(
+            str(self.path),
+            config={
+                "memory_limit": self.memory_limit,
+                "checkpoint_threshold": duckdb_checkpoint_threshold(),
+            },
+        )
 
     def migrate(self) -> list[int]:
         """Apply migrations not yet applied; return the versions applied now."""
@@ -104,7 +116,7 @@ class Store:
             wal = self.path.with_name(self.path.name + ".wal")
             wal.unlink(missing_ok=True)
             os.replace(fresh, self.path)
-            self._con = duckdb.connect(str(self.path))
+            self._con = self._connect()
 
     def close(self) -> None:
         self._con.close()

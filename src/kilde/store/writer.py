@@ -91,6 +91,13 @@ class WriteBatch:
     # The privacy screen's epoch when the pipeline screened these rows (kilde.privacy); the
     # writer's `screen` looks at them again if people were erased since.
     screened_at: int | None = None
+    # Events rows as one Arrow table of EVENT_SCHEMA (the columnar import path), appended as
+    # they are; deduplicated by (source, message_id) like `events`.
+    arrow_events: pa.Table | None = None
+    # With a SELECT here (over the relation `arrow_events`, with its parameters), the table holds
+    # other columns (`source` and `message_id` among them) and the SELECT gives the events rows;
+    # it runs inside the INSERT, so the rows are built by DuckDB as they are written.
+    arrow_select: tuple[str, list[Any]] | None = None
 
 
 @dataclass
@@ -160,6 +167,9 @@ class Writer:
         # Called on the writer thread with each batch just before it is committed; the privacy
         # module drops rows of people erased after the batch was screened (kilde.privacy).
         self.screen: Callable[[WriteBatch], None] | None = None
+        # Whether `screen` must see a batch's Arrow rows (as dicts in `events`); when unset,
+        # Arrow rows are always handed to `screen` that way.
+        self.screen_rows: Callable[[WriteBatch], bool] | None = None
         self._con = store.cursor()
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             sys.setswitchinterval(SWITCH_INTERVAL)
@@ -177,6 +187,8 @@ class Writer:
 
     def _reserve(self, batch: WriteBatch) -> int:
         rows = len(batch.events) + len(batch.dead_letters)
+        if batch.arrow_events is not None:
+            rows += batch.arrow_events.num_rows
         with self._count_lock:
             if self._queued_rows + rows > self.max_queued_rows:
                 raise StoreUnavailableError(
@@ -305,11 +317,40 @@ class Writer:
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
         added: list[tuple[str, str]] = []
+        arrow: list[pa.Table] = []
+        selects: list[tuple[pa.Table, tuple[str, list[Any]]]] = []
         for item in items:
             batch = item.batch
+            if (
+                batch.arrow_events is not None
+                and self.screen is not None
+                and (self.screen_rows is None or self.screen_rows(batch))
+            ):
+                batch.events = batch.events + self._arrow_rows(batch)
+                batch.arrow_events = None
             if self.screen is not None:
                 self.screen(batch)
             result = WriteResult(dead_lettered=len(batch.dead_letters))
+            if batch.arrow_events is not None and batch.arrow_events.num_rows:
+                table = batch.arrow_events
+                keep = []
+                sources = table.column("source").to_pylist()
+                ids = table.column("message_id").to_pylist()
+                recent = self.recent
+                for key in zip(sources, ids, strict=True):
+                    if key in recent:
+                        result.duplicates += 1
+                        keep.append(False)
+                        continue
+                    recent.add(key)
+                    added.append(key)
+                    keep.append(True)
+                kept = table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
+                result.stored += kept.num_rows
+                if kept.num_rows and batch.arrow_select is not None:
+                    selects.append((kept, batch.arrow_select))
+                elif kept.num_rows:
+                    arrow.append(kept)
             for row in batch.events:
                 key = (row["source"], row["message_id"])
                 if key in self.recent:
@@ -330,11 +371,16 @@ class Writer:
             if events:
                 event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
                 script.append("INSERT INTO events BY NAME SELECT * FROM event_table")
+            if arrow:
+                arrow_table = pa.concat_tables(arrow)  # noqa: F841 - read by DuckDB below
+                script.append("INSERT INTO events BY NAME SELECT * FROM arrow_table")
             if dead:
                 dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
                 script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
-            if statements:
+            if statements or selects:
                 con.execute("; ".join(script))
+                for arrow_events, (select, select_params) in selects:  # noqa: B007
+                    con.execute("INSERT INTO events BY NAME " + select, select_params)
                 for sql, params in statements:
                     con.execute(sql, params)
                 con.execute("COMMIT")
@@ -348,6 +394,18 @@ class Writer:
                 self.recent.discard(key)
             raise
         return results
+
+    def _arrow_rows(self, batch: WriteBatch) -> list[dict[str, Any]]:
+        """A batch's Arrow rows as events-table dicts (for the privacy screen)."""
+        arrow_events = batch.arrow_events  # read by DuckDB in the SELECT
+        if arrow_events is None:
+            return []
+        table: pa.Table = arrow_events
+        if batch.arrow_select is not None:
+            select, params = batch.arrow_select
+            table = self._con.execute(select, params).to_arrow_table()
+        rows: list[dict[str, Any]] = table.to_pylist()
+        return rows
 
 
 def _resolve(outcomes: list[_Outcome]) -> None:

@@ -190,6 +190,81 @@ async def chunk(request: Request) -> Response:
     )
 
 
+MAX_COLUMN_BYTES = 256 * 1024 * 1024
+
+
+@router.post("/api/imports/columns", dependencies=_admin)
+async def columns(request: Request) -> Response:
+    """Order records as an Arrow IPC stream (the columnar path of `kilde import`)."""
+    import pyarrow as pa
+
+    from kilde.collect.importers.columnar_ingest import ingest_columns
+
+    size = 0
+    parts: list[bytes] = []
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_COLUMN_BYTES:
+            raise HttpProblem(
+                413, "payload_too_large", "the body is larger than 256 MB", "send smaller chunks"
+            )
+        parts.append(part)
+    try:
+        with pa.ipc.open_stream(b"".join(parts)) as stream:
+            table = stream.read_all()
+        info = orjson.loads((table.schema.metadata or {}).get(b"kilde", b"null"))
+        if not isinstance(info, dict) or not isinstance(info.get("source"), str):
+            raise ValueError("no import information")
+        from kilde.collect.importers.columnar import RECORD_SCHEMA
+
+        table = table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
+        info = {
+            "source": info["source"],
+            "kind": str(info.get("kind")),
+            "tier": str(info.get("tier") or "first_party"),
+            "file": str(info.get("file") or ""),
+            "run_id": info.get("run_id") if isinstance(info.get("run_id"), str) else None,
+            "provenance": info.get("provenance")
+            if isinstance(info.get("provenance"), dict)
+            else {},
+        }
+    except (pa.ArrowException, ValueError, KeyError, orjson.JSONDecodeError):
+        raise HttpProblem(
+            400,
+            "invalid_chunk",
+            "the body is not an Arrow stream of import records",
+            "send the columns kilde import sends (see docs/imports-performance.md)",
+        ) from None
+    try:
+        result: ChunkResult = await run_in_threadpool(
+            ingest_columns,
+            services(request),
+            source_name=info["source"],
+            kind=info["kind"],
+            table=table,
+            info=info,
+        )
+    except StoreUnavailableError as exc:
+        raise HttpProblem(
+            503, "store_busy", exc.message, "retry with backoff", headers={"Retry-After": "1"}
+        ) from None
+    except KildeError as exc:
+        raise _problem(exc) from None
+    except ValueError as exc:
+        raise HttpProblem(400, "invalid_chunk", str(exc), "import orders this way") from None
+    return JsonResponse(
+        {
+            "success": True,
+            "stored": result.stored,
+            "duplicates": result.duplicates,
+            "flagged": result.flagged,
+            "suppressed": result.suppressed,
+            "withheld": result.withheld,
+            "rejected": result.rejected,
+        }
+    )
+
+
 class FinishBody(BaseModel):
     summary: dict[str, Any]
 
@@ -298,6 +373,13 @@ class LocalSink:
             rejects=rejects,
             dry_run=self.dry_run,
             preview=preview,
+        )
+
+    def send_columns(self, table: Any, info: dict[str, Any]) -> ChunkResult:
+        from kilde.collect.importers.columnar_ingest import ingest_columns
+
+        return ingest_columns(
+            self.svc, source_name=self.source, kind=self.kind, table=table, info=info
         )
 
     def finish(self, run_id: str | None, summary: dict[str, Any]) -> None:

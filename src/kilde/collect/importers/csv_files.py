@@ -189,6 +189,12 @@ class CsvReader:
             end_line=end if end != start else None,
         )
 
+    def resume(self, offset: int, line: int) -> None:
+        """Go on reading rows at byte `offset`, the start of file line `line` (after the
+        columnar path read the file up to there)."""
+        self._handle.seek(offset)
+        self._line = line - 1
+
     def close(self) -> None:
         self._handle.close()
 

@@ -9,6 +9,7 @@ read and converted, and memory stays flat whatever the size of the file.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from kilde.collect.importers.transactions import TransactionConverter
 from kilde.plan.models import Plan
 
 CHUNK_ROWS = 5000
+# KILDE_IMPORT_COLUMNAR=0 turns the columnar path of order imports off (columnar.py).
+COLUMNAR = os.environ.get("KILDE_IMPORT_COLUMNAR", "1") != "0"
 MAX_CHUNK_RECORDS = 10_000
 REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
 
@@ -259,9 +262,42 @@ def run_import(
         )
         ctx.run_id = run_id
         summary.run_id = run_id
-        _pump(
-            reader, converter, sink, summary, rejects, resolved, chunk_rows, preview_rows, progress
-        )
+        offset = None
+        if (
+            not dry_run
+            and COLUMNAR
+            and isinstance(converter, TransactionConverter)
+            and hasattr(sink, "send_columns")
+        ):
+            from kilde.collect.importers.columnar import eligible
+
+            offset = eligible(ctx, reader, path)
+        if offset is not None and isinstance(converter, TransactionConverter):
+            _pump_columnar(
+                path,
+                offset,
+                reader,
+                converter,
+                ctx,
+                sink,
+                summary,
+                rejects,
+                resolved,
+                chunk_rows,
+                progress,
+            )
+        else:
+            _pump(
+                reader,
+                converter,
+                sink,
+                summary,
+                rejects,
+                resolved,
+                chunk_rows,
+                preview_rows,
+                progress,
+            )
     except BaseException:
         rejects.close()
         reader.close()
@@ -371,6 +407,129 @@ def _pump(
         finally:
             for item in in_flight:
                 item.future.cancel()
+
+
+def _pump_columnar(
+    path: Path,
+    offset: int,
+    reader: Reader,
+    converter: TransactionConverter,
+    ctx: Context,
+    sink: Sink,
+    summary: Summary,
+    rejects: RejectFile,
+    resolved: Resolved,
+    chunk_rows: int,
+    progress: Progress | None,
+) -> None:
+    """Clean blocks of the file as Arrow columns; the rest of the file, if any, by `_pump`."""
+    from kilde.collect.importers.columnar import BlockResult, ColumnarOrders, blocks, clean, parse
+    from kilde.collect.importers.csv_files import CsvReader
+
+    assert isinstance(reader, CsvReader)
+    orders = ColumnarOrders(ctx, converter, reader.columns)
+    send_columns = getattr(sink, "send_columns")  # noqa: B009 - checked by the caller
+    info = {
+        "source": ctx.source,
+        "kind": ctx.kind,
+        "tier": ctx.tier,
+        "file": ctx.file_name,
+        "run_id": ctx.run_id,
+        "provenance": ctx.provenance,
+    }
+    in_flight: list[tuple[Future[tuple[ChunkResult, ChunkResult]], BlockResult]] = []
+
+    def send(
+        result: BlockResult, reject_rows: list[dict[str, Any]]
+    ) -> tuple[ChunkResult, ChunkResult]:
+        columns = ChunkResult()
+        if result.columns.num_rows:
+            columns = send_columns(result.columns, info)
+        rows = ChunkResult()
+        if result.records or reject_rows:
+            rows = sink.send(result.records, reject_rows, 0)
+        return columns, rows
+
+    def settle(item: tuple[Future[tuple[ChunkResult, ChunkResult]], BlockResult]) -> None:
+        future, block_result = item
+        answers = future.result()
+        errors = [e.as_dict() for e in block_result.errors]
+        line_lists: tuple[list[int], list[int]] = (
+            block_result.columns.column("line").to_pylist()
+            if any(a.rejected for a in answers[:1])
+            else [],
+            block_result.record_lines,
+        )
+        for answer, lines in zip(answers, line_lists, strict=True):
+            summary.stored += answer.stored
+            summary.duplicates += answer.duplicates
+            summary.flagged += answer.flagged
+            summary.suppressed += answer.suppressed
+            summary.withheld += answer.withheld
+            for rejection in answer.rejected:
+                path_ = rejection.get("path")
+                errors.append(
+                    {
+                        "line": lines[rejection["index"]],
+                        "end_line": None,
+                        "column": f"({path_})" if path_ else None,
+                        "error": rejection.get("error"),
+                        "reason": rejection.get("message"),
+                        "fix": rejection.get("fix"),
+                    }
+                )
+        errors.sort(key=lambda e: e["line"])
+        for error in errors:
+            summary.rejected += 1
+            summary.reasons[str(error["error"])] += 1
+            if len(summary.first_errors) < 20:
+                summary.first_errors.append(error)
+            rejects.write(error)
+
+    rest: int | None = None
+    summary.details["read"] = "columnar"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
+        try:
+            for block in blocks(path, offset, 2):
+                table = parse(block, reader.columns, reader.delimiter) if clean(block) else None
+                result = orders.convert(block, table) if table is not None else None
+                if result is None:
+                    rest = block.start_line
+                    reader.resume(block.offset, block.start_line)
+                    break
+                summary.rows_read += result.rows
+                summary.records += result.columns.num_rows + len(result.records)
+                reject_rows = [
+                    {
+                        **error.as_dict(),
+                        "payload": _jsonable(
+                            {
+                                "import": summary.kind,
+                                "file": summary.file,
+                                "line": error.line,
+                                "row": result.special_rows[error.line].values
+                                if error.line in result.special_rows
+                                else None,
+                            }
+                        ),
+                    }
+                    for error in result.errors
+                ]
+                in_flight.append((executor.submit(send, result, reject_rows), result))
+                while len(in_flight) > 1:
+                    settle(in_flight.pop(0))
+                if progress is not None:
+                    progress(block.offset + len(block.data), reader.total, summary.rows_read)
+            while in_flight:
+                settle(in_flight.pop(0))
+        finally:
+            for item in in_flight:
+                item[0].cancel()
+    if rest is not None:
+        summary.details["read"] = (
+            f"columnar up to line {rest - 1}, then row by row" if rest > 2 else "row by row"
+        )
+        _pump(reader, converter, sink, summary, rejects, resolved, chunk_rows, 0, progress)
 
 
 def _by_line(previous: list[Row], current: list[Row], errors: list[RowError]) -> dict[int, Row]:

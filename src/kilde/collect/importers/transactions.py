@@ -56,6 +56,60 @@ class _Order:
     failed_lines: list[int] = field(default_factory=list)
 
 
+_FLAT_KEYS = frozenset(("product_id", "sku", "name", "category", "price", "quantity"))
+
+
+def flat_fingerprint(
+    revenue: float | None,
+    currency: str | None,
+    product_id: str | None,
+    sku: str | None,
+    name: str | None,
+    category: str | None,
+    price: float | None,
+    quantity: int | None,
+) -> int:
+    """The fingerprint of an order of at most one product (the columnar path computes it too)."""
+    return hash((revenue, currency, product_id, sku, name, category, price, quantity))
+
+
+def order_fingerprint(revenue: float, currency: str, products: list[dict[str, Any]]) -> int:
+    """What an order says (amount, currency, products), to tell a repeat from a conflict."""
+    if not products:
+        return flat_fingerprint(revenue, currency, None, None, None, None, None, None)
+    if len(products) == 1 and products[0].keys() <= _FLAT_KEYS:
+        p = products[0]
+        return flat_fingerprint(
+            revenue,
+            currency,
+            p.get("product_id"),
+            p.get("sku"),
+            p.get("name"),
+            p.get("category"),
+            p.get("price"),
+            p.get("quantity"),
+        )
+    return hash((b"json", orjson.dumps([revenue, currency, products], option=orjson.OPT_SORT_KEYS)))
+
+
+def _kept_fingerprint(seen: tuple[int, Any]) -> int:
+    """An int, or an object that computes it (the columnar path's blocks)."""
+    kept = seen[1]
+    return kept if isinstance(kept, int) else int(kept.of(seen[0]))
+
+
+def conflict_error(ctx: Context, line: int, seen_line: int) -> RowError:
+    return RowError(
+        line,
+        ctx.resolved.fields.get("revenue") or ctx.resolved.fields.get("order_id"),
+        "duplicate_order",
+        f"this order id was already on line {seen_line} with a different amount or "
+        "products; the first is kept",
+        "remove or correct one of the two rows; mark refunds with a status column "
+        "(refund) so they become Order Refunded",
+    )
+
+
 def _text(value: Any) -> str | None:
     return value if value is None or type(value) is str else values.text(value)
 
@@ -89,7 +143,8 @@ class TransactionConverter:
         self.line_level = any(f in fields for f in _PRODUCT_FIELDS)
         self.pending: _Order | None = None
         # order key -> (line, hash of amount, currency and products)
-        self.seen: OrderedDict[tuple[str, bool, str | None], tuple[int, int]] = OrderedDict()
+        # (the fingerprint may be an object computing it: see columnar.BlockFingerprints)
+        self.seen: OrderedDict[tuple[str, bool, str | None], tuple[int, Any]] = OrderedDict()
 
     # -- rows to lines ------------------------------------------------------------------------
 
@@ -332,18 +387,10 @@ class TransactionConverter:
             for name, value in line.extra.items():
                 properties.setdefault(name, value)
         key = order.key
-        fingerprint = hash(orjson.dumps([revenue, currency, products], option=orjson.OPT_SORT_KEYS))
+        fingerprint = order_fingerprint(revenue, currency, products)
         seen = self.seen.get(key)
-        if seen is not None and seen[1] != fingerprint:
-            self._conflict = RowError(
-                first.row.line,
-                ctx.resolved.fields.get("revenue") or ctx.resolved.fields.get("order_id"),
-                "duplicate_order",
-                f"this order id was already on line {seen[0]} with a different amount or "
-                "products; the first is kept",
-                "remove or correct one of the two rows; mark refunds with a status column "
-                "(refund) so they become Order Refunded",
-            )
+        if seen is not None and _kept_fingerprint(seen) != fingerprint:
+            self._conflict = conflict_error(ctx, first.row.line, seen[0])
             return None
         if seen is None:
             self.seen[key] = (first.row.line, fingerprint)

@@ -34,9 +34,11 @@ def activity(backend: Any, now: datetime, factor: float = GAP_FACTOR) -> ir.Tabl
     ev = behaviour(backend)
     ev = ev.filter(ev.timestamp <= ibis.literal(now))
     # days as numbers (UTC): arithmetic on the epoch is far cheaper than calendar functions
-    day = (ev.timestamp.epoch_seconds() / 86400).floor().cast("int64")
-    per = ev.group_by("profile_id").aggregate(
-        first_day=day.min(), last_day=day.max(), active_days=day.nunique()
+    day = (ev.seconds / 86400).floor().cast("int64")
+    # each profile's active days once, then counted: far cheaper than a distinct count
+    days = ev.select("profile_id", day=day).distinct()
+    per = days.group_by("profile_id").aggregate(
+        first_day=days.day.min(), last_day=days.day.max(), active_days=days.count()
     )
     # the mean gap between active days: the span over the number of gaps in it
     per = per.mutate(

@@ -28,8 +28,8 @@ def backend_of(store: Store) -> Any:
     return ibis.duckdb.from_connection(store.cursor())
 
 
-def profile_events(backend: Any) -> ir.Table:
-    """Every event of every current profile, with its profile_id.
+def event_owners(backend: Any) -> ir.Table:
+    """source, message_id, profile_id: the profile each event belongs to.
 
     An event belongs to the profile of its primary identifier (identity_records), the same
     reading the profiles themselves are built with.
@@ -39,24 +39,58 @@ def profile_events(backend: Any) -> ir.Table:
         primary_type=idmap.id_type, primary_value=idmap.id_value, profile_id=idmap.profile_id
     )
     records = backend.table("identity_records")
-    owned = records.join(owners, ["primary_type", "primary_value"]).select(
+    owned: ir.Table = records.join(owners, ["primary_type", "primary_value"]).select(
         "source", "message_id", "profile_id"
     )
-    events: ir.Table = backend.table("events").join(owned, ["source", "message_id"])
-    return events
+    return owned
+
+
+def with_profiles(backend: Any, events: ir.Table) -> ir.Table:
+    """`events` (rows of the events table, filtered as needed) with their profile_id.
+
+    Filter first, then join: the engine then joins only the events asked about.
+    """
+    joined: ir.Table = events.join(event_owners(backend), ["source", "message_id"])
+    return joined
+
+
+def profile_events(backend: Any) -> ir.Table:
+    """Every event of every current profile, with its profile_id."""
+    return with_profiles(backend, backend.table("events"))
 
 
 def behaviour(backend: Any) -> ir.Table:
-    """Profile events without Kilde's own computed events (held ones, see `hold_behaviour`)."""
+    """Profile events without Kilde's own computed events (held ones, see `hold_behaviour`).
+
+    Besides the event's own columns (HELD_COLUMNS and properties) each row carries what the
+    insights derive from it over and over: `seconds` (since the epoch), `product_id` (of a
+    viewed or added product) and `revenue` (of an order). Unused, they cost nothing (the
+    engine prunes them); held, they are computed once per pass instead of once per insight.
+    """
     held: ir.Table | None = getattr(backend, _HELD, None)
-    if held is not None:
-        return held
-    ev = profile_events(backend)
+    ev = _derived(profile_events(backend)) if held is None else held
     return ev.filter(ev.event.isnull() | ~ev.event.isin(COMPUTED_EVENTS))
 
 
+def _derived(ev: ir.Table) -> ir.Table:
+    props = ev.properties.cast("json")
+    return ev.mutate(
+        # float: DuckDB's epoch keeps the fraction of a second (whole seconds on Spark)
+        seconds=ev.timestamp.epoch_seconds().cast("float64"),
+        product_id=ibis.ifelse(
+            ev.event.isin(PRODUCT_EVENTS), props["product_id"].str, ibis.null("string")
+        ),
+        revenue=ibis.ifelse(
+            ev.event == ORDER_EVENT, props["revenue"].float.fill_null(0.0), ibis.null("float64")
+        ),
+    )
+
+
 _HELD = "_kilde_behaviour"
-HELD_COLUMNS = ("profile_id", "source", "message_id", "type", "event", "timestamp", "properties")
+HELD_COLUMNS = ("profile_id", "source", "message_id", "type", "event", "timestamp")
+DERIVED_COLUMNS = ("seconds", "product_id", "revenue")
+# Events about one product (its product_id is a property); orders list theirs in `products`.
+PRODUCT_EVENTS = ("Product Viewed", "Product Added")
 
 
 @contextmanager
@@ -64,9 +98,18 @@ def hold_behaviour(backend: Any) -> Iterator[None]:
     """Join the events to their profiles once, and let every `behaviour` read that result.
 
     For computations that read the profiles' events many times over (the profile insights):
-    the backend keeps the joined events (these columns only) until the block ends.
+    the backend keeps the joined events (these columns only, with the derived ones, and the
+    properties of orders only) until the block ends.
     """
-    held = behaviour(backend).select(*HELD_COLUMNS).cache()
+    # Kilde's own events are left out when read (`behaviour`), not here: a filter on the events
+    # would make the engine hold the wide events, not the narrow owners, in the join's table.
+    ev = _derived(profile_events(backend))
+    # Past the derived columns, only an order's own properties are still read (its products).
+    held = ev.select(
+        *HELD_COLUMNS,
+        *DERIVED_COLUMNS,
+        properties=ibis.ifelse(ev.event == ORDER_EVENT, ev.properties, ibis.null("json")),
+    ).cache()
     setattr(backend, _HELD, held)
     try:
         yield
@@ -80,14 +123,7 @@ def orders(backend: Any) -> ir.Table:
     """profile_id, timestamp, revenue, message_id of every completed order."""
     ev = behaviour(backend)
     ev = ev.filter(ev.event == ORDER_EVENT)
-    props = ev.properties.cast("json")
-    return ev.select(
-        "profile_id",
-        "timestamp",
-        "message_id",
-        "source",
-        revenue=props["revenue"].float.fill_null(0.0),
-    )
+    return ev.select("profile_id", "timestamp", "message_id", "source", "revenue")
 
 
 def days_between(

@@ -27,9 +27,8 @@ def product_rows(backend: Any) -> ir.Table:
     """profile_id, product_id, event, message_id: every product a profile viewed, added, bought."""
     ev = behaviour(backend)
     ev = ev.filter(ev.event.isin(list(PRODUCT_WEIGHTS)))
-    props = ev.properties.cast("json")
     single = ev.filter(ev.event != "Order Completed").select(
-        "profile_id", "event", "message_id", product_id=props["product_id"].str
+        "profile_id", "event", "message_id", "product_id"
     )
     orders = ev.filter(ev.event == "Order Completed")
     items = orders.select(
@@ -68,22 +67,19 @@ def channel_and_time(backend: Any) -> ir.Table:
     """profile_id, preferred_channel, preferred_time."""
     ev = behaviour(backend)
     # the hour (UTC) by arithmetic on the epoch: far cheaper than calendar functions
-    hour = (ev.timestamp.epoch_seconds() % 86400) / 3600
-    ev = ev.select(
-        "profile_id",
-        channel=ev.source,
-        part=ibis.cases(
-            (hour < 6, "night"), (hour < 12, "morning"), (hour < 18, "afternoon"), else_="evening"
-        ),
+    hour = (ev.seconds % 86400) / 3600
+    part = ibis.cases(
+        (hour < 6, "night"), (hour < 12, "morning"), (hour < 18, "afternoon"), else_="evening"
     )
-    channels = ev.group_by("profile_id", "channel").aggregate(n=ev.count())
+    # each count straight from the events (a projection shared by both would be materialised)
+    channels = ev.group_by("profile_id", channel=ev.source).aggregate(n=ev.count())
     ranked = channels.mutate(
         _rn=ibis.row_number().over(
             group_by=channels.profile_id, order_by=[ibis.desc(channels.n), channels.channel]
         )
     )
     channel = ranked.filter(ranked._rn == 0).select("profile_id", preferred_channel=ranked.channel)
-    parts = ev.group_by("profile_id", "part").aggregate(n=ev.count())
+    parts = ev.group_by("profile_id", part=part).aggregate(n=ev.count())
     ranked_parts = parts.mutate(
         _rn=ibis.row_number().over(
             group_by=parts.profile_id, order_by=[ibis.desc(parts.n), parts.part]

@@ -21,7 +21,7 @@ from typing import Any
 import ibis
 import ibis.expr.types as ir
 
-from kilde.insights.data import profile_events
+from kilde.insights.data import with_profiles
 from kilde.insights.rfm import GROUPS
 from kilde.insights.segments.rules import (
     All,
@@ -112,12 +112,6 @@ class Context:
     # Every known segment's rule (the plan's and those saved through the API), by id.
     segments: Mapping[str, Any] = field(default_factory=dict)
     _stack: list[str] = field(default_factory=list)
-    _events: ir.Table | None = None
-
-    def events(self) -> ir.Table:
-        if self._events is None:
-            self._events = profile_events(self.backend)
-        return self._events
 
     def has_table(self, name: str) -> bool:
         try:
@@ -545,8 +539,17 @@ def _holds_for_zero(compare: Compare) -> bool:
 
 def event_rows(node: EventCondition, ctx: Context) -> ir.Table:
     """The profile events an event condition is about: name, time window and `where`."""
+    return with_profiles(ctx.backend, event_matches(node, ctx))
+
+
+def event_matches(node: EventCondition, ctx: Context) -> ir.Table:
+    """The rows of the events table an event condition is about (without their profile).
+
+    The name and the time window narrow the events before the `where` conditions (which read
+    the JSON properties) and before the join to the profiles.
+    """
     schema = _event_spec(node, ctx)
-    ev = ctx.events()
+    ev = ctx.backend.table("events")
     ev = ev.filter(ev.event == node.event)
     if node.window is not None:
         start = ctx.now - timedelta(days=node.window.start_days)

@@ -541,8 +541,17 @@ class IdentityEngine:
     ) -> tuple[list[tuple[str, list[Any]]], RunReport]:
         """Stitch (all, or the closures of `scope`) into parquet files and the statements
         that replace the old results with them."""
+        run = self.runner
         report = stitch_outputs(
-            self.runner, self.plan(), self.salt(), self.separations(), scope, scratch, mode
+            run,
+            self.plan(),
+            self.salt(),
+            self.separations(),
+            scope,
+            scratch,
+            mode,
+            # made by _scope, which every scoped caller runs first
+            None if scope is None else run.temp("k_s_homes"),
         )
         return self._replace_statements(scratch, full=scope is None), report
 
@@ -950,10 +959,14 @@ def stitch_outputs(
     scope: pa.Table | None,
     scratch: Path,
     mode: str,
+    old_homes: ir.Table | None = None,
 ) -> RunReport:
     """Stitch (all, or the closures of `scope`) and build the profiles, as parquet files in
     `scratch`: map, profiles, traits, conflicts, ids (newly issued profile ids) and closures
-    (those replaced). Any Runner: the engine's DuckDB one, or Spark's (kilde.store.backends)."""
+    (those replaced). Any Runner: the engine's DuckDB one, or Spark's (kilde.store.backends).
+
+    `old_homes`: identity_map rows of the scope's closures when already at hand (a closure_id
+    column is enough)."""
     now = datetime.now(UTC)
     result: StitchResult = stitch(run, plan.identity, salt, scope, separations)
     t0 = time.perf_counter()
@@ -992,17 +1005,20 @@ def stitch_outputs(
 
     fresh = identities.select("profile_id", "anchor_type", "anchor_value").distinct()
     known_ids = run.source("profile_ids")
+    old: ir.Table | None = None
     if scope is not None:
         fresh = run.make("k_o_fresh", "out/fresh", lambda: fresh)
         known_ids = keyed.lookup(run, "k_o_known", known_ids, "profile_id", fresh, ["profile_id"])
-        old = keyed.lookup(
-            run,
-            "k_o_old",
-            run.source("identity_map"),
-            "id_value",
-            run.temp("k_scope"),
-            ["id_type", "id_value"],
-        )
+        old = old_homes
+        if old is None:
+            old = keyed.lookup(
+                run,
+                "k_o_old",
+                run.source("identity_map"),
+                "id_value",
+                run.temp("k_scope"),
+                ["id_type", "id_value"],
+            )
 
     def issued() -> ir.Table:
         return fresh.anti_join(known_ids, "profile_id")
@@ -1011,7 +1027,7 @@ def stitch_outputs(
 
     def closures_expr() -> ir.Table:
         mine = identities.select("closure_id")
-        if scope is None:
+        if old is None:
             return mine.distinct()
         return mine.union(old.select("closure_id")).distinct()
 

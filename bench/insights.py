@@ -317,7 +317,8 @@ def main() -> None:
         )
 
         def clv_all() -> str:
-            summary = purchase_summary(backend, now).to_pyarrow()
+            # in the order the server's pass uses (the fit's sample depends on it)
+            summary = purchase_summary(backend, now).order_by("profile_id").to_pyarrow()
             values = score_profiles(summary)
             return f"{len(values.profile_id):,} buyers, mean clv {np.nanmean(values.clv):.1f}"
 

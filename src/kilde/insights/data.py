@@ -28,29 +28,23 @@ def backend_of(store: Store) -> Any:
     return ibis.duckdb.from_connection(store.cursor())
 
 
-def event_owners(backend: Any) -> ir.Table:
-    """source, message_id, profile_id: the profile each event belongs to.
-
-    An event belongs to the profile of its primary identifier (identity_records), the same
-    reading the profiles themselves are built with.
-    """
-    idmap = backend.table("identity_map")
-    owners = idmap.select(
-        primary_type=idmap.id_type, primary_value=idmap.id_value, profile_id=idmap.profile_id
-    )
-    records = backend.table("identity_records")
-    owned: ir.Table = records.join(owners, ["primary_type", "primary_value"]).select(
-        "source", "message_id", "profile_id"
-    )
-    return owned
-
-
 def with_profiles(backend: Any, events: ir.Table) -> ir.Table:
     """`events` (rows of the events table, filtered as needed) with their profile_id.
 
-    Filter first, then join: the engine then joins only the events asked about.
+    An event belongs to the profile of its primary identifier (identity_records), the same
+    reading the profiles themselves are built with. Filter first, then join: the engine then
+    joins only the events asked about. The tables are joined as they are (no shared
+    projection), so that several reads in one query each join their own few events instead
+    of sharing one materialised join of all of them.
     """
-    joined: ir.Table = events.join(event_owners(backend), ["source", "message_id"])
+    records = backend.table("identity_records")
+    tagged = events.join(records, ["source", "message_id"])
+    idmap = backend.table("identity_map")
+    owned = tagged.join(
+        idmap,
+        [tagged.primary_type == idmap.id_type, tagged.primary_value == idmap.id_value],
+    )
+    joined: ir.Table = owned.select(*events.columns, "profile_id")
     return joined
 
 
@@ -87,7 +81,8 @@ def _derived(ev: ir.Table) -> ir.Table:
 
 
 _HELD = "_kilde_behaviour"
-HELD_COLUMNS = ("profile_id", "source", "message_id", "type", "event", "timestamp")
+# What the profile insights read of each event (the held table has these and no others).
+HELD_COLUMNS = ("profile_id", "source", "message_id", "event", "timestamp")
 DERIVED_COLUMNS = ("seconds", "product_id", "revenue")
 # Events about one product (its product_id is a property); orders list theirs in `products`.
 PRODUCT_EVENTS = ("Product Viewed", "Product Added")

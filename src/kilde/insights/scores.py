@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict
 from datetime import datetime
@@ -79,21 +80,26 @@ def compute(
                 }
             )
         )
+        # Each part on its own, one after the other (a row per profile at most): in one query
+        # they would all hold their working memory at once, and spill under a memory limit.
+        parts = [
+            part.cache()
+            for part in (
+                activity(backend, now),
+                favourite_products(backend),
+                channel_and_time(backend),
+                recommended(backend),
+            )
+        ]
         joined = (
             profiles.select("profile_id")
             .left_join(rfm_scores(profiles, now), "profile_id")
             .drop("profile_id_right")
             .left_join(clv_table, "profile_id")
             .drop("profile_id_right")
-            .left_join(activity(backend, now), "profile_id")
-            .drop("profile_id_right")
-            .left_join(favourite_products(backend), "profile_id")
-            .drop("profile_id_right")
-            .left_join(channel_and_time(backend), "profile_id")
-            .drop("profile_id_right")
-            .left_join(recommended(backend), "profile_id")
-            .drop("profile_id_right")
         )
+        for part in parts:
+            joined = joined.left_join(part, "profile_id").drop("profile_id_right")
         # BG/NBD assumes nobody leaves before their first repeat purchase, so it gives one-time
         # buyers no risk at all; for them (and non-buyers) the inactivity flag speaks instead.
         has_model = joined.p_alive.notnull() & (joined.repeat_purchases > 0)
@@ -122,7 +128,12 @@ def compute(
             recommended_products=joined.recommended_products,
             computed_at=ibis.literal(now),
         )
-        backend.to_parquet(result, out)
+        try:
+            backend.to_parquet(result, out)
+        finally:
+            for part in parts:
+                with contextlib.suppress(Exception):
+                    part.release()
     return {
         "computed_at": now.isoformat(),
         "profiles_with_orders": len(values.profile_id),

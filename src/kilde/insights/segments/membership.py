@@ -202,22 +202,29 @@ def member_rows(
     store: Store, segment_id: str, limit: int, offset: int
 ) -> tuple[list[dict[str, Any]], int]:
     """Current members with when they entered and why (RFM, CLV, churn, orders)."""
-    total = int(
-        store.scalar(
-            "SELECT count(*) FROM segment_memberships WHERE segment_id = ? AND exited_at IS NULL",
-            [segment_id],
-        )
-        or 0
+    backend = backend_of(store)
+    memberships = backend.table("segment_memberships")
+    current = memberships.filter(
+        (memberships.segment_id == segment_id) & memberships.exited_at.isnull()
     )
-    rows = store.query(
-        "SELECT m.profile_id, m.entered_at, i.rfm_group, i.rfm_score, i.clv, i.p_alive, "
-        "i.churn_risk, i.churn_flag, p.orders, p.total_revenue, p.last_order_at "
-        "FROM segment_memberships m LEFT JOIN profile_insights i USING (profile_id) "
-        "LEFT JOIN profiles p USING (profile_id) "
-        "WHERE m.segment_id = ? AND m.exited_at IS NULL "
-        "ORDER BY i.clv DESC NULLS LAST, m.profile_id LIMIT ? OFFSET ?",
-        [segment_id, limit, offset],
+    total = int(current.count().to_pyarrow().as_py() or 0)
+    insights = backend.table("profile_insights").select(
+        "profile_id", "rfm_group", "rfm_score", "clv", "p_alive", "churn_risk", "churn_flag"
     )
+    profiles = backend.table("profiles").select(
+        "profile_id", "orders", "total_revenue", "last_order_at"
+    )
+    joined = (
+        current.select("profile_id", "entered_at")
+        .left_join(insights, "profile_id")
+        .drop("profile_id_right")
+        .left_join(profiles, "profile_id")
+        .drop("profile_id_right")
+    )
+    page = joined.order_by([ibis.desc("clv", nulls_first=False), "profile_id"]).limit(
+        limit, offset=offset
+    )
+    rows: list[dict[str, Any]] = page.to_pyarrow().to_pylist()
     return [_rounded(r) for r in rows], total
 
 

@@ -129,7 +129,7 @@ def test_columnar_import_matches_the_row_path(
     assert fast is not None and slow is not None, run_c.stderr + run_r.stderr
     assert code_c == code_r
     assert _summary(fast) == _summary(slow)
-    assert fast["details"]["read"].startswith(read)
+    assert fast["read"].startswith(read)
     assert fast["stored"] >= 10 and fast["rejected"] >= 10  # the file is as tricky as meant
 
     got = sorted(_event(e) for e in events(own_server, source="shop-orders"))

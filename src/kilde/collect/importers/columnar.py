@@ -22,6 +22,7 @@ Results are the row path's, by construction:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -46,7 +47,7 @@ from kilde.collect.importers.transactions import (
 )
 
 # How much of the file one block holds (KILDE_IMPORT_BLOCK_BYTES: small blocks in tests).
-BLOCK_BYTES = int(os.environ.get("KILDE_IMPORT_BLOCK_BYTES") or 8 << 20)
+BLOCK_BYTES = int(os.environ.get("KILDE_IMPORT_BLOCK_BYTES") or 4 << 20)
 # What the columnar path understands; a mapping that uses any other field goes the row path.
 FIELDS = {
     "order_id",
@@ -204,9 +205,11 @@ class BlockResult:
 class BlockFingerprints:
     """The fingerprints of a block's orders, computed when a repeated order id asks for one."""
 
+    _NAMES = ("revenue", "currency", "product_id", "sku", "name", "category", "price", "quantity")
+
     def __init__(self, start: int, arrays: dict[str, pa.Array | None]) -> None:
         self.start = start
-        self.arrays = arrays
+        self.arrays = {name: arrays.get(name) for name in self._NAMES}
 
     def of(self, line: int) -> int:
         i = line - self.start
@@ -233,24 +236,19 @@ def fingerprint_of(seen: tuple[int, Any]) -> int:
     return kept if isinstance(kept, int) else int(kept.of(line))
 
 
-_MESSAGE_IDS = """
-SELECT lower(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-5' || substr(h, 14, 3) || '-'
-    || substr('89ab89ab89ab89ab', ('0x' || substr(h, 17, 1))::INTEGER + 1, 1)
-    || substr(h, 18, 3) || '-' || substr(h, 21, 12)) AS message_id
-FROM (SELECT sha1(?::BLOB || encode(? || chr(31) || 'transactions' || chr(31) || order_id)) AS h
-      FROM orders)
-"""
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def message_ids(source: str, order_ids: pa.Array) -> pa.Array:
     """base.message_id(source, "transactions", order id) for a column of order ids."""
-    import duckdb
-
-    orders = pa.table({"order_id": order_ids})  # noqa: F841 - read by DuckDB below
-    with duckdb.connect() as con:
-        con.execute("SET threads = 2")
-        found = con.sql(_MESSAGE_IDS, params=[NAMESPACE.bytes, source]).to_arrow_table()
-    return found.column(0).combine_chunks()
+    prefix = NAMESPACE.bytes + f"{source}\x1ftransactions\x1f".encode()
+    sha1 = hashlib.sha1
+    variant = _VARIANT
+    found = []
+    for key in order_ids.to_pylist():
+        h = sha1(prefix + key.encode(), usedforsecurity=False).hexdigest()
+        found.append(f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}")
+    return pa.array(found, pa.string())
 
 
 class ColumnarOrders:

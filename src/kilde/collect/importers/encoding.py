@@ -20,6 +20,9 @@ def read_sample(path: Path, size: int = SAMPLE_BYTES) -> bytes:
         return handle.read(size)
 
 
+_COMMON = ("cp1252",)
+
+
 def detect_encoding(sample: bytes) -> tuple[str, str]:
     """(Python codec name, how it was chosen) for the sample of a file."""
     if sample.startswith(codecs.BOM_UTF8):
@@ -43,9 +46,20 @@ def detect_encoding(sample: bytes) -> tuple[str, str]:
         return "utf-8", "valid UTF-8"
     if valid * 2 >= len(lines):
         return "utf-8", "mostly UTF-8 (lines in another encoding will be rejected)"
-    best = from_bytes(sample).best()
+    results = from_bytes(sample)
+    best = results.best()
     if best is None:
         return "utf-8", "unknown (read as UTF-8)"
+    # On a tie (a short sample often fits several code pages equally well) the most common
+    # one wins, not whichever the detector happened to list first.
+    for match in results:
+        if (
+            match.encoding in _COMMON
+            and match.chaos <= best.chaos
+            and match.coherence >= best.coherence
+        ):
+            best = match
+            break
     return codecs.lookup(best.encoding).name, "detected"
 
 

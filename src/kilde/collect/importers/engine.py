@@ -110,6 +110,8 @@ class Summary:
     ignored_columns: list[str] = field(default_factory=list)
     reject_file: str | None = None
     seconds: float = 0.0
+    # How the file was read: "row by row", "columnar", or columnar up to a line (columnar.py).
+    read: str = "row by row"
 
     @property
     def imported(self) -> int:
@@ -138,6 +140,7 @@ class Summary:
             "ignored_columns": self.ignored_columns,
             "reject_file": self.reject_file,
             "seconds": round(self.seconds, 3),
+            "read": self.read,
         }
 
 
@@ -487,7 +490,7 @@ def _pump_columnar(
             rejects.write(error)
 
     rest: int | None = None
-    summary.details["read"] = "columnar"
+    summary.read = "columnar"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
         try:
             for block in blocks(path, offset, 2):
@@ -526,7 +529,7 @@ def _pump_columnar(
             for item in in_flight:
                 item[0].cancel()
     if rest is not None:
-        summary.details["read"] = (
+        summary.read = (
             f"columnar up to line {rest - 1}, then row by row" if rest > 2 else "row by row"
         )
         _pump(reader, converter, sink, summary, rejects, resolved, chunk_rows, 0, progress)

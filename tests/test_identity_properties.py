@@ -195,3 +195,48 @@ def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None
     finally:
         rebuilt.close()
         incremental.close()
+
+
+def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> None:
+    """The background thread holds quiet profiles' refresh for up to a second while it keeps
+    stitching new links; new links show at once, and once idle the profiles equal a rebuild."""
+    first = [
+        {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-01-01T10:00"},
+    ]
+    quiet = [
+        {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2026-01-02T10:00"},
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Order Completed",
+            "properties": {"order_id": "o", "revenue": 5.0, "currency": "NOK"},
+            "timestamp": "2026-01-03T10:00",
+        },
+    ]
+    link = [
+        {"type": "identify", "anonymousId": "a9", "userId": "u1", "timestamp": "2026-01-04T10:00"},
+    ]
+    for index, msg in enumerate(first + quiet + link):
+        msg["messageId"] = f"h{index}"
+    rebuilt, incremental = Shop(), Shop()
+    try:
+        rebuilt.send(first + quiet + link)
+        rebuilt.engine.rebuild()
+        incremental.send(first)
+        incremental.engine.step()
+        incremental.send(quiet)
+        incremental.engine.step(defer_quiet=True)
+        orders = "SELECT orders FROM profiles"
+        assert incremental.store.scalar(orders) == 0, "the refresh is held"
+        incremental.send(link)
+        incremental.engine.step(defer_quiet=True)
+        homes = incremental.store.query(
+            "SELECT DISTINCT profile_id FROM identity_map WHERE id_value IN ('a9', 'u1')"
+        )
+        assert len(homes) == 1, "the new link shows while the refresh is held"
+        assert incremental.engine.wait_idle()
+        assert incremental.store.scalar(orders) == 1
+        assert incremental.snapshot() == rebuilt.snapshot()
+    finally:
+        rebuilt.close()
+        incremental.close()

@@ -70,6 +70,7 @@ OBSERVATION_SCHEMA = pa.schema(
 WATERMARK_SLACK = timedelta(seconds=60)
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
+REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
 RICH_COLUMNS = (
     "source",
     "message_id",
@@ -216,6 +217,9 @@ class IdentityEngine:
         self._rebuild: concurrent.futures.Future[RunReport] | None = None
         self.progress = ""
         self.last_rebuild: RunReport | None = None
+        # quiet identifiers whose profiles wait for their refresh (see _hold_quiet)
+        self._quiet: dict[tuple[str, str], dict[str, Any]] = {}
+        self._quiet_since: float | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -331,8 +335,11 @@ class IdentityEngine:
 
     # -- one incremental step -----------------------------------------------------------------
 
-    def step(self) -> RunReport | None:
-        """Process what arrived since the last step; None if nothing did."""
+    def step(self, defer_quiet: bool = False) -> RunReport | None:
+        """Process what arrived since the last step; None if nothing did.
+
+        `defer_quiet` (the background thread): hold the refresh of quiet profiles for up to
+        REFRESH_EVERY (see _hold_quiet); otherwise everything read is done on return."""
         with self.lock:
             if self._state("rules") != self.rules_hash():
                 if not self.store.scalar("SELECT count(*) FROM events"):
@@ -346,10 +353,12 @@ class IdentityEngine:
             found = self._read_new(Normaliser(self.plan().identity))
             if not found.count:
                 self.runner.drop_temps()
+                if self._quiet:
+                    return self._refresh_held(started)
                 return None
-            return self._apply(found, started)
+            return self._apply(found, started, defer_quiet)
 
-    def _apply(self, found: Extracted, started: float) -> RunReport:
+    def _apply(self, found: Extracted, started: float, defer_quiet: bool) -> RunReport:
         scratch = self._scratch()
         try:
             records, observations = found.tables()
@@ -401,18 +410,80 @@ class IdentityEngine:
                 report.timings["links_ready"] = time.perf_counter() - started
                 statements = []
             quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
-            if quiet:
-                t0 = time.perf_counter()
-                refresh_dir = scratch / "refresh"
-                refresh_dir.mkdir()
-                statements += self._refresh_outputs(quiet, refresh_dir)
-                report.profiles += len({r["profile_id"] for r in quiet})
-                report.timings["refresh"] = time.perf_counter() - t0
+            self._hold_quiet(quiet, stitched)
+            refreshed = 0
+            if not defer_quiet or self._quiet_due():
+                refreshed = self._add_refresh(statements, scratch, report)
             statements += self._state_statements(found.max_received)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
             report.timings["write"] = time.perf_counter() - t0
+            if refreshed:
+                self._release_quiet()
             report.events_read = found.count
+            report.seconds = time.perf_counter() - started
+            return report
+        finally:
+            self.runner.drop_temps()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- quiet profiles: refreshed together, at most REFRESH_EVERY apart ------------------------
+    #
+    # Records that link nothing only change their profiles' computed traits and last-seen
+    # times. Recomputing those reads every event of the profiles, so under a steady load it is
+    # done for all quiet profiles at once, REFRESH_EVERY after the first was held (and at once
+    # when no new events wait), while new links go on being stitched tick by tick. A closure
+    # stitched meanwhile has its profiles recomputed whole, so its held rows are dropped.
+
+    def _hold_quiet(self, quiet: list[dict[str, Any]], stitched: set[str]) -> None:
+        if stitched:
+            self._quiet = {k: r for k, r in self._quiet.items() if r["closure_id"] not in stitched}
+        for row in quiet:
+            key = (row["id_type"], row["id_value"])
+            held = self._quiet.get(key)
+            if held is None or row["ts"] > held["ts"]:
+                self._quiet[key] = row
+        if not self._quiet:
+            self._quiet_since = None
+        elif self._quiet_since is None:
+            self._quiet_since = time.monotonic()
+
+    def _quiet_due(self) -> bool:
+        since = self._quiet_since
+        return since is not None and time.monotonic() - since >= REFRESH_EVERY
+
+    def _add_refresh(
+        self, statements: list[tuple[str, list[Any]]], scratch: Path, report: RunReport
+    ) -> int:
+        """Append the refresh of every held quiet profile to `statements`; their count."""
+        quiet = list(self._quiet.values())
+        if not quiet:
+            return 0
+        t0 = time.perf_counter()
+        refresh_dir = scratch / "refresh"
+        refresh_dir.mkdir()
+        statements += self._refresh_outputs(quiet, refresh_dir)
+        count = len({r["profile_id"] for r in quiet})
+        report.profiles += count
+        report.timings["refresh"] = time.perf_counter() - t0
+        return count
+
+    def _release_quiet(self) -> None:
+        """After the refresh is written."""
+        self._quiet = {}
+        self._quiet_since = None
+
+    def _refresh_held(self, started: float) -> RunReport:
+        """Nothing new to read: refresh the held quiet profiles now."""
+        scratch = self._scratch()
+        try:
+            report = RunReport(mode="refresh")
+            statements: list[tuple[str, list[Any]]] = []
+            self._add_refresh(statements, scratch, report)
+            t0 = time.perf_counter()
+            self.writer.write_sync(WriteBatch(statements=statements))
+            report.timings["write"] = time.perf_counter() - t0
+            self._release_quiet()
             report.seconds = time.perf_counter() - started
             return report
         finally:
@@ -608,6 +679,8 @@ class IdentityEngine:
         """Split identifiers off a profile for good: rebuilds and increments respect it."""
         with self.lock:
             started = time.perf_counter()
+            if self._quiet:
+                self._refresh_held(started)
             members = {
                 Identifier(r["id_type"], r["id_value"])
                 for r in self.store.query(
@@ -683,6 +756,7 @@ class IdentityEngine:
         """Recompute identities and profiles from every stored event."""
         with self.lock:
             started = time.perf_counter()
+            self._release_quiet()  # recomputed below with everything else
             say = progress or (lambda _: None)
             scratch = self._scratch()
             try:
@@ -820,10 +894,10 @@ class IdentityEngine:
         while not self._stop.is_set():
             try:
                 news = self._news()
-                if news == done:
+                if news == done and not self._quiet:
                     self._stop.wait(self.interval)
                     continue
-                report = self.step()
+                report = self.step(defer_quiet=True)
                 if report is None:
                     done = news  # everything up to this count is read
                 self.last_error = None

@@ -72,19 +72,29 @@ def lookup(store: Store, identifiers: list[Identifier]) -> list[str]:
 def summary(store: Store, profile_ids: list[str]) -> list[dict[str, Any]]:
     if not profile_ids:
         return []
+    # Two plain reads keyed by the ids (a correlated subquery per row made DuckDB join all the
+    # traits of every profile: seconds on a million profiles).
+    wanted = "SELECT unnest(?::VARCHAR[])"
     rows = store.query(
-        "SELECT p.profile_id, p.first_seen, p.last_seen, p.identifiers, p.shared, p.events, "
-        "p.orders, p.total_revenue, "
-        "(SELECT value FROM profile_traits t WHERE t.profile_id = p.profile_id "
-        " AND t.name = 'email') AS email, "
-        "(SELECT value FROM profile_traits t WHERE t.profile_id = p.profile_id "
-        " AND t.name IN ('name', 'first_name') ORDER BY t.name LIMIT 1) AS name "
-        "FROM profiles p WHERE list_contains(?, p.profile_id) ORDER BY p.profile_id",
+        "SELECT profile_id, first_seen, last_seen, identifiers, shared, events, orders, "
+        f"total_revenue FROM profiles WHERE profile_id IN ({wanted}) ORDER BY profile_id",
         [profile_ids],
     )
+    names: dict[str, dict[str, Any]] = {}
+    for t in store.query(
+        "SELECT profile_id, name, value FROM profile_traits "
+        f"WHERE profile_id IN ({wanted}) AND name IN ('email', 'name', 'first_name') "
+        "ORDER BY profile_id, name",
+        [profile_ids],
+    ):
+        mine = names.setdefault(t["profile_id"], {})
+        key = "email" if t["name"] == "email" else "name"
+        mine.setdefault(key, t["value"])  # first_name before name, as ordered
     for row in rows:
+        mine = names.get(row["profile_id"], {})
         for key in ("email", "name"):
-            row[key] = orjson.loads(row[key]) if row[key] else None
+            value = mine.get(key)
+            row[key] = orjson.loads(value) if value else None
     order = {pid: i for i, pid in enumerate(profile_ids)}
     return sorted(rows, key=lambda r: order.get(r["profile_id"], 0))
 

@@ -114,7 +114,7 @@ CLEAN = ROWS[:-6] + ROWS[-3:-2]
 
 @pytest.mark.parametrize(
     ("block_bytes", "rows", "read"),
-    [("400", ROWS, "columnar up to line 2"), ("0", CLEAN, "columnar")],
+    [("400", ROWS, "columnar up to line 2"), ("0", CLEAN, "columnar")],  # line 2x
 )
 def test_columnar_import_matches_the_row_path(
     own_server: Server, tmp_path: Path, block_bytes: str, rows: list[str], read: str
@@ -140,3 +140,38 @@ def test_columnar_import_matches_the_row_path(
     _, again, _ = kilde_import(columnar, "transactions", file, "--source", "shop-orders")
     assert again is not None and again["stored"] == 0
     assert again["duplicates"] == fast["stored"] + fast["duplicates"]
+
+
+def test_an_order_whose_lines_straddle_two_blocks_stays_one_order(
+    own_server: Server, tmp_path: Path
+) -> None:
+    single = [
+        f"s-{n:03},cust-{n},,2026-06-0{1 + n % 9}T10:00:00Z,FF-{n},Item,misc,10,1,10,NOK,"
+        for n in range(8)
+    ]
+    lines = [
+        "m-001,cust-9,,2026-06-09T10:00:00Z,FF-1,Tent,tents,100,1,150,NOK,",
+        "m-001,cust-9,,2026-06-09T10:00:00Z,FF-2,Pegs,tents,50,1,150,NOK,",
+    ]
+    rows = [*single, *lines, "s-100,cust-1,,2026-06-10T10:00:00Z,FF-3,Mug,misc,5,1,5,NOK,"]
+    file = write(tmp_path / "orders.csv", "\n".join([HEADER, *rows]) + "\n")
+    # The first block ends right after the order's first line.
+    first_block = sum(len(r) + 1 for r in [*single, lines[0]])
+    columnar = dataclasses.replace(
+        own_server, env={**own_server.env, "KILDE_IMPORT_BLOCK_BYTES": str(first_block)}
+    )
+    by_row = dataclasses.replace(own_server, env={**own_server.env, "KILDE_IMPORT_COLUMNAR": "0"})
+    _, fast, run = kilde_import(columnar, "transactions", file, "--source", "shop-orders")
+    _, slow, _ = kilde_import(by_row, "transactions", file, "--source", "crm")
+    assert fast is not None and slow is not None, run.stderr
+    assert fast["read"].startswith("columnar up to line")
+    assert _summary(fast) == _summary(slow)
+    assert (fast["stored"], fast["rejected"]) == (10, 0)
+    order = next(
+        e
+        for e in events(own_server, source="shop-orders")
+        if e["properties"]["order_id"] == "m-001"
+    )
+    assert [p["product_id"] for p in order["properties"]["products"]] == ["FF-1", "FF-2"]
+    got = sorted(_event(e) for e in events(own_server, source="shop-orders"))
+    assert got == sorted(_event(e) for e in events(own_server, source="crm"))

@@ -26,7 +26,6 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -136,28 +135,21 @@ class Block:
     last: bool  # the end of the file
 
 
-def blocks(path: Path, offset: int, first_line: int, size: int = 0) -> Iterator[Block]:
-    """The file from `offset` on in blocks that end at a line end."""
+def read_block(handle: Any, offset: int, line: int, size: int = 0) -> Block | None:
+    """The file from `offset` (the start of file line `line`) up to the last line end within
+    `size` bytes (more if one line is longer); None at the end of the file."""
     size = size or BLOCK_BYTES
-    line = first_line
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        carry = b""
-        while True:
-            chunk = handle.read(size)
-            data = carry + chunk
-            if not chunk:
-                if data:
-                    yield Block(line, offset, data, True)
-                return
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry = data
-                continue
-            body, carry = data[: cut + 1], data[cut + 1 :]
-            yield Block(line, offset, body, False)
-            line += body.count(b"\n")
-            offset += len(body)
+    handle.seek(offset)
+    chunk = handle.read(size)
+    data = chunk
+    while True:
+        if len(chunk) < size:  # the end of the file
+            return Block(line, offset, data, True) if data else None
+        cut = data.rfind(b"\n")
+        if cut >= 0 and data.find(b"\n") < cut:  # two lines at least (one may be left over)
+            return Block(line, offset, data[: cut + 1], False)
+        chunk = handle.read(size)
+        data += chunk
 
 
 def clean(block: Block) -> bool:
@@ -199,7 +191,8 @@ class BlockResult:
     record_lines: list[int] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     special_rows: dict[int, Row] = field(default_factory=dict)  # line -> row, for dead letters
-    rows: int = 0
+    rows: int = 0  # rows of the block taken (the last one may be left for the next block)
+    size: int = 0  # bytes of the block taken
 
 
 class BlockFingerprints:
@@ -276,16 +269,33 @@ class ColumnarOrders:
         return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
 
     def convert(self, block: Block, table: pa.Table) -> BlockResult | None:
-        """The block's records, or None when it holds an order over several lines."""
+        """The block's records, or None when it holds an order over several lines.
+
+        When order lines are in the file, the block's last row is left for the next block
+        (unless the file ends here): it may be the first line of an order going on there.
+        """
         n = table.num_rows
         col = {name: self._column(table, name) for name in self.fields}
         order_id = col["order_id"]
         assert order_id is not None
+        size = len(block.data)
         if self.line_level and n:
             if n > 1 and pc.any(pc.equal(order_id.slice(1), order_id.slice(0, n - 1))).as_py():
                 return None
             if self.previous_order is not None and order_id[0].as_py() == self.previous_order:
                 return None
+            if not block.last:
+                if n < 2:
+                    return None  # a row longer than a block: the row path
+                n -= 1
+                size = block.data.rfind(b"\n", 0, len(block.data) - 1) + 1
+                table = table.slice(0, n)
+                col = {
+                    name: values.slice(0, n) if values is not None else None
+                    for name, values in col.items()
+                }
+                order_id = col["order_id"]
+                assert order_id is not None
         special = pc.is_null(order_id)
 
         def unsure(mask: pa.Array) -> None:
@@ -388,7 +398,7 @@ class ColumnarOrders:
             if quantity is None:
                 quantity = pa.array([None] * n, pa.int64())
             quantity = pc.if_else(any_product, pc.fill_null(quantity, 1), None)
-        return self._gather(
+        result = self._gather(
             block,
             table,
             special,
@@ -408,6 +418,8 @@ class ColumnarOrders:
                 "quantity": quantity if self.line_level else None,
             },
         )
+        result.size = size
+        return result
 
     # -- in file order: the memory of order ids, and the rows the row path takes ---------------
 

@@ -426,7 +426,13 @@ def _pump_columnar(
     progress: Progress | None,
 ) -> None:
     """Clean blocks of the file as Arrow columns; the rest of the file, if any, by `_pump`."""
-    from kilde.collect.importers.columnar import BlockResult, ColumnarOrders, blocks, clean, parse
+    from kilde.collect.importers.columnar import (
+        BlockResult,
+        ColumnarOrders,
+        clean,
+        parse,
+        read_block,
+    )
     from kilde.collect.importers.csv_files import CsvReader
 
     assert isinstance(reader, CsvReader)
@@ -492,14 +498,20 @@ def _pump_columnar(
     rest: int | None = None
     summary.read = "columnar"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
+        line = 2
+        handle = path.open("rb")
         try:
-            for block in blocks(path, offset, 2):
+            while True:
+                block = read_block(handle, offset, line)
+                if block is None:
+                    break
                 table = parse(block, reader.columns, reader.delimiter) if clean(block) else None
                 result = orders.convert(block, table) if table is not None else None
                 if result is None:
                     rest = block.start_line
                     reader.resume(block.offset, block.start_line)
                     break
+                offset, line = block.offset + result.size, block.start_line + result.rows
                 summary.rows_read += result.rows
                 summary.records += result.columns.num_rows + len(result.records)
                 reject_rows = [
@@ -522,10 +534,11 @@ def _pump_columnar(
                 while len(in_flight) > 1:
                     settle(in_flight.pop(0))
                 if progress is not None:
-                    progress(block.offset + len(block.data), reader.total, summary.rows_read)
+                    progress(offset, reader.total, summary.rows_read)
             while in_flight:
                 settle(in_flight.pop(0))
         finally:
+            handle.close()
             for item in in_flight:
                 item[0].cancel()
     if rest is not None:

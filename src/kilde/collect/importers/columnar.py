@@ -304,7 +304,7 @@ class ColumnarOrders:
 
         # Identity: who the order is of.
         user_id, anonymous_id, email = col.get("user_id"), col.get("anonymous_id"), col.get("email")
-        someone = pa.array([False] * n, pa.bool_())
+        someone = pa.repeat(False, n)
         for ids in (user_id, anonymous_id, email):
             if ids is not None:
                 someone = pc.or_kleene(someone, pc.is_valid(ids))
@@ -380,13 +380,13 @@ class ColumnarOrders:
             unsure(pc.and_kleene(pc.is_valid(quantity_text), pc.invert(ok)))
             quantity = pc.cast(pc.if_else(ok, quantity_text, None), pa.int64())
         product_id, sku = col.get("product_id"), col.get("sku")
-        any_product = pa.array([False] * n, pa.bool_())
+        any_product = pa.repeat(False, n)
         for name in _PRODUCT_FIELDS:
             values = col.get(name)
             if values is not None:
                 any_product = pc.or_kleene(any_product, pc.is_valid(values))
         if self.line_level:
-            named = pa.array([False] * n, pa.bool_())
+            named = pa.repeat(False, n)
             for values in (product_id, sku):
                 if values is not None:
                     named = pc.or_kleene(named, pc.is_valid(values))

@@ -186,7 +186,7 @@ def _json_value_type(value: Any) -> str:
 
 
 def _all(n: int, value: bool) -> pa.Array:
-    return pa.array([value] * n, pa.bool_())
+    return pa.repeat(value, n)
 
 
 def _check_object(columns: dict[str, pa.Array], schema: Any, n: int) -> pa.Array:
@@ -373,7 +373,7 @@ def ingest_columns(
     # 6. Events rows, through the writer.
     good = table.filter(fast)
     if good.num_rows:
-        records = good.append_column("source", pa.array([source.name] * good.num_rows, pa.string()))
+        records = good.append_column("source", pa.repeat(source.name, good.num_rows))
         written = writer.write_sync(
             WriteBatch(
                 arrow_events=records,

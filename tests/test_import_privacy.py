@@ -60,3 +60,34 @@ def test_the_demo_imports_order_history_crm_tickets_and_bought_data(own_server: 
     assert events(own_server, source="crm", type="identify")
     bought = events(own_server, source="databroker")
     assert bought and all(b["context"]["provenance"]["tier"] == "broker" for b in bought)
+
+
+def test_orders_of_a_suppressed_person_are_kept_out_on_the_columnar_path(
+    kilde_server: Server, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    erased = f"gone.{tag}@example.com"
+    suppressed = post(
+        f"{kilde_server.url}/api/privacy/suppress",
+        json={"email": erased},
+        headers=kilde_server.admin,
+    )
+    assert suppressed.status_code == 200, suppressed.text
+    file = write(
+        tmp_path / "orders.csv",
+        "order_id,customer_id,email,order_date,total,currency\n"
+        f"{tag}-1,c-{tag}-1,{erased},2026-09-01T10:00:00Z,10,NOK\n"
+        f"{tag}-2,c-{tag}-2,kept.{tag}@example.com,2026-09-01T10:00:00Z,20,NOK\n"
+        # The same person under the customer id only: the same request names them.
+        f"{tag}-3,c-{tag}-1,,2026-09-02T10:00:00Z,30,NOK\n",
+    )
+    code, summary, run = kilde_import(kilde_server, "transactions", file, "-s", "shop-orders")
+    assert code == 0, run.stderr
+    assert summary is not None and summary["read"] == "columnar"
+    assert (summary["stored"], summary["suppressed"], summary["rejected"]) == (1, 2, 0)
+    orders = {
+        e["properties"]["order_id"]
+        for e in events(kilde_server, source="shop-orders")
+        if e["properties"].get("order_id", "").startswith(tag)
+    }
+    assert orders == {f"{tag}-2"}

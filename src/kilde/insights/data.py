@@ -49,8 +49,23 @@ def with_profiles(backend: Any, events: ir.Table) -> ir.Table:
 
 
 def profile_events(backend: Any) -> ir.Table:
-    """Every event of every current profile, with its profile_id."""
-    return with_profiles(backend, backend.table("events"))
+    """Every event of every current profile, with its profile_id.
+
+    The identifiers' owners are joined as one table (source, message_id, profile_id): for the
+    reads of all events (the profile insights hold this once per pass), and for reads that
+    filter the same events several ways in one query (a funnel's steps), which then share one
+    join narrowed by all their filters together.
+    """
+    idmap = backend.table("identity_map")
+    owners = idmap.select(
+        primary_type=idmap.id_type, primary_value=idmap.id_value, profile_id=idmap.profile_id
+    )
+    records = backend.table("identity_records")
+    owned = records.join(owners, ["primary_type", "primary_value"]).select(
+        "source", "message_id", "profile_id"
+    )
+    events: ir.Table = backend.table("events").join(owned, ["source", "message_id"])
+    return events
 
 
 def behaviour(backend: Any) -> ir.Table:

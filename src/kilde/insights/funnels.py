@@ -16,8 +16,8 @@ from typing import Any
 import ibis
 import ibis.expr.types as ir
 
-from kilde.insights.data import with_profiles
-from kilde.insights.segments.compiler import Context, event_matches, members
+from kilde.insights.data import profile_events
+from kilde.insights.segments.compiler import Context, event_rows, members
 from kilde.insights.segments.rules import EventCondition, RuleError, duration_days, parse_rule
 
 MAX_STEPS = 20
@@ -53,24 +53,21 @@ def funnel(
 ) -> dict[str, Any]:
     window_days = duration_days(within, "within")
     since_days = duration_days(since, "since") if since is not None else None
-    rows = [event_matches(step, ctx) for step in steps]  # checks every step against the plan
+    # The steps filter one join of the events to their profiles, shared by all of them (the
+    # engine narrows it by every step's filter at once).
+    shared = profile_events(ctx.backend)
+    rows = [event_rows(step, ctx, shared) for step in steps]  # checks every step against the plan
     first = rows[0]
     if since_days is not None:
         first = first.filter(first.timestamp >= ibis.literal(ctx.now - timedelta(days=since_days)))
-    # Every step's events, joined to their profiles once (one join, not one per step), held
-    # by the backend for the steps below.
-    parts = [first.select("source", "message_id", "timestamp", step=ibis.literal(0))]
-    parts += [
-        r.select("source", "message_id", "timestamp", step=ibis.literal(i))
-        for i, r in enumerate(rows[1:], 1)
-    ]
-    raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    hits = with_profiles(ctx.backend, raw).select("profile_id", "timestamp", "step")
     if segment_rule is not None:
-        chosen = members(segment_rule, ctx).select("profile_id")
-        starts = hits.filter(hits.step == 0).semi_join(chosen, "profile_id")
-        hits = starts.union(hits.filter(hits.step != 0))
-    hits = hits.cache()
+        first = first.semi_join(members(segment_rule, ctx).select("profile_id"), "profile_id")
+    # Every step's events once, in one table held by the backend for the steps below.
+    parts = [first.select("profile_id", "timestamp", step=ibis.literal(0))]
+    parts += [
+        r.select("profile_id", "timestamp", step=ibis.literal(i)) for i, r in enumerate(rows[1:], 1)
+    ]
+    hits = parts[0].union(*parts[1:]).cache() if len(parts) > 1 else parts[0].cache()
     stages: list[ir.Table] = []
     try:
         start = hits.filter(hits.step == 0)

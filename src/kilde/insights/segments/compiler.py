@@ -537,19 +537,25 @@ def _holds_for_zero(compare: Compare) -> bool:
     return bool(test(0))
 
 
-def event_rows(node: EventCondition, ctx: Context) -> ir.Table:
-    """The profile events an event condition is about: name, time window and `where`."""
+def event_rows(node: EventCondition, ctx: Context, events: ir.Table | None = None) -> ir.Table:
+    """The profile events an event condition is about: name, time window and `where`.
+
+    From `events` when given (events with their profile_id, shared by several conditions),
+    otherwise from the events table, joined to the profiles after the filters.
+    """
+    if events is not None:
+        return event_matches(node, ctx, events)
     return with_profiles(ctx.backend, event_matches(node, ctx))
 
 
-def event_matches(node: EventCondition, ctx: Context) -> ir.Table:
-    """The rows of the events table an event condition is about (without their profile).
+def event_matches(node: EventCondition, ctx: Context, events: ir.Table | None = None) -> ir.Table:
+    """The rows of `events` (by default the events table) an event condition is about.
 
     The name and the time window narrow the events before the `where` conditions (which read
-    the JSON properties) and before the join to the profiles.
+    the JSON properties) and before any join to the profiles.
     """
     schema = _event_spec(node, ctx)
-    ev = ctx.backend.table("events")
+    ev = ctx.backend.table("events") if events is None else events
     ev = ev.filter(ev.event == node.event)
     if node.window is not None:
         start = ctx.now - timedelta(days=node.window.start_days)

@@ -71,6 +71,7 @@ WATERMARK_SLACK = timedelta(seconds=60)
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
+SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
 RICH_COLUMNS = (
     "source",
     "message_id",
@@ -898,6 +899,13 @@ class IdentityEngine:
                     self._stop.wait(self.interval)
                     continue
                 report = self.step(defer_quiet=True)
+                if report is not None and report.seconds > SLOW_TICK:
+                    log.info(
+                        "slow identity tick: %.1f s for %d events (%s)",
+                        report.seconds,
+                        report.events_read,
+                        ", ".join(f"{k} {v:.2f}" for k, v in report.timings.items()),
+                    )
                 if report is None:
                     done = news  # everything up to this count is read
                 self.last_error = None

@@ -75,7 +75,8 @@ def synth_chunk(start: int, n: int, people: int, rng: np.random.Generator) -> pa
     viewed = (kind >= 0.05) & (kind < 0.45)
     identified = identify | (person % 2 == 0) & (kind < 0.2)
     types = np.where(identify, "identify", np.where(kind < 0.45, "track", "page"))
-    names = np.where(order, "Order Completed", np.where(viewed, "Product Viewed", None))
+    none = np.full(len(kind), None, dtype=object)
+    names = np.where(order, "Order Completed", np.where(viewed, "Product Viewed", none))
     category = CATEGORIES[person % len(CATEGORIES)]
     revenue = (person % 40 + 1) * 50
     properties = [
@@ -89,7 +90,7 @@ def synth_chunk(start: int, n: int, people: int, rng: np.random.Generator) -> pa
         for p, d in zip(person, identify, strict=True)
     ]
     anon = np.char.add("dev-", device.astype(str))
-    user = np.where(identified, np.char.add("u-", person.astype(str)), None)
+    user = np.where(identified, np.char.add("u-", person.astype(str)), none)
     received = ts + np.timedelta64(2, "s")
     columns: dict[str, Any] = {
         "message_id": np.char.add("m-", idx.astype(str)),
@@ -300,6 +301,12 @@ def ingest(collectors: int, duration: float, connections: int, work: Path) -> di
                 for n, (_, port) in enumerate(started)
             ]
             loads = [f.result() for f in futures]
+        # CPU the collectors themselves spent: what a collector costs per event, which is what
+        # decides how many collectors a machine (or a cluster) of N cores can run side by side.
+        cpu = 0.0
+        for process, _ in started:
+            times = psutil.Process(process.pid).cpu_times()
+            cpu += times.user + times.system
     finally:
         for process, _ in started:
             process.terminate()
@@ -315,6 +322,7 @@ def ingest(collectors: int, duration: float, connections: int, work: Path) -> di
         "events_per_s": acked / wall,
         "failed": sum(load.failed for load in loads),
         "files": files,
+        "collector_cpu_s": cpu,
     }
 
 
@@ -457,11 +465,16 @@ def main() -> None:
                 print(
                     f"  {result['collectors']} collector(s): {result['events_per_s']:>9,.0f} "
                     f"events/s ({result['events']:,} acknowledged, {result['failed']} failed, "
-                    f"{result['files']:,} files)"
+                    f"{result['files']:,} files); collector CPU "
+                    f"{result['collector_cpu_s'] / result['events'] * 1e6:.0f} µs per event"
                 )
+            per_event = [r["collector_cpu_s"] / r["events"] for r in (one, two)]
             print(
                 f"  two collectors / one (baseline): "
-                f"{two['events_per_s'] / one['events_per_s']:.2f}x"
+                f"{two['events_per_s'] / one['events_per_s']:.2f}x; CPU per event, two / one: "
+                f"{per_event[1] / per_event[0]:.2f}x"
+                f" (1.00x: collectors add capacity in proportion to the cores they get; this "
+                f"machine has {os.cpu_count()} cores, shared with the load processes)"
             )
     finally:
         if not args.keep:

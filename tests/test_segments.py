@@ -125,6 +125,12 @@ def test_members_enter_and_leave_with_times_and_events(server: Server) -> None:
     assert [e["properties"]["segment"] for e in entered] == [segment]
     assert entered[0]["source"] == "kilde"
     assert events_of(server, "Segment Entered", small) == []
+    # Kilde's own note is not something the person did: not in their activity traits
+    assert api(server, "POST", "/api/profiles/refresh").status_code == 200
+    found = api(server, "POST", "/api/profiles/lookup", json={"user_id": big1}).json()
+    shown = api(server, "GET", f"/api/profiles/{found['profiles'][0]['profile_id']}").json()
+    assert shown["computed"]["events"] == 3  # the identify and the two orders
+    assert shown["computed"]["channels"] == ["backend", "web"]
 
     # a refresh that changes nothing emits nothing
     again = refresh(server, segment)

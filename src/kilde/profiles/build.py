@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from kilde.identity import keyed
 from kilde.identity.runner import Runner
+from kilde.insights.data import COMPUTED_EVENTS
 from kilde.plan.models import Plan
 from kilde.profiles.traits import TIERS, tier_expr
 from kilde.store.portable import ranked_list
@@ -144,6 +145,8 @@ def computed_traits(
 
 def _computed(run: Runner, identities: ir.Table, events: ir.Table | None) -> ir.Table:
     ev = profile_events(run, identities) if events is None else events
+    # Segment Entered/Exited are Kilde's own notes about a person, not something they did.
+    ev = ev.filter(ev.event.isnull() | ~ev.event.isin(COMPUTED_EVENTS))
     props = ev.properties.cast("json")
     text = ev.properties.cast("string")
     nothing = ibis.null()

@@ -155,6 +155,42 @@ def test_members_enter_and_leave_with_times_and_events(server: Server) -> None:
     assert preview["count"] == 0 and preview["sample"] == []
 
 
+def test_a_merge_is_not_leaving_and_entering(server: Server) -> None:
+    """A member whose profile id a merge retires stays a member, under the merged id, with the
+    same entered time, and no Segment Exited/Entered is sent for them."""
+    tag = uuid.uuid4().hex[:8]
+    city = f"Mergeby {tag}"
+    user, device = f"merge-{tag}-user", f"merge-{tag}-device"
+    # the account is older than the device, so its profile id is the one that survives
+    send(server, BACKEND_KEY, {"type": "identify", "userId": user, "timestamp": ago(30)})
+    send(
+        server,
+        WEB_KEY,
+        {"type": "identify", "anonymousId": device, "timestamp": ago(5), "traits": {"city": city}},
+    )
+    assert api(server, "POST", "/api/profiles/refresh").status_code == 200
+    segment = f"merged-{tag}"
+    assert save(server, segment, {"trait": "city", "equals": city}).status_code == 200
+    first = refresh(server, segment)
+    assert (first["members"], first["entered"], first["exited"]) == (1, 1, 0)
+    before = api(server, "GET", f"/api/segments/{segment}/members").json()["members"][0]
+
+    send(server, WEB_KEY, {"type": "identify", "userId": user, "anonymousId": device})
+    assert api(server, "POST", "/api/profiles/refresh").status_code == 200
+    merged = api(server, "POST", "/api/profiles/lookup", json={"user_id": user}).json()
+    merged_id = merged["profiles"][0]["profile_id"]
+    assert merged_id != before["profile_id"]  # the device's id was retired by the merge
+
+    again = refresh(server, segment)
+    assert (again["members"], again["entered"], again["exited"]) == (1, 0, 0)
+    after = api(server, "GET", f"/api/segments/{segment}/members").json()["members"]
+    assert [(m["profile_id"], m["entered_at"]) for m in after] == [
+        (merged_id, before["entered_at"])
+    ]
+    assert events_of(server, "Segment Entered", user) == []
+    assert events_of(server, "Segment Exited", user) == []
+
+
 def test_behaviour_consent_and_other_segments(server: Server) -> None:
     tag = uuid.uuid4().hex[:8]
     city = f"Consentby {tag}"

@@ -447,6 +447,7 @@ class LakeCompute:
         """Each segment's members by the segment compiler; who entered and left; their events."""
         from kilde.errors import KildeError
         from kilde.insights.segments.compiler import Context, check, members
+        from kilde.insights.segments.membership import retired
         from kilde.insights.segments.rules import parse_rule
 
         now = self.now
@@ -472,6 +473,11 @@ class LakeCompute:
             current = set(memberships.filter(open_rows).column("profile_id").to_pylist())
             entered = sorted(new - current)
             exited = sorted(current - new)
+            moved = {o: c for o, c in retired(self.backend, exited).items() if c in new}
+            if moved:  # a merge retired their id: they stay, under the current one
+                memberships = _moved_memberships(memberships, segment.id, moved, current, now)
+                entered = [p for p in entered if p not in set(moved.values())]
+                exited = [p for p in exited if p not in moved]
             if exited:
                 leaving = pc.and_(
                     open_rows,
@@ -692,3 +698,29 @@ def export_store(data_dir: Path, lake: Lake, *, say: Say | None = None) -> dict[
 
 def new_run_id() -> str:
     return "cmp_" + uuid.uuid4().hex[:12]
+
+
+def _moved_memberships(
+    memberships: pa.Table,
+    segment_id: str,
+    moved: dict[str, str],
+    current: set[str],
+    now: datetime,
+) -> pa.Table:
+    """As membership's move statements: retired ids' open rows closed, the current id given one
+    open row with the earliest entered time unless it has one already."""
+    rows = memberships.to_pylist()
+    earliest: dict[str, Any] = {}
+    for row in rows:
+        if row["segment_id"] == segment_id and row["exited_at"] is None:
+            target = moved.get(row["profile_id"])
+            if target is not None:
+                row["exited_at"] = now
+                if target not in current:
+                    known = earliest.get(target)
+                    earliest[target] = min(known, row["entered_at"]) if known else row["entered_at"]
+    rows += [
+        {"segment_id": segment_id, "profile_id": p, "entered_at": at, "exited_at": None}
+        for p, at in sorted(earliest.items())
+    ]
+    return pa.Table.from_pylist(rows, schema=memberships.schema)

@@ -19,6 +19,7 @@ from typing import Any
 import ibis
 import ibis.expr.types as ir
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kilde.errors import KildeError
@@ -332,6 +333,25 @@ def _messages(
         }
 
 
+def retired(backend: Any, exited: list[str]) -> dict[str, str]:
+    """{retired id: current id} for those of `exited` whose profile id a merge retired: the
+    profile their anchor identifier lives in now.
+
+    If that profile is a member, the person neither left nor entered: no Segment Exited or
+    Entered for them; their membership moves to the current id and keeps its entered time.
+    """
+    if not exited:
+        return {}
+    ids = backend.table("profile_ids")
+    idmap = backend.table("identity_map")
+    old = ids.filter(ids.profile_id.isin(exited)).select(
+        old_id=ids.profile_id, id_type=ids.anchor_type, id_value=ids.anchor_value
+    )
+    now = old.join(idmap.select("id_type", "id_value", "profile_id"), ["id_type", "id_value"])
+    now = now.filter(now.profile_id != now.old_id).select("old_id", "profile_id").distinct()
+    return {r["old_id"]: r["profile_id"] for r in backend.to_pyarrow(now).to_pylist()}
+
+
 def refresh(
     store: Store,
     writer: Writer,
@@ -361,8 +381,23 @@ def refresh(
     current = memberships.filter(
         (memberships.segment_id == segment.id) & memberships.exited_at.isnull()
     ).select("profile_id")
-    entered = new.anti_join(current, "profile_id")
-    exited = current.anti_join(new, "profile_id")
+    leaving = current.anti_join(new, "profile_id")
+    moved = retired(backend, backend.to_pyarrow(leaving).column("profile_id").to_pylist())
+    if moved:
+        still = new.filter(new.profile_id.isin(sorted(set(moved.values()))))
+        kept = set(backend.to_pyarrow(still).column("profile_id").to_pylist())
+        moved = {old: current for old, current in moved.items() if current in kept}
+    moved_path = scratch / f"{segment.id}-moved.parquet"
+    pq.write_table(
+        pa.table(
+            {"old_id": list(moved), "profile_id": list(moved.values())},
+            pa.schema([("old_id", pa.string()), ("profile_id", pa.string())]),
+        ),
+        moved_path,
+    )
+    moves = backend.read_parquet(str(moved_path))
+    entered = new.anti_join(current, "profile_id").anti_join(moves, "profile_id")
+    exited = leaving.anti_join(moves.select(profile_id=moves.old_id), "profile_id")
     entered_path = scratch / f"{segment.id}-entered.parquet"
     exited_path = scratch / f"{segment.id}-exited.parquet"
     backend.to_parquet(entered, entered_path)
@@ -396,6 +431,7 @@ def refresh(
     writer.write_sync(
         WriteBatch(
             statements=[
+                *_move_statements(segment.id, now, str(moved_path)),
                 (
                     "UPDATE segment_memberships SET exited_at = ? WHERE segment_id = ? "
                     "AND exited_at IS NULL AND profile_id IN "
@@ -412,6 +448,27 @@ def refresh(
         )
     )
     return RunResult(segment.id, n_members, n_entered, n_exited, events, seconds, note)
+
+
+def _move_statements(segment_id: str, now: datetime, moved: str) -> list[tuple[str, list[Any]]]:
+    """Retired ids' rows are closed; the current id gets one open row with the earliest entered
+    time, unless it already has one (two members merged)."""
+    return [
+        (
+            "INSERT INTO segment_memberships "
+            "SELECT ?, m.profile_id, min(s.entered_at), NULL FROM read_parquet(?) m "
+            "JOIN segment_memberships s ON s.segment_id = ? AND s.profile_id = m.old_id "
+            "AND s.exited_at IS NULL "
+            "WHERE m.profile_id NOT IN (SELECT profile_id FROM segment_memberships "
+            "WHERE segment_id = ? AND exited_at IS NULL) GROUP BY m.profile_id",
+            [segment_id, moved, segment_id, segment_id],
+        ),
+        (
+            "UPDATE segment_memberships SET exited_at = ? WHERE segment_id = ? "
+            "AND exited_at IS NULL AND profile_id IN (SELECT old_id FROM read_parquet(?))",
+            [now, segment_id, moved],
+        ),
+    ]
 
 
 def _run_row(

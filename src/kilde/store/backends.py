@@ -191,7 +191,10 @@ def _spark_compiler() -> Any:
         def visit_JSONGetItem(self, op: Any, *, arg: Any, index: Any) -> Any:
             key = op.index.value if isinstance(op.index, ops.Literal) else None
             if key is None:
-                raise NotImplementedError("JSON paths must be constants on Spark")
+                raise BackendError(
+                    "a JSON path computed per row cannot be compiled for Spark",
+                    fix="read JSON properties by a constant key",
+                )
             path = f"$[{int(key)}]" if op.index.dtype.is_integer() else f"$['{key}']"
             return template("get", arg, path=sge.convert(path).sql(dialect="spark"))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -159,35 +160,45 @@ async def chunk(request: Request) -> Response:
     source, kind, records, rejects, dry_run, preview = _chunk_fields(
         await _read_json(request, MAX_CHUNK_BYTES)
     )
+    return await _answer(
+        True,
+        ingest_chunk,
+        services(request),
+        source_name=source,
+        kind=kind,
+        records=records,
+        rejects=rejects,
+        dry_run=dry_run,
+        preview=preview,
+    )
+
+
+async def _answer(
+    with_preview: bool, ingest: Callable[..., ChunkResult], *args: Any, **kwargs: Any
+) -> Response:
+    """Run one chunk's ingest off the event loop and answer with its counts."""
     try:
-        result: ChunkResult = await run_in_threadpool(
-            ingest_chunk,
-            services(request),
-            source_name=source,
-            kind=kind,
-            records=records,
-            rejects=rejects,
-            dry_run=dry_run,
-            preview=preview,
-        )
+        result: ChunkResult = await run_in_threadpool(ingest, *args, **kwargs)
     except StoreUnavailableError as exc:
         raise HttpProblem(
             503, "store_busy", exc.message, "retry with backoff", headers={"Retry-After": "1"}
         ) from None
     except KildeError as exc:
         raise _problem(exc) from None
-    return JsonResponse(
-        {
-            "success": True,
-            "stored": result.stored,
-            "duplicates": result.duplicates,
-            "flagged": result.flagged,
-            "suppressed": result.suppressed,
-            "withheld": result.withheld,
-            "rejected": result.rejected,
-            "preview": result.preview,
-        }
-    )
+    except ValueError as exc:  # a column the columnar path cannot take as it is
+        raise HttpProblem(400, "invalid_chunk", str(exc), "import orders this way") from None
+    answer = {
+        "success": True,
+        "stored": result.stored,
+        "duplicates": result.duplicates,
+        "flagged": result.flagged,
+        "suppressed": result.suppressed,
+        "withheld": result.withheld,
+        "rejected": result.rejected,
+    }
+    if with_preview:
+        answer["preview"] = result.preview
+    return JsonResponse(answer)
 
 
 MAX_COLUMN_BYTES = 256 * 1024 * 1024
@@ -235,33 +246,14 @@ async def columns(request: Request) -> Response:
             "the body is not an Arrow stream of import records",
             "send the columns kilde import sends (see docs/imports-performance.md)",
         ) from None
-    try:
-        result: ChunkResult = await run_in_threadpool(
-            ingest_columns,
-            services(request),
-            source_name=info["source"],
-            kind=info["kind"],
-            table=table,
-            info=info,
-        )
-    except StoreUnavailableError as exc:
-        raise HttpProblem(
-            503, "store_busy", exc.message, "retry with backoff", headers={"Retry-After": "1"}
-        ) from None
-    except KildeError as exc:
-        raise _problem(exc) from None
-    except ValueError as exc:
-        raise HttpProblem(400, "invalid_chunk", str(exc), "import orders this way") from None
-    return JsonResponse(
-        {
-            "success": True,
-            "stored": result.stored,
-            "duplicates": result.duplicates,
-            "flagged": result.flagged,
-            "suppressed": result.suppressed,
-            "withheld": result.withheld,
-            "rejected": result.rejected,
-        }
+    return await _answer(
+        False,
+        ingest_columns,
+        services(request),
+        source_name=info["source"],
+        kind=info["kind"],
+        table=table,
+        info=info,
     )
 
 

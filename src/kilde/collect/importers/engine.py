@@ -346,26 +346,8 @@ def _pump(
         summary.withheld += result.withheld
         summary.preview.extend(result.preview)
         errors = [e.as_dict() for e in item.errors]
-        for rejection in result.rejected:
-            record = item.records[rejection["index"]]
-            path = rejection.get("path")
-            errors.append(
-                {
-                    "line": record.line,
-                    "end_line": None,
-                    "column": f"({path})" if path else None,
-                    "error": rejection.get("error"),
-                    "reason": rejection.get("message"),
-                    "fix": rejection.get("fix"),
-                }
-            )
-        errors.sort(key=lambda e: e["line"])
-        for error in errors:
-            summary.rejected += 1
-            summary.reasons[str(error["error"])] += 1
-            if len(summary.first_errors) < 20:
-                summary.first_errors.append(error)
-            rejects.write(error)
+        errors += [_rejected(r, item.records[r["index"]].line) for r in result.rejected]
+        _report(errors, summary, rejects)
 
     def submit(converted: Converted, rows: dict[int, Row]) -> None:
         nonlocal wanted_preview
@@ -475,25 +457,8 @@ def _pump_columnar(
             summary.flagged += answer.flagged
             summary.suppressed += answer.suppressed
             summary.withheld += answer.withheld
-            for rejection in answer.rejected:
-                path_ = rejection.get("path")
-                errors.append(
-                    {
-                        "line": lines[rejection["index"]],
-                        "end_line": None,
-                        "column": f"({path_})" if path_ else None,
-                        "error": rejection.get("error"),
-                        "reason": rejection.get("message"),
-                        "fix": rejection.get("fix"),
-                    }
-                )
-        errors.sort(key=lambda e: e["line"])
-        for error in errors:
-            summary.rejected += 1
-            summary.reasons[str(error["error"])] += 1
-            if len(summary.first_errors) < 20:
-                summary.first_errors.append(error)
-            rejects.write(error)
+            errors += [_rejected(r, lines[r["index"]]) for r in answer.rejected]
+        _report(errors, summary, rejects)
 
     rest: int | None = None
     summary.read = "columnar"
@@ -546,6 +511,30 @@ def _pump_columnar(
             f"columnar up to line {rest - 1}, then row by row" if rest > 2 else "row by row"
         )
         _pump(reader, converter, sink, summary, rejects, resolved, chunk_rows, 0, progress)
+
+
+def _rejected(rejection: dict[str, Any], line: int) -> dict[str, Any]:
+    """A record the server refused, as a line of the reject report."""
+    path = rejection.get("path")
+    return {
+        "line": line,
+        "end_line": None,
+        "column": f"({path})" if path else None,
+        "error": rejection.get("error"),
+        "reason": rejection.get("message"),
+        "fix": rejection.get("fix"),
+    }
+
+
+def _report(errors: list[dict[str, Any]], summary: Summary, rejects: RejectFile) -> None:
+    """Count a chunk's errors in the summary and write them to the reject file, in line order."""
+    errors.sort(key=lambda e: e["line"])
+    for error in errors:
+        summary.rejected += 1
+        summary.reasons[str(error["error"])] += 1
+        if len(summary.first_errors) < 20:
+            summary.first_errors.append(error)
+        rejects.write(error)
 
 
 def _by_line(previous: list[Row], current: list[Row], errors: list[RowError]) -> dict[int, Row]:

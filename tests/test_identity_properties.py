@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,44 @@ def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> N
         assert len(homes) == 1, "the new link shows while the refresh is held"
         assert incremental.engine.wait_idle()
         assert incremental.store.scalar(orders) == 1
+        assert incremental.snapshot() == rebuilt.snapshot()
+    finally:
+        rebuilt.close()
+        incremental.close()
+
+
+def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -> None:
+    """The background thread refreshes quiet profiles beside the ticks. A link stitched while
+    that refresh runs recomputes the profile whole; the refresh, computed from the state before
+    the link, must not overwrite it."""
+    first = [
+        {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-01-01T10:00"},
+    ]
+    quiet = [
+        {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2026-01-02T10:00"},
+    ]
+    link = [
+        {"type": "identify", "anonymousId": "a9", "userId": "u1", "timestamp": "2026-01-04T10:00"},
+    ]
+    for index, msg in enumerate(first + quiet + link):
+        msg["messageId"] = f"b{index}"
+    rebuilt, incremental = Shop(), Shop()
+    try:
+        rebuilt.send(first + quiet + link)
+        rebuilt.engine.rebuild()
+        engine = incremental.engine
+        incremental.send(first)
+        engine.step()
+        incremental.send(quiet)
+        engine.step(defer_quiet=True)  # held
+        with engine.lock:  # the refresh computes now but writes only after the link below
+            engine.step(defer_quiet=True)  # nothing new: the held refresh starts
+            time.sleep(1.0)  # let it read the profile as it was before the link
+            incremental.send(link)
+            engine.step(defer_quiet=True)
+        assert engine.wait_idle()
+        identifiers = incremental.store.scalar("SELECT identifiers FROM profiles")
+        assert identifiers == 3, "the profile holds u1, a1 and the linked a9"
         assert incremental.snapshot() == rebuilt.snapshot()
     finally:
         rebuilt.close()

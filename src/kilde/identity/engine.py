@@ -34,6 +34,7 @@ from kilde.errors import KildeError
 from kilde.identity import extract, keyed
 from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
+from kilde.identity.known import Key, KnownIdentities, Pair
 from kilde.identity.runner import Runner
 from kilde.identity.stitching import SCOPE_SCHEMA, Separation, StitchResult, stitch
 from kilde.plan.models import IDENTIFIER_TYPES, Plan
@@ -71,6 +72,10 @@ WATERMARK_SLACK = timedelta(seconds=60)
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
+# ... unless refreshing takes long (it reads every event of the profiles): then the background
+# thread waits this many times the last refresh's duration, so refreshes use at most a fifth
+# of the time and the machine's cores stay with ingestion and new links.
+REFRESH_SHARE = 4.0
 SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
 RICH_COLUMNS = (
     "source",
@@ -105,6 +110,7 @@ class Extracted:
     new_values: set[str] = field(default_factory=set)  # user/anonymous id values seen
     max_received: datetime | None = None
     count: int = 0
+    read_seconds: float = 0.0
 
     def add_tables(self, records: pa.Table, observations: pa.Table) -> None:
         """Records read set-based (see extract.py)."""
@@ -221,15 +227,28 @@ class IdentityEngine:
         # quiet identifiers whose profiles wait for their refresh (see _hold_quiet)
         self._quiet: dict[tuple[str, str], dict[str, Any]] = {}
         self._quiet_since: float | None = None
+        # the background thread's refresh of quiet profiles runs beside the ticks (see
+        # _start_refresh); closures stitched meanwhile are kept out of its result
+        self._refreshing: threading.Thread | None = None
+        self._refresh_runner: Runner | None = None
+        self._refresh_runner_key = ""
+        self._stitch_seq = 0
+        self._stitched_at: dict[str, int] = {}
+        self._epoch = 0  # a rebuild makes any refresh in flight pointless
+        self._refresh_seconds = 0.0  # how long the last one took
+        self.known = KnownIdentities()
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _compile_key(self) -> str:
+        kinds = ",".join(f"{s.name}={s.kind}" for s in self.plan().sources)
+        return f"{self.rules_hash()}/{self.salt()}/{kinds}"
 
     @property
     def runner(self) -> Runner:
         """The compute runner; compiled stages depend on the rules and salt, so a change of
         either starts a fresh one."""
-        kinds = ",".join(f"{s.name}={s.kind}" for s in self.plan().sources)
-        key = f"{self.rules_hash()}/{self.salt()}/{kinds}"
+        key = self._compile_key()
         if self._runner is None or self._runner_key != key:
             if self._runner is not None:
                 self._runner.close()
@@ -291,15 +310,21 @@ class IdentityEngine:
         run = self.runner
         run.put("k_since", pa.table({"since": pa.array([self._since()], UTC_US)}))
 
-        def unread() -> ir.Table:
+        def unread_expr() -> ir.Table:
             ev = run.source("events")
             rec = run.source("identity_records")
             since = run.temp("k_since")
             recent = ev.cross_join(since)
-            recent = recent.filter(recent.received_at >= recent.since).drop("since")
+            recent = recent.filter(recent.received_at >= recent.since).select(*RICH_COLUMNS)
             done = rec.cross_join(since)
             done = done.filter(done.received_at >= done.since).select("source", "message_id")
             return recent.anti_join(done, ["source", "message_id"])
+
+        # read once; the simple and the rich records are taken from it
+        unread_t = run.make("k_unread", "read/unread", unread_expr)
+
+        def unread() -> ir.Table:
+            return unread_t
 
         def simple_new() -> ir.Table:
             ids = extract.simple(unread(), normaliser)
@@ -341,6 +366,8 @@ class IdentityEngine:
 
         `defer_quiet` (the background thread): hold the refresh of quiet profiles for up to
         REFRESH_EVERY (see _hold_quiet); otherwise everything read is done on return."""
+        if not defer_quiet:
+            self._finish_refresh()
         with self.lock:
             if self._state("rules") != self.rules_hash():
                 if not self.store.scalar("SELECT count(*) FROM events"):
@@ -352,9 +379,12 @@ class IdentityEngine:
                 return self.rebuild()
             started = time.perf_counter()
             found = self._read_new(Normaliser(self.plan().identity))
+            found.read_seconds = time.perf_counter() - started
             if not found.count:
                 self.runner.drop_temps()
-                if self._quiet:
+                if self._quiet and defer_quiet:
+                    self._start_refresh()
+                elif self._quiet:
                     return self._refresh_held(started)
                 return None
             return self._apply(found, started, defer_quiet)
@@ -381,25 +411,34 @@ class IdentityEngine:
                     ]
                 )
             )
+            inserted = time.perf_counter()
             # 2. Records that link nothing new (one known identifier, not earlier than it was
             # first seen) leave their closure as it is: only their profiles are refreshed.
             # The others' closures are stitched again, whole.
             run = self.runner
             run.put("k_new_obs", observations)
             rules = self.plan().identity
-            strong = [t for t in IDENTIFIER_TYPES if rules.limit(t) == 1]
-            marked = _classify(run, strong)  # runs its keyed stages; the rest below
-            classified = run.arrow("tick/classify", lambda: marked).to_pylist()
+            strong = frozenset(t for t in IDENTIFIER_TYPES if rules.limit(t) == 1)
+            classified = self.known.classify(
+                observations, strong, self._load_homes, self._load_partners
+            )
             seeds = {Identifier(r["id_type"], r["id_value"]) for r in classified if r["linking"]}
             statements: list[tuple[str, list[Any]]] = []
             report = RunReport(mode="incremental")
+            report.timings["read"] = found.read_seconds
+            report.timings["insert"] = inserted - started - found.read_seconds
+            report.timings["classify"] = time.perf_counter() - inserted
             stitched: set[str] = set()
             if seeds:
                 values = {i.value for i in seeds if i.type in ("user_id", "anonymous_id")}
+                t0 = time.perf_counter()
                 scope = self._scope(seeds, values)
+                scoped = time.perf_counter() - t0
                 stitch_dir = scratch / "stitch"
                 stitch_dir.mkdir()
+                timings = report.timings
                 statements, report = self._stitch_outputs(scope, stitch_dir, "incremental")
+                report.timings = {**timings, "scope": scoped, **report.timings}
                 stitched = set(
                     pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
                 )
@@ -407,14 +446,17 @@ class IdentityEngine:
                 # (larger) refresh of the quiet profiles below is done.
                 t0 = time.perf_counter()
                 self.writer.write_sync(WriteBatch(statements=statements))
+                self._stitched(stitched, stitch_dir)
                 report.timings["write_links"] = time.perf_counter() - t0
                 report.timings["links_ready"] = time.perf_counter() - started
                 statements = []
             quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
             self._hold_quiet(quiet, stitched)
             refreshed = 0
-            if not defer_quiet or self._quiet_due():
+            if not defer_quiet:
                 refreshed = self._add_refresh(statements, scratch, report)
+            elif self._quiet_due():
+                self._start_refresh()
             statements += self._state_statements(found.max_received)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
@@ -432,9 +474,10 @@ class IdentityEngine:
     #
     # Records that link nothing only change their profiles' computed traits and last-seen
     # times. Recomputing those reads every event of the profiles, so under a steady load it is
-    # done for all quiet profiles at once, REFRESH_EVERY after the first was held (and at once
-    # when no new events wait), while new links go on being stitched tick by tick. A closure
-    # stitched meanwhile has its profiles recomputed whole, so its held rows are dropped.
+    # done for all quiet profiles at once, REFRESH_EVERY after the first was held (longer when
+    # refreshing is slow, see REFRESH_SHARE; at once when no new events wait), while new links
+    # go on being stitched tick by tick. A closure stitched meanwhile has its profiles
+    # recomputed whole, so its held rows are dropped.
 
     def _hold_quiet(self, quiet: list[dict[str, Any]], stitched: set[str]) -> None:
         if stitched:
@@ -451,7 +494,8 @@ class IdentityEngine:
 
     def _quiet_due(self) -> bool:
         since = self._quiet_since
-        return since is not None and time.monotonic() - since >= REFRESH_EVERY
+        wait = max(REFRESH_EVERY, REFRESH_SHARE * self._refresh_seconds)
+        return since is not None and time.monotonic() - since >= wait
 
     def _add_refresh(
         self, statements: list[tuple[str, list[Any]]], scratch: Path, report: RunReport
@@ -474,6 +518,135 @@ class IdentityEngine:
         self._quiet = {}
         self._quiet_since = None
 
+    # The background thread hands the held rows to a refresh of its own, so new links go on
+    # being stitched while the (slower) refresh reads the profiles' events. A closure stitched
+    # after the refresh started has its profiles recomputed whole by that stitch: the refresh
+    # leaves those profiles alone when it writes.
+
+    def _start_refresh(self) -> None:
+        if self._refreshing is not None and self._refreshing.is_alive():
+            return  # the held rows go with the next one
+        rows = list(self._quiet.values())
+        self._release_quiet()
+        if not rows:
+            return
+        self._stitch_seq += 1
+        self._refreshing = threading.Thread(
+            target=self._refresh_beside,
+            args=(rows, self._stitch_seq, self._epoch, self._compile_key()),
+            name="kilde-refresh",
+            daemon=True,
+        )
+        self._refreshing.start()
+
+    def _finish_refresh(self) -> None:
+        thread = self._refreshing
+        if thread is not None:
+            thread.join()
+
+    def _refresh_beside(self, rows: list[dict[str, Any]], seq: int, epoch: int, key: str) -> None:
+        scratch = self._scratch()
+        run: Runner | None = None
+        try:
+            run = self._refresh_runner
+            if run is None or self._refresh_runner_key != key:
+                if run is not None:
+                    run.close()
+                run = self._refresh_runner = Runner(self.store.cursor())
+                self._refresh_runner_key = key
+            started = time.perf_counter()
+            statements = self._refresh_outputs(rows, scratch, run)
+            with self.lock:
+                if epoch != self._epoch:
+                    return  # rebuilt meanwhile: every profile is fresh
+                stale = {c for c, at in self._stitched_at.items() if at >= seq}
+                if stale:
+                    _keep_profiles(
+                        scratch, {r["profile_id"] for r in rows if r["closure_id"] not in stale}
+                    )
+                self.writer.write_sync(WriteBatch(statements=statements))
+                self._stitched_at = {}
+                self._refresh_seconds = time.perf_counter() - started
+        except Exception as exc:
+            log.error("profile refresh failed: %s", type(exc).__name__)
+            log.debug("profile refresh failed", exc_info=True)
+            self.last_error = type(exc).__name__
+        finally:
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.drop_temps()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _stitched(self, closures: set[str], stitch_dir: Path) -> None:
+        """After a stitch is written: what the engine remembers, and what a refresh in flight
+        must leave alone."""
+        self.known.forget_closures(closures)
+        self.known.remember(
+            pq.read_table(
+                stitch_dir / "map.parquet",
+                columns=["id_type", "id_value", "profile_id", "closure_id", "first_seen"],
+            ).to_pylist()
+        )
+        if self._refreshing is not None and self._refreshing.is_alive():
+            for closure in closures:
+                self._stitched_at[closure] = self._stitch_seq
+
+    # -- misses of the engine's memory (see known.py) -------------------------------------------
+
+    def _load_homes(self, keys: set[Key]) -> list[dict[str, Any]]:
+        run = self.runner
+        run.put("k_kn_keys", _keys_table(keys))
+        homes = keyed.lookup(
+            run,
+            "k_kn_homes",
+            run.source("identity_map"),
+            "id_value",
+            run.temp("k_kn_keys"),
+            ["id_type", "id_value"],
+        )
+        rows: list[dict[str, Any]] = run.arrow(
+            "known/homes",
+            lambda: homes.select("id_type", "id_value", "profile_id", "closure_id", "first_seen"),
+        ).to_pylist()
+        return rows
+
+    def _load_partners(self, keys: set[Key]) -> list[Pair]:
+        """(strong, other) pairs of the stored records carrying these identifiers, except the
+        records of this tick (k_new_obs)."""
+        run = self.runner
+        run.put("k_kn_strong", _keys_table(keys))
+        past = run.source("identity_observations")
+        strong = run.temp("k_kn_strong")
+        mine = keyed.lookup(run, "k_kn_with", past, "id_value", strong, ["id_type", "id_value"])
+        history = keyed.lookup(
+            run,
+            "k_kn_history",
+            past,
+            "message_id",
+            mine.select("source", "message_id"),
+            ["source", "message_id"],
+        )
+
+        def pairs_expr() -> ir.Table:
+            h = history.anti_join(
+                run.temp("k_new_obs").select("source", "message_id"), ["source", "message_id"]
+            )
+            h1, h2 = h.view(), h.view()
+            pairs = h1.join(h2, [h1.source == h2.source, h1.message_id == h2.message_id]).select(
+                s_type=h1.id_type, s_value=h1.id_value, o_type=h2.id_type, o_value=h2.id_value
+            )
+            pairs = pairs.filter((pairs.s_type != pairs.o_type) | (pairs.s_value != pairs.o_value))
+            wanted = strong.select(s_type=strong.id_type, s_value=strong.id_value)
+            return pairs.semi_join(wanted, ["s_type", "s_value"]).distinct()
+
+        table = run.arrow("known/partners", pairs_expr)
+        return list(
+            zip(
+                *(table.column(c).to_pylist() for c in ("s_type", "s_value", "o_type", "o_value")),
+                strict=True,
+            )
+        )
+
     def _refresh_held(self, started: float) -> RunReport:
         """Nothing new to read: refresh the held quiet profiles now."""
         scratch = self._scratch()
@@ -492,10 +665,10 @@ class IdentityEngine:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _refresh_outputs(
-        self, quiet: list[dict[str, Any]], scratch: Path
+        self, quiet: list[dict[str, Any]], scratch: Path, run: Runner | None = None
     ) -> list[tuple[str, list[Any]]]:
         """Profiles whose identities did not change: new last-seen times and computed traits."""
-        run = self.runner
+        run = run or self.runner
         plan = self.plan()
         run.put(
             "k_quiet",
@@ -561,6 +734,8 @@ class IdentityEngine:
         for value in sorted(values):  # the other reading of an alias's previousId
             touched.append(Identifier("user_id", value))
             touched.append(Identifier("anonymous_id", value))
+        if not values & self._previous_values():
+            return self._scope_known(touched)
         run.put(
             "k_seeds",
             pa.table(
@@ -592,6 +767,48 @@ class IdentityEngine:
             return seeds.union(members.select("id_type", "id_value")).distinct()
 
         return run.arrow("scope", scope_expr)
+
+    def _previous_values(self) -> set[str]:
+        known = self.known.previous_values
+        if known is None:
+            known = self.known.previous_values = {
+                r["id_value"]
+                for r in self.store.query(
+                    "SELECT DISTINCT id_value FROM identity_observations WHERE role = 'previous'"
+                )
+            }
+        return known
+
+    def _scope_known(self, touched: list[Identifier]) -> pa.Table:
+        """`_scope` when no alias names one of the touched values as previousId: the homes of
+        the touched identifiers come from the engine's memory, their closures' members from
+        one lookup."""
+        run = self.runner
+        keys = {(i.type, i.value) for i in touched}
+        homes = self.known.homes_of(keys, self._load_homes)
+        run.put(
+            "k_s_homes",
+            pa.table(
+                {
+                    "id_type": [k[0] for k in homes],
+                    "id_value": [k[1] for k in homes],
+                    "closure_id": [h[1] for h in homes.values()],
+                },
+                schema=pa.schema([*SCOPE_SCHEMA, ("closure_id", pa.string())]),
+            ),
+        )
+        homes_t = run.temp("k_s_homes")
+        idmap = run.source("identity_map")
+        members = keyed.lookup(
+            run, "k_s_members", idmap, "closure_id", homes_t.select("closure_id"), ["closure_id"]
+        )
+        found = run.arrow("scope/members", lambda: members.select("id_type", "id_value"))
+        mine = _keys_table(keys)
+        return (
+            pa.concat_tables([mine, found.cast(SCOPE_SCHEMA)])
+            .group_by(["id_type", "id_value"])
+            .aggregate([])
+        )
 
     # -- the shared core of increments and rebuilds -------------------------------------------
 
@@ -717,6 +934,8 @@ class IdentityEngine:
             try:
                 scope = self._scope(members, set())
                 report = self._stitch_and_write(scope, scratch, "unmerge", None)
+                closures = pq.read_table(scratch / "closures.parquet").column("closure_id")
+                self._stitched(set(closures.to_pylist()), scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             report.seconds = time.perf_counter() - started
@@ -758,6 +977,8 @@ class IdentityEngine:
         with self.lock:
             started = time.perf_counter()
             self._release_quiet()  # recomputed below with everything else
+            self._epoch += 1
+            self.known.clear()
             say = progress or (lambda _: None)
             scratch = self._scratch()
             try:
@@ -864,6 +1085,7 @@ class IdentityEngine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self.known.clear()  # whoever stopped the engine may have rewritten its tables
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kilde-identity", daemon=True)
         self._thread.start()
@@ -873,6 +1095,12 @@ class IdentityEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self._finish_refresh()
+        self.known.clear()
+        if self._refresh_runner is not None:
+            with contextlib.suppress(Exception):
+                self._refresh_runner.close()
+            self._refresh_runner = None
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 self._runner.close()
@@ -926,69 +1154,6 @@ class IdentityEngine:
             if self.step() is None:
                 return True
         return False
-
-
-def _classify(run: Runner, strong: list[str]) -> ir.Table:
-    """Each new identifier, and whether a record carrying it may change its closure.
-
-    A record changes nothing in the identity graph when it is no alias, all its identifiers are
-    known and already on one profile, none is older than its first sighting, and every pair of
-    a one-per-person identifier (`strong`) with another one has been seen in an earlier record
-    (so no identifier gains a partner that could make it shared).
-    """
-    obs = run.temp("k_new_obs")
-    per = obs.group_by("source", "message_id").aggregate(
-        n=obs.count(), has_alias=(obs.role == "previous").any()
-    )
-    idmap = run.source("identity_map")
-    known = keyed.lookup(run, "k_c_known", idmap, "id_value", obs, ["id_type", "id_value"]).select(
-        "id_type", "id_value", "profile_id", "closure_id", "first_seen"
-    )
-    rows = obs.left_join(known, ["id_type", "id_value"]).join(per, ["source", "message_id"])
-    ok_row = ~rows.has_alias & rows.profile_id.notnull() & (rows.ts >= rows.first_seen)
-    records = rows.group_by("source", "message_id").aggregate(
-        ok=ok_row.all(), profiles=rows.profile_id.nunique()
-    )
-    records = records.filter(records.ok & (records.profiles == 1)).select("source", "message_id")
-    a, b = obs.view(), obs.view()
-    pairs = a.join(b, [a.source == b.source, a.message_id == b.message_id])
-    pairs = pairs.filter(
-        a.id_type.isin(strong) & ((a.id_type != b.id_type) | (a.id_value != b.id_value))
-    ).select(
-        a.source,
-        a.message_id,
-        s_type=a.id_type,
-        s_value=a.id_value,
-        o_type=b.id_type,
-        o_value=b.id_value,
-    )
-    all_pairs = pairs
-    pairs = run.make("k_c_pairs", "tick/pairs", lambda: all_pairs)
-    # Only identifiers of records with a pair need their history (none: the scan is skipped).
-    paired = pairs.select(id_type=pairs.s_type, id_value=pairs.s_value)
-    past = run.source("identity_observations")
-    with_pair = keyed.lookup(
-        run, "k_c_with_pair", past, "id_value", paired, ["id_type", "id_value"]
-    ).select("source", "message_id")
-    history = keyed.lookup(
-        run, "k_c_history", past, "message_id", with_pair, ["source", "message_id"]
-    )
-    history = history.anti_join(obs.select("source", "message_id"), ["source", "message_id"])
-    h1, h2 = history.view(), history.view()
-    seen = h1.join(h2, [h1.source == h2.source, h1.message_id == h2.message_id]).select(
-        s_type=h1.id_type, s_value=h1.id_value, o_type=h2.id_type, o_value=h2.id_value
-    )
-    novel = pairs.anti_join(seen, ["s_type", "s_value", "o_type", "o_value"]).select(
-        "source", "message_id"
-    )
-    quiet = records.anti_join(novel, ["source", "message_id"]).mutate(quiet=ibis.literal(True))
-    marked = rows.left_join(quiet, ["source", "message_id"])
-    return marked.group_by("id_type", "id_value").aggregate(
-        linking=marked.quiet.isnull().any(),
-        ts=marked.ts.max(),
-        profile_id=marked.profile_id.max(),
-        closure_id=marked.closure_id.max(),
-    )
 
 
 def _refreshed(run: Runner) -> ir.Table:
@@ -1149,3 +1314,19 @@ assert tuple(f.name for f in _CONFLICT_SCHEMA) == CONFLICT_COLUMNS
 _IDS_SCHEMA = pa.schema(
     [("profile_id", pa.string()), ("anchor_type", pa.string()), ("anchor_value", pa.string())]
 )
+
+
+def _keys_table(keys: set[Key]) -> pa.Table:
+    ordered = sorted(keys)
+    return pa.table(
+        {"id_type": [k[0] for k in ordered], "id_value": [k[1] for k in ordered]},
+        schema=SCOPE_SCHEMA,
+    )
+
+
+def _keep_profiles(scratch: Path, keep: set[str]) -> None:
+    """Narrow a refresh's output files (see `_refresh_outputs`) to these profiles."""
+    wanted = pa.array(sorted(keep), pa.string())
+    for name in ("profiles.parquet", "traits.parquet", "quiet.parquet"):
+        table = pq.read_table(scratch / name)
+        pq.write_table(table.filter(pc.is_in(table.column("profile_id"), wanted)), scratch / name)

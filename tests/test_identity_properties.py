@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kilde.identity import engine as engine_module
 from kilde.identity.engine import IdentityEngine
 from kilde.pipeline import Envelope, Pipeline
 from kilde.plan import load_plan
@@ -122,10 +123,17 @@ class Shop:
     order=st.randoms(use_true_random=False),
     chronological=st.booleans(),
     cuts=st.lists(st.integers(1, 14), max_size=3),
+    background=st.booleans(),
 )
 def test_incremental_equals_rebuild_for_any_order(
-    batch: list[dict[str, Any]], order: Any, chronological: bool, cuts: list[int]
+    batch: list[dict[str, Any]],
+    order: Any,
+    chronological: bool,
+    cuts: list[int],
+    background: bool,
 ) -> None:
+    """`background`: steps as the server's background thread takes them, with the profiles of
+    stitched closures left to the refresh thread (as on a large store)."""
     for index, msg in enumerate(batch):
         msg["messageId"] = f"m{index:03d}"
     rebuilt, incremental = Shop(), Shop()
@@ -141,7 +149,12 @@ def test_incremental_equals_rebuild_for_any_order(
             if cut <= start or start >= len(shuffled):
                 continue
             incremental.send(shuffled[start:cut])
-            incremental.engine.step()
+            if background:
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(engine_module, "DEFER_PROFILES_AFTER", -1.0)
+                    incremental.engine.step(defer_quiet=True)
+            else:
+                incremental.engine.step()
             start = cut
         incremental.engine.wait_idle()
         assert incremental.snapshot() == rebuilt.snapshot()
@@ -275,6 +288,61 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
         assert engine.wait_idle()
         identifiers = incremental.store.scalar("SELECT identifiers FROM profiles")
         assert identifiers == 3, "the profile holds u1, a1 and the linked a9"
+        assert incremental.snapshot() == rebuilt.snapshot()
+    finally:
+        rebuilt.close()
+        incremental.close()
+
+
+def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When building stitched profiles is slow, the background thread writes the new links
+    first and the refresh thread the profiles right after; the end state equals a rebuild."""
+    monkeypatch.setattr(engine_module, "DEFER_PROFILES_AFTER", -1.0)  # "slow" from the start
+    first = [
+        {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-01-01T10:00"},
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Order Completed",
+            "properties": {"order_id": "o", "revenue": 5.0, "currency": "NOK"},
+            "timestamp": "2026-01-02T10:00",
+        },
+    ]
+    later = [
+        {
+            "type": "identify",
+            "anonymousId": "a9",
+            "userId": "u1",
+            "traits": {"email": "kari@example.com"},
+            "timestamp": "2026-01-04T10:00",
+        },
+        {
+            "type": "identify",
+            "anonymousId": "a5",
+            "traits": {"email": "ola@example.com"},
+            "timestamp": "2026-01-04T11:00",
+        },
+    ]
+    for index, msg in enumerate(first + later):
+        msg["messageId"] = f"d{index}"
+    rebuilt, incremental = Shop(), Shop()
+    try:
+        rebuilt.send(first + later)
+        rebuilt.engine.rebuild()
+        engine = incremental.engine
+        incremental.send(first)
+        engine.step()
+        incremental.send(later)
+        with engine.lock:  # the refresh thread cannot write before the checks below
+            engine.step(defer_quiet=True)
+            homes = incremental.store.query(
+                "SELECT DISTINCT profile_id FROM identity_map WHERE id_value IN ('a9', 'u1')"
+            )
+            assert len(homes) == 1, "the new link shows at once"
+            emails = "SELECT count(*) FROM profile_traits WHERE name = 'email'"
+            assert incremental.store.scalar(emails) == 0, "the profiles follow"
+        assert engine.wait_idle()
+        assert incremental.store.scalar(emails) == 2
         assert incremental.snapshot() == rebuilt.snapshot()
     finally:
         rebuilt.close()

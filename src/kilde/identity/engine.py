@@ -36,7 +36,13 @@ from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
 from kilde.identity.known import Key, KnownIdentities, Pair
 from kilde.identity.runner import Runner
-from kilde.identity.stitching import SCOPE_SCHEMA, Separation, StitchResult, stitch
+from kilde.identity.stitching import (
+    SCOPE_SCHEMA,
+    Separation,
+    StitchResult,
+    hash_expr,
+    stitch,
+)
 from kilde.plan.models import IDENTIFIER_TYPES, Plan
 from kilde.profiles.build import computed_traits, keyed_profile_events, trait_rows
 from kilde.store.database import Store
@@ -76,6 +82,10 @@ REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most th
 # thread waits this many times the last refresh's duration, so refreshes use at most a fifth
 # of the time and the machine's cores stay with ingestion and new links.
 REFRESH_SHARE = 4.0
+# When building the profiles of stitched closures took longer than this (they read every event
+# of the closures), the background thread writes new links first and leaves those profiles to
+# the refresh thread, right after; below it, links and profiles are written together.
+DEFER_PROFILES_AFTER = 0.3  # seconds
 SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
 RICH_COLUMNS = (
     "source",
@@ -236,6 +246,9 @@ class IdentityEngine:
         self._stitched_at: dict[str, int] = {}
         self._epoch = 0  # a rebuild makes any refresh in flight pointless
         self._refresh_seconds = 0.0  # how long the last one took
+        # closures the background thread stitched whose profiles wait for the refresh thread
+        self._pending: set[str] = set()
+        self._profiles_seconds = 0.0  # how long the stitched profiles took, last time
         self.known = KnownIdentities()
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -382,9 +395,9 @@ class IdentityEngine:
             found.read_seconds = time.perf_counter() - started
             if not found.count:
                 self.runner.drop_temps()
-                if self._quiet and defer_quiet:
-                    self._start_refresh()
-                elif self._quiet:
+                if (self._quiet or self._pending) and defer_quiet:
+                    self._start_refresh(quiet=True)
+                elif self._quiet or self._pending:
                     return self._refresh_held(started)
                 return None
             return self._apply(found, started, defer_quiet)
@@ -437,7 +450,14 @@ class IdentityEngine:
                 stitch_dir = scratch / "stitch"
                 stitch_dir.mkdir()
                 timings = report.timings
-                statements, report = self._stitch_outputs(scope, stitch_dir, "incremental")
+                # The background thread leaves the stitched profiles' traits to the refresh
+                # thread (see _start_refresh): the links show without waiting for them.
+                defer = defer_quiet and self._profiles_seconds > DEFER_PROFILES_AFTER
+                statements, report = self._stitch_outputs(
+                    scope, stitch_dir, "incremental", profiles=not defer
+                )
+                if not defer:
+                    self._profiles_seconds = report.timings.get("profiles", 0.0)
                 report.timings = {**timings, "scope": scoped, **report.timings}
                 stitched = set(
                     pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
@@ -447,6 +467,8 @@ class IdentityEngine:
                 t0 = time.perf_counter()
                 self.writer.write_sync(WriteBatch(statements=statements))
                 self._stitched(stitched, stitch_dir)
+                if defer:
+                    self._pending |= stitched
                 report.timings["write_links"] = time.perf_counter() - t0
                 report.timings["links_ready"] = time.perf_counter() - started
                 statements = []
@@ -455,8 +477,8 @@ class IdentityEngine:
             refreshed = 0
             if not defer_quiet:
                 refreshed = self._add_refresh(statements, scratch, report)
-            elif self._quiet_due():
-                self._start_refresh()
+            elif self._pending or self._quiet_due():
+                self._start_refresh(quiet=self._quiet_due())
             statements += self._state_statements(found.max_received)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
@@ -500,15 +522,24 @@ class IdentityEngine:
     def _add_refresh(
         self, statements: list[tuple[str, list[Any]]], scratch: Path, report: RunReport
     ) -> int:
-        """Append the refresh of every held quiet profile to `statements`; their count."""
-        quiet = list(self._quiet.values())
-        if not quiet:
+        """Append the refresh of every held quiet profile (and of the profiles of closures
+        stitched without them) to `statements`; the number of profiles."""
+        closures, self._pending = self._pending, set()
+        quiet = [r for r in self._quiet.values() if r["closure_id"] not in closures]
+        if not quiet and not closures:
             return 0
         t0 = time.perf_counter()
-        refresh_dir = scratch / "refresh"
-        refresh_dir.mkdir()
-        statements += self._refresh_outputs(quiet, refresh_dir)
-        count = len({r["profile_id"] for r in quiet})
+        count = 0
+        if closures:
+            closure_dir = scratch / "closures"
+            closure_dir.mkdir()
+            statements += self._closure_outputs(closures, closure_dir, self.runner)
+            count += pq.read_metadata(closure_dir / "profiles.parquet").num_rows
+        if quiet:
+            refresh_dir = scratch / "refresh"
+            refresh_dir.mkdir()
+            statements += self._refresh_outputs(quiet, refresh_dir)
+        count += len({r["profile_id"] for r in quiet})
         report.profiles += count
         report.timings["refresh"] = time.perf_counter() - t0
         return count
@@ -523,17 +554,22 @@ class IdentityEngine:
     # after the refresh started has its profiles recomputed whole by that stitch: the refresh
     # leaves those profiles alone when it writes.
 
-    def _start_refresh(self) -> None:
+    def _start_refresh(self, quiet: bool) -> None:
+        """Hand the pending closures (and with `quiet` the held quiet rows) to a refresh
+        thread, unless one runs: then they go with the next."""
         if self._refreshing is not None and self._refreshing.is_alive():
-            return  # the held rows go with the next one
-        rows = list(self._quiet.values())
-        self._release_quiet()
-        if not rows:
+            return
+        closures, self._pending = self._pending, set()
+        rows: list[dict[str, Any]] = []
+        if quiet:
+            rows = [r for r in self._quiet.values() if r["closure_id"] not in closures]
+            self._release_quiet()
+        if not rows and not closures:
             return
         self._stitch_seq += 1
         self._refreshing = threading.Thread(
             target=self._refresh_beside,
-            args=(rows, self._stitch_seq, self._epoch, self._compile_key()),
+            args=(rows, closures, self._stitch_seq, self._epoch, self._compile_key()),
             name="kilde-refresh",
             daemon=True,
         )
@@ -544,7 +580,9 @@ class IdentityEngine:
         if thread is not None:
             thread.join()
 
-    def _refresh_beside(self, rows: list[dict[str, Any]], seq: int, epoch: int, key: str) -> None:
+    def _refresh_beside(
+        self, rows: list[dict[str, Any]], closures: set[str], seq: int, epoch: int, key: str
+    ) -> None:
         scratch = self._scratch()
         run: Runner | None = None
         try:
@@ -554,19 +592,32 @@ class IdentityEngine:
                     run.close()
                 run = self._refresh_runner = Runner(self.store.cursor())
                 self._refresh_runner_key = key
+            statements: list[tuple[str, list[Any]]] = []
+            closure_dir, quiet_dir = scratch / "closures", scratch / "quiet"
             started = time.perf_counter()
-            statements = self._refresh_outputs(rows, scratch, run)
+            if closures:
+                closure_dir.mkdir()
+                statements += self._closure_outputs(closures, closure_dir, run)
+                self._profiles_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            if rows:
+                quiet_dir.mkdir()
+                statements += self._refresh_outputs(rows, quiet_dir, run)
+            quiet_seconds = time.perf_counter() - started
             with self.lock:
                 if epoch != self._epoch:
                     return  # rebuilt meanwhile: every profile is fresh
                 stale = {c for c, at in self._stitched_at.items() if at >= seq}
-                if stale:
+                if stale and rows:
                     _keep_profiles(
-                        scratch, {r["profile_id"] for r in rows if r["closure_id"] not in stale}
+                        quiet_dir, {r["profile_id"] for r in rows if r["closure_id"] not in stale}
                     )
+                if stale and closures:
+                    _drop_closures(closure_dir, stale)
                 self.writer.write_sync(WriteBatch(statements=statements))
                 self._stitched_at = {}
-                self._refresh_seconds = time.perf_counter() - started
+                if rows:
+                    self._refresh_seconds = quiet_seconds
         except Exception as exc:
             log.error("profile refresh failed: %s", type(exc).__name__)
             log.debug("profile refresh failed", exc_info=True)
@@ -576,6 +627,54 @@ class IdentityEngine:
                 with contextlib.suppress(Exception):
                     run.drop_temps()
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _closure_outputs(
+        self, closures: set[str], scratch: Path, run: Runner
+    ) -> list[tuple[str, list[Any]]]:
+        """The profiles of closures stitched without them: computed from the identity map
+        (written by the stitch), replacing the rows of those closures and of the ones they
+        replaced."""
+        plan = self.plan()
+        salt = self.salt()
+        run.put("k_w_closures", pa.table({"closure_id": pa.array(sorted(closures), pa.string())}))
+        mapped = keyed.lookup(
+            run,
+            "k_w_map",
+            run.source("identity_map"),
+            "closure_id",
+            run.temp("k_w_closures"),
+            ["closure_id"],
+        )
+        identities = run.make(
+            "k_w_identities", "closures/identities", lambda: _anchored(mapped, salt)
+        )
+        now = datetime.now(UTC)
+        events = keyed_profile_events(run, identities, "closures")
+        pq.write_table(
+            computed_traits(run, identities, now, events, "computed/closures"),
+            scratch / "profiles.parquet",
+        )
+        pq.write_table(
+            trait_rows(run, plan, identities, events, "traits/closures"), scratch / "traits.parquet"
+        )
+        pq.write_table(
+            run.arrow("closures/list", lambda: run.temp("k_w_closures")),
+            scratch / "closures.parquet",
+        )
+        gone = "SELECT closure_id FROM read_parquet(?)"
+
+        def p(name: str) -> list[Any]:
+            return [str(scratch / name)]
+
+        return [
+            (f"DELETE FROM profiles WHERE closure_id IN ({gone})", p("closures.parquet")),
+            (f"DELETE FROM profile_traits WHERE closure_id IN ({gone})", p("closures.parquet")),
+            ("INSERT INTO profiles BY NAME SELECT * FROM read_parquet(?)", p("profiles.parquet")),
+            (
+                "INSERT INTO profile_traits BY NAME SELECT * FROM read_parquet(?)",
+                p("traits.parquet"),
+            ),
+        ]
 
     def _stitched(self, closures: set[str], stitch_dir: Path) -> None:
         """After a stitch is written: what the engine remembers, and what a refresh in flight
@@ -826,7 +925,7 @@ class IdentityEngine:
         return report
 
     def _stitch_outputs(
-        self, scope: pa.Table | None, scratch: Path, mode: str
+        self, scope: pa.Table | None, scratch: Path, mode: str, profiles: bool = True
     ) -> tuple[list[tuple[str, list[Any]]], RunReport]:
         """Stitch (all, or the closures of `scope`) into parquet files and the statements
         that replace the old results with them."""
@@ -841,54 +940,42 @@ class IdentityEngine:
             mode,
             # made by _scope, which every scoped caller runs first
             None if scope is None else run.temp("k_s_homes"),
+            profiles=profiles,
         )
-        return self._replace_statements(scratch, full=scope is None), report
+        return self._replace_statements(scratch, full=scope is None, profiles=profiles), report
 
-    def _replace_statements(self, scratch: Path, *, full: bool) -> list[tuple[str, list[Any]]]:
+    def _replace_statements(
+        self, scratch: Path, *, full: bool, profiles: bool = True
+    ) -> list[tuple[str, list[Any]]]:
+        """Replace the results of the stitched closures (of everything when `full`); without
+        `profiles` the profiles and their traits are left to `_closure_outputs`."""
+
         def p(name: str) -> list[Any]:
             return [str(scratch / name)]
 
+        tables = ["identity_map", "identity_conflicts"]
+        if profiles:
+            tables += ["profiles", "profile_traits"]
         closures = "SELECT closure_id FROM read_parquet(?)"
-        deletes: list[tuple[str, list[Any]]]
-        if full:
-            deletes = [
-                ("DELETE FROM identity_map", []),
-                ("DELETE FROM identity_conflicts", []),
-                ("DELETE FROM profiles", []),
-                ("DELETE FROM profile_traits", []),
-            ]
-        else:
-            deletes = [
-                (
-                    f"DELETE FROM identity_map WHERE closure_id IN ({closures})",
-                    p("closures.parquet"),
-                ),
-                (
-                    f"DELETE FROM identity_conflicts WHERE closure_id IN ({closures})",
-                    p("closures.parquet"),
-                ),
-                (f"DELETE FROM profiles WHERE closure_id IN ({closures})", p("closures.parquet")),
-                (
-                    f"DELETE FROM profile_traits WHERE closure_id IN ({closures})",
-                    p("closures.parquet"),
-                ),
-            ]
+        deletes: list[tuple[str, list[Any]]] = [
+            (f"DELETE FROM {table}", [])
+            if full
+            else (f"DELETE FROM {table} WHERE closure_id IN ({closures})", p("closures.parquet"))
+            for table in tables
+        ]
+        files = {
+            "identity_map": "map.parquet",
+            "identity_conflicts": "conflicts.parquet",
+            "profiles": "profiles.parquet",
+            "profile_traits": "traits.parquet",
+            "profile_ids": "ids.parquet",
+        }
         return [
             *deletes,
-            (
-                "INSERT INTO identity_map BY NAME SELECT * FROM read_parquet(?)",
-                p("map.parquet"),
-            ),
-            (
-                "INSERT INTO identity_conflicts BY NAME SELECT * FROM read_parquet(?)",
-                p("conflicts.parquet"),
-            ),
-            ("INSERT INTO profiles BY NAME SELECT * FROM read_parquet(?)", p("profiles.parquet")),
-            (
-                "INSERT INTO profile_traits BY NAME SELECT * FROM read_parquet(?)",
-                p("traits.parquet"),
-            ),
-            ("INSERT INTO profile_ids BY NAME SELECT * FROM read_parquet(?)", p("ids.parquet")),
+            *[
+                (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", p(files[table]))
+                for table in [*tables, "profile_ids"]
+            ],
         ]
 
     # -- unmerge --------------------------------------------------------------------------------
@@ -897,7 +984,7 @@ class IdentityEngine:
         """Split identifiers off a profile for good: rebuilds and increments respect it."""
         with self.lock:
             started = time.perf_counter()
-            if self._quiet:
+            if self._quiet or self._pending:
                 self._refresh_held(started)
             members = {
                 Identifier(r["id_type"], r["id_value"])
@@ -977,6 +1064,7 @@ class IdentityEngine:
         with self.lock:
             started = time.perf_counter()
             self._release_quiet()  # recomputed below with everything else
+            self._pending = set()
             self._epoch += 1
             self.known.clear()
             say = progress or (lambda _: None)
@@ -1096,6 +1184,12 @@ class IdentityEngine:
             self._thread.join(timeout=30)
             self._thread = None
         self._finish_refresh()
+        if self._pending or self._quiet:  # what the background thread left for its refresh
+            try:
+                with self.lock:
+                    self._refresh_held(time.perf_counter())
+            except Exception as exc:  # stopping goes on; a rebuild repairs the profiles
+                log.error("profile refresh at stop failed: %s", type(exc).__name__)
         self.known.clear()
         if self._refresh_runner is not None:
             with contextlib.suppress(Exception):
@@ -1123,7 +1217,7 @@ class IdentityEngine:
         while not self._stop.is_set():
             try:
                 news = self._news()
-                if news == done and not self._quiet:
+                if news == done and not self._quiet and not self._pending:
                     self._stop.wait(self.interval)
                     continue
                 report = self.step(defer_quiet=True)
@@ -1207,13 +1301,14 @@ def stitch_outputs(
     scratch: Path,
     mode: str,
     old_homes: ir.Table | None = None,
+    profiles: bool = True,
 ) -> RunReport:
     """Stitch (all, or the closures of `scope`) and build the profiles, as parquet files in
     `scratch`: map, profiles, traits, conflicts, ids (newly issued profile ids) and closures
     (those replaced). Any Runner: the engine's DuckDB one, or Spark's (kilde.store.backends).
 
     `old_homes`: identity_map rows of the scope's closures when already at hand (a closure_id
-    column is enough)."""
+    column is enough). Without `profiles` no profiles or traits files are made."""
     now = datetime.now(UTC)
     result: StitchResult = stitch(run, plan.identity, salt, scope, separations)
     t0 = time.perf_counter()
@@ -1233,15 +1328,16 @@ def stitch_outputs(
         ),
         scratch / "map.parquet",
     )
-    events = None if scope is None else keyed_profile_events(run, identities, "stitch")
-    part = "" if scope is None else "/stitch"
-    pq.write_table(
-        computed_traits(run, identities, now, events, "computed" + part),
-        scratch / "profiles.parquet",
-    )
-    pq.write_table(
-        trait_rows(run, plan, identities, events, "traits" + part), scratch / "traits.parquet"
-    )
+    if profiles:
+        events = None if scope is None else keyed_profile_events(run, identities, "stitch")
+        part = "" if scope is None else "/stitch"
+        pq.write_table(
+            computed_traits(run, identities, now, events, "computed" + part),
+            scratch / "profiles.parquet",
+        )
+        pq.write_table(
+            trait_rows(run, plan, identities, events, "traits" + part), scratch / "traits.parquet"
+        )
     conflict_rows = [c.row() for c in result.conflicts]
     pq.write_table(
         pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
@@ -1287,7 +1383,7 @@ def stitch_outputs(
     return RunReport(
         mode=mode,
         identifiers=pq.read_metadata(scratch / "map.parquet").num_rows,
-        profiles=pq.read_metadata(scratch / "profiles.parquet").num_rows,
+        profiles=pq.read_metadata(scratch / "profiles.parquet").num_rows if profiles else 0,
         conflicts=len(result.conflicts),
         dirty_closures=result.dirty_closures,
         rounds=result.rounds,
@@ -1330,3 +1426,30 @@ def _keep_profiles(scratch: Path, keep: set[str]) -> None:
     for name in ("profiles.parquet", "traits.parquet", "quiet.parquet"):
         table = pq.read_table(scratch / name)
         pq.write_table(table.filter(pc.is_in(table.column("profile_id"), wanted)), scratch / name)
+
+
+def _drop_closures(scratch: Path, stale: set[str]) -> None:
+    """Narrow `_closure_outputs` files to the closures no later stitch has replaced."""
+    gone = pa.array(sorted(stale), pa.string())
+    for name in ("profiles.parquet", "traits.parquet", "closures.parquet"):
+        table = pq.read_table(scratch / name)
+        keep = pc.invert(pc.is_in(table.column("closure_id"), gone))
+        pq.write_table(table.filter(keep), scratch / name)
+
+
+def _anchored(mapped: ir.Table, salt: str) -> ir.Table:
+    """identity_map rows with their profile's anchor type: the identifier whose hash the
+    profile id is (see stitching.profile_id_of)."""
+    is_anchor = ibis.literal("p_") + hash_expr(salt, mapped.id_type, mapped.id_value)
+    anchors = mapped.filter(is_anchor == mapped.profile_id)
+    anchors = anchors.group_by("profile_id").aggregate(anchor_type=anchors.id_type.min())
+    return mapped.join(anchors, "profile_id").select(
+        "id_type",
+        "id_value",
+        "profile_id",
+        "closure_id",
+        "first_seen",
+        "last_seen",
+        "shared",
+        "anchor_type",
+    )

@@ -38,12 +38,16 @@ class KnownIdentities:
     partners: dict[Key, set[Key]] = field(default_factory=dict)
     # every value an alias named as previousId; None until read
     previous_values: set[str] | None = None
+    # identifiers the identity map did not hold when last asked (valid until the engine's
+    # next stitch: `forget_closures` empties it)
+    absent: set[Key] = field(default_factory=set)
 
     def clear(self) -> None:
         self.homes = {}
         self.by_closure = defaultdict(set)
         self.partners = {}
         self.previous_values = None
+        self.absent = set()
 
     # -- homes --------------------------------------------------------------------------------
 
@@ -56,6 +60,7 @@ class KnownIdentities:
 
     def forget_closures(self, closures: Iterable[str]) -> None:
         """Closures a stitch replaced: their rows are remembered again from its output."""
+        self.absent = set()
         for closure in closures:
             for key in self.by_closure.pop(closure, ()):
                 self.homes.pop(key, None)
@@ -67,9 +72,10 @@ class KnownIdentities:
         if len(self.homes) > MAX_HOMES:
             self.homes = {}
             self.by_closure = defaultdict(set)
-        missing = {k for k in keys if k not in self.homes}
+        missing = {k for k in keys if k not in self.homes and k not in self.absent}
         if missing:
             self.remember(load(missing))
+            self.absent |= {k for k in missing if k not in self.homes}
         return {k: home for k in keys if (home := self.homes.get(k)) is not None}
 
     # -- the decision -------------------------------------------------------------------------

@@ -77,13 +77,13 @@ class Shop:
             WriteBatch(statements=[("INSERT INTO identity_state VALUES ('salt', 'fixed')", [])])
         )
 
-    def send(self, batch: list[dict[str, Any]]) -> None:
+    def send(self, batch: list[dict[str, Any]], received_at: datetime | None = None) -> None:
         sources = {"track": PLAN.source("backend")}
         for msg in batch:
             source = sources.get(msg["type"]) or PLAN.source("web")
             assert source is not None
             result = self.pipeline.ingest_sync(
-                [msg], source, Envelope(received_at=datetime.now(UTC))
+                [msg], source, Envelope(received_at=received_at or datetime.now(UTC))
             )
             assert not result.rejected, result.rejected
 
@@ -347,3 +347,39 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
     finally:
         rebuilt.close()
         incremental.close()
+
+
+def test_an_event_written_late_with_an_old_receipt_time_is_read() -> None:
+    """A replayed dead letter keeps the time it was first received, maybe hours ago. The engine
+    has read events received since; it must still read this one when it is written."""
+    shop = Shop()
+    try:
+        shop.send(
+            [
+                {
+                    "type": "identify",
+                    "anonymousId": "a1",
+                    "userId": "u1",
+                    "timestamp": "2026-01-04T10:00",
+                    "messageId": "now",
+                }
+            ]
+        )
+        shop.engine.step()
+        late = {
+            "type": "identify",
+            "anonymousId": "a2",
+            "userId": "u1",
+            "timestamp": "2026-01-03T10:00",
+            "messageId": "replayed",
+        }
+        shop.send([late], received_at=datetime.now(UTC) - timedelta(hours=2))
+        shop.engine.step()
+        homes = shop.store.query(
+            "SELECT profile_id, count(*) AS ids FROM identity_map "
+            "WHERE id_value IN ('a1', 'a2', 'u1') GROUP BY ALL"
+        )
+        assert [h["ids"] for h in homes] == [3], "a2 joined u1's profile"
+        assert shop.store.scalar("SELECT count(*) FROM identity_records") == 2
+    finally:
+        shop.close()

@@ -193,7 +193,9 @@ def test_identity_is_identical(shop: Shop) -> None:
         "identity_conflicts",
         "profile_ids",
     ):
-        on_duckdb, on_spark = shop.store(table), shop.state(table)
+        # write_seq numbers the DuckDB store's own Writer transactions; a lake has none
+        drop = ("write_seq",) if table == "identity_records" else ()
+        on_duckdb, on_spark = shop.store(table, drop=drop), shop.state(table, drop=drop)
         assert on_duckdb, table
         assert on_spark == on_duckdb, table
     # ... and it is the identity a user expects, not merely the same mistake twice.

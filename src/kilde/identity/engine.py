@@ -1,9 +1,9 @@
 """The identity engine: reads new events, stitches the closures they touch, keeps profiles fresh.
 
-Runs in a background thread of the server. Every tick it reads the events stored since its
-watermark, extracts their identifiers, recomputes the closures they touch with the same function
-a full rebuild uses, and writes the result through the Writer (the store's only writer) as one
-transaction. A full rebuild recomputes everything from the events.
+Runs in a background thread of the server. Every tick it reads the events written since the
+last Writer transaction it read (events.write_seq), extracts their identifiers, recomputes the
+closures they touch with the same function a full rebuild uses, and writes the result through
+the Writer (the store's only writer). A full rebuild recomputes everything from the events.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ RECORD_SCHEMA = pa.schema(
         ("primary_type", pa.string()),
         ("primary_value", pa.string()),
         ("dropped", pa.string()),
+        ("write_seq", pa.int64()),
     ]
 )
 OBSERVATION_SCHEMA = pa.schema(
@@ -73,8 +74,6 @@ OBSERVATION_SCHEMA = pa.schema(
         ("role", pa.string()),
     ]
 )
-# Events that arrive later than this after their receipt time was stamped are still found.
-WATERMARK_SLACK = timedelta(seconds=60)
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
@@ -98,6 +97,7 @@ RICH_COLUMNS = (
     "received_at",
     "traits",
     "context",
+    "write_seq",
 )
 
 
@@ -118,7 +118,8 @@ class Extracted:
     arrow: list[tuple[pa.Table, pa.Table]] = field(default_factory=list)
     touched: set[Identifier] = field(default_factory=set)
     new_values: set[str] = field(default_factory=set)  # user/anonymous id values seen
-    max_received: datetime | None = None
+    max_seq: int | None = None  # the largest write_seq read
+    upto: int | None = None  # every event up to this write_seq is read (see _read_new)
     count: int = 0
     read_seconds: float = 0.0
 
@@ -136,9 +137,11 @@ class Extracted:
         ):
             self.touched.add(Identifier(id_type, value))
             self.new_values.add(value)
-        latest = pc.max(records.column("received_at")).as_py()
-        if latest is not None and (self.max_received is None or latest > self.max_received):
-            self.max_received = latest
+        self._saw(pc.max(records.column("write_seq")).as_py())
+
+    def _saw(self, seq: int | None) -> None:
+        if seq is not None and (self.max_seq is None or seq > self.max_seq):
+            self.max_seq = seq
 
     def add(self, row: dict[str, Any], normaliser: Normaliser) -> None:
         """A record read in Python (identify, alias, rich context)."""
@@ -163,6 +166,7 @@ class Extracted:
         rec["primary_type"].append(primary.type if primary else None)
         rec["primary_value"].append(primary.value if primary else None)
         rec["dropped"].append(orjson.dumps(dropped).decode() if dropped else None)
+        rec["write_seq"].append(row.get("write_seq"))
         obs = self.observations
         found = [(i.type, i.value, "self") for i in own]
         if previous is not None:
@@ -180,9 +184,7 @@ class Extracted:
             self.touched.add(Identifier(id_type, value))
             if id_type in ("user_id", "anonymous_id"):
                 self.new_values.add(value)
-        received = row["received_at"]
-        if self.max_received is None or received > self.max_received:
-            self.max_received = received
+        self._saw(row.get("write_seq"))
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         records = [pa.table(self.records, schema=RECORD_SCHEMA)]
@@ -312,25 +314,25 @@ class IdentityEngine:
 
     # -- reading new events ---------------------------------------------------------------------
 
-    def _since(self) -> datetime:
-        mark = self._state("watermark")
-        if not mark:
-            return datetime(1970, 1, 1, tzinfo=UTC)
-        return datetime.fromisoformat(mark) - WATERMARK_SLACK
+    def _read_mark(self) -> int:
+        """Every event up to this write_seq has been read."""
+        return int(self._state("write_seq") or 0)
 
     def _read_new(self, normaliser: Normaliser) -> Extracted:
         """Identifiers of up to TICK_BATCH events not read yet (set-based where simple)."""
         run = self.runner
-        run.put("k_since", pa.table({"since": pa.array([self._since()], UTC_US)}))
+        mark = self._read_mark()
+        run.put("k_since", pa.table({"since": pa.array([mark], pa.int64())}))
 
         def unread_expr() -> ir.Table:
             ev = run.source("events")
             rec = run.source("identity_records")
             since = run.temp("k_since")
             recent = ev.cross_join(since)
-            recent = recent.filter(recent.received_at >= recent.since).select(*RICH_COLUMNS)
+            recent = recent.filter(recent.write_seq > recent.since).select(*RICH_COLUMNS)
+            # the rows of a transaction a limited tick read in part
             done = rec.cross_join(since)
-            done = done.filter(done.received_at >= done.since).select("source", "message_id")
+            done = done.filter(done.write_seq > done.since).select("source", "message_id")
             return recent.anti_join(done, ["source", "message_id"])
 
         # read once; the simple and the rich records are taken from it
@@ -341,12 +343,15 @@ class IdentityEngine:
 
         def simple_new() -> ir.Table:
             ids = extract.simple(unread(), normaliser)
-            return ids.order_by("received_at", "source", "message_id").limit(TICK_BATCH)
+            return ids.order_by("write_seq", "source", "message_id").limit(TICK_BATCH)
 
         ids = run.make("k_new_simple", "read/simple", simple_new)
         found = Extracted()
+        simple_records = run.arrow(
+            "read/simple/records", lambda: extract.simple_records(ids, normaliser)
+        )
         found.add_tables(
-            run.arrow("read/simple/records", lambda: extract.simple_records(ids, normaliser)),
+            simple_records,
             run.arrow("read/simple/observations", lambda: extract.simple_observations(ids)),
         )
 
@@ -355,21 +360,30 @@ class IdentityEngine:
             return (
                 ev.filter(extract.is_rich(ev))
                 .select(*RICH_COLUMNS)
-                .order_by("received_at", "source", "message_id")
+                .order_by("write_seq", "source", "message_id")
                 .limit(TICK_BATCH)
             )
 
-        for row in run.arrow("read/rich", rich_new).to_pylist():
+        rich = run.arrow("read/rich", rich_new)
+        for row in rich.to_pylist():
             found.add(row, normaliser)
+        # A read that hit the limit covers its transactions up to the last one it reached,
+        # which it may have read in part; one that did not covers everything written.
+        found.upto = found.max_seq
+        for table in (simple_records, rich):
+            if table.num_rows >= TICK_BATCH:
+                last = pc.max(table.column("write_seq")).as_py()
+                found.upto = min(found.upto or last, last - 1)
         return found
 
     def backlog(self) -> int:
-        mark = self._state("watermark")
-        if mark is None:
+        if self._state("write_seq") is None:
             return int(self.store.scalar("SELECT count(*) FROM events") or 0)
-        since = datetime.fromisoformat(mark) - WATERMARK_SLACK
         return int(
-            self.store.scalar("SELECT count(*) FROM events WHERE received_at >= ?", [since]) or 0
+            self.store.scalar(
+                "SELECT count(*) FROM events WHERE write_seq > ?", [self._read_mark()]
+            )
+            or 0
         )
 
     # -- one incremental step -----------------------------------------------------------------
@@ -382,7 +396,8 @@ class IdentityEngine:
         if not defer_quiet:
             self._finish_refresh()
         with self.lock:
-            if self._state("rules") != self.rules_hash():
+            # new rules, or a store whose events were read before write_seq existed
+            if self._state("rules") != self.rules_hash() or self._state("write_seq") is None:
                 if not self.store.scalar("SELECT count(*) FROM events"):
                     # nothing to rebuild from: just remember the rules
                     self.writer.write_sync(WriteBatch(statements=self._state_statements(None)))
@@ -479,7 +494,7 @@ class IdentityEngine:
                 refreshed = self._add_refresh(statements, scratch, report)
             elif self._pending or self._quiet_due():
                 self._start_refresh(quiet=self._quiet_due())
-            statements += self._state_statements(found.max_received)
+            statements += self._state_statements(found.upto)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
             report.timings["write"] = time.perf_counter() - t0
@@ -817,13 +832,11 @@ class IdentityEngine:
             ),
         ]
 
-    def _state_statements(self, max_received: datetime | None) -> list[tuple[str, list[Any]]]:
+    def _state_statements(self, upto: int | None) -> list[tuple[str, list[Any]]]:
         statements = []
-        if max_received is not None:
-            mark = max_received.isoformat()
-            previous = self._state("watermark")
-            if previous is None or previous < mark:
-                statements.append(self._set_state("watermark", mark))
+        previous = self._state("write_seq")
+        if previous is None or (upto is not None and upto > int(previous)):
+            statements.append(self._set_state("write_seq", str(max(upto or 0, 0))))
         statements.append(self._set_state("rules", self.rules_hash()))
         return statements
 
@@ -912,13 +925,13 @@ class IdentityEngine:
     # -- the shared core of increments and rebuilds -------------------------------------------
 
     def _stitch_and_write(
-        self, scope: pa.Table | None, scratch: Path, mode: str, max_received: datetime | None
+        self, scope: pa.Table | None, scratch: Path, mode: str, upto: int | None
     ) -> RunReport:
         try:
             statements, report = self._stitch_outputs(scope, scratch, mode)
         finally:
             self.runner.drop_temps()
-        statements += self._state_statements(max_received)
+        statements += self._state_statements(upto)
         t0 = time.perf_counter()
         self.writer.write_sync(WriteBatch(statements=statements))
         report.timings["write"] = time.perf_counter() - t0
@@ -1071,6 +1084,9 @@ class IdentityEngine:
             scratch = self._scratch()
             try:
                 say("reading identifiers from the events")
+                # Events written from here on are read again by the ticks, which skip those
+                # this rebuild has read (identity_records).
+                upto = int(self.store.scalar("SELECT coalesce(max(write_seq), 0) FROM events") or 0)
                 normaliser = Normaliser(self.plan().identity)
                 t0 = time.perf_counter()
                 count = self._extract_rich(normaliser, scratch)
@@ -1099,9 +1115,8 @@ class IdentityEngine:
                 )
                 extract_seconds = time.perf_counter() - t0
                 total = int(self.store.scalar("SELECT count(*) FROM identity_records") or 0)
-                latest = self.store.scalar("SELECT max(received_at) FROM identity_records")
                 say("stitching identities and building profiles")
-                report = self._stitch_and_write(None, scratch, "rebuild", latest)
+                report = self._stitch_and_write(None, scratch, "rebuild", upto)
                 report.events_read = total
                 report.timings["extract"] = extract_seconds
                 report.timings["extract_python"] = rich_seconds

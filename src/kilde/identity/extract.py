@@ -29,6 +29,7 @@ RECORD_COLUMNS = (
     "primary_type",
     "primary_value",
     "dropped",
+    "write_seq",
 )
 OBSERVATION_COLUMNS = ("source", "message_id", "ts", "id_type", "id_value", "role")
 _RICH_MARKERS = ('"traits"', '"externalIds"', '"advertisingId"')
@@ -114,6 +115,7 @@ def simple_raw(events: ir.Table) -> ir.Table:
         "message_id",
         ts=rows.timestamp,
         received_at=rows.received_at,
+        write_seq=rows.write_seq,
         kind=rows.type,
         raw_user=rows.user_id,
         raw_anon=rows.anonymous_id,
@@ -137,6 +139,7 @@ def simple_texts(raw: ir.Table, normaliser: Normaliser) -> ir.Table:
         "message_id",
         "ts",
         "received_at",
+        "write_seq",
         "kind",
         user=user,
         anon=anon,
@@ -156,6 +159,7 @@ def simple_emails(texts: ir.Table, normaliser: Normaliser) -> ir.Table:
         "message_id",
         "ts",
         "received_at",
+        "write_seq",
         "kind",
         "user",
         "anon",
@@ -226,6 +230,7 @@ def simple_records(ids: ir.Table, normaliser: Normaliser) -> ir.Table:
         primary_type=primary_type,
         primary_value=primary_value,
         dropped=dropped.cast("json"),
+        write_seq=ids.write_seq,
     )
 
 

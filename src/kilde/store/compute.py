@@ -266,8 +266,10 @@ class LakeCompute:
         raw.createOrReplaceTempView("kilde_lake_events")
         # The same message from two collectors (a client retried): the first receipt counts.
         columns = ", ".join(f"`{name}`" for name in EVENT_SCHEMA.names)
+        # write_seq numbers the store Writer's transactions; a lake has none (see migration 15)
         events = self.spark.sql(
-            f"SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY source, "
+            f"SELECT {columns}, CAST(NULL AS BIGINT) AS write_seq FROM (SELECT *, "
+            "row_number() OVER (PARTITION BY source, "
             "message_id ORDER BY received_at, sent_at) AS kilde_rn FROM kilde_lake_events) "
             "WHERE kilde_rn = 1"
         )

@@ -475,4 +475,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        15,
+        "write sequence of events",
+        # The Writer's transaction number of each event (one per commit, increasing). The
+        # identity engine reads what was written after the last number it read: exact, where
+        # receipt times are not (a replayed dead letter keeps its old receipt time, and a
+        # commit can land after a later receipt time was read). NULL: written before this
+        # version or outside the Writer; a rebuild reads those.
+        """
+        ALTER TABLE events ADD COLUMN write_seq BIGINT;
+        ALTER TABLE identity_records ADD COLUMN write_seq BIGINT;
+        """,
+    ),
 ]

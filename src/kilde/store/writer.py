@@ -171,6 +171,8 @@ class Writer:
         # Arrow rows are always handed to `screen` that way.
         self.screen_rows: Callable[[WriteBatch], bool] | None = None
         self._con = store.cursor()
+        # the transaction number the next commit stamps on its events (see migration 15)
+        self._write_seq = int(store.scalar("SELECT coalesce(max(write_seq), 0) FROM events") or 0)
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="kilde-writer", daemon=True)
@@ -364,23 +366,31 @@ class Writer:
             statements.extend(batch.statements)
             results.append(result)
         con = self._con
+        seq = self._write_seq + 1
         # Each execute() releases the GIL and must win it back from the event loop thread,
         # which can take a switch interval; so the whole group is one call when it can be.
         script = ["BEGIN TRANSACTION"]
         try:
             if events:
                 event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
-                script.append("INSERT INTO events BY NAME SELECT * FROM event_table")
+                script.append(
+                    f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM event_table"
+                )
             if arrow:
                 arrow_table = pa.concat_tables(arrow)  # noqa: F841 - read by DuckDB below
-                script.append("INSERT INTO events BY NAME SELECT * FROM arrow_table")
+                script.append(
+                    f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM arrow_table"
+                )
             if dead:
                 dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
                 script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
             if statements or selects:
                 con.execute("; ".join(script))
                 for arrow_events, (select, select_params) in selects:  # noqa: B007
-                    con.execute("INSERT INTO events BY NAME " + select, select_params)
+                    con.execute(
+                        f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM ({select})",
+                        select_params,
+                    )
                 for sql, params in statements:
                     con.execute(sql, params)
                 con.execute("COMMIT")
@@ -393,6 +403,7 @@ class Writer:
             for key in added:
                 self.recent.discard(key)
             raise
+        self._write_seq = seq
         return results
 
     def _arrow_rows(self, batch: WriteBatch) -> list[dict[str, Any]]:

@@ -699,7 +699,7 @@ class IdentityEngine:
             pq.read_table(
                 stitch_dir / "map.parquet",
                 columns=["id_type", "id_value", "profile_id", "closure_id", "first_seen"],
-            ).to_pylist()
+            )
         )
         if self._refreshing is not None and self._refreshing.is_alive():
             for closure in closures:
@@ -707,7 +707,7 @@ class IdentityEngine:
 
     # -- misses of the engine's memory (see known.py) -------------------------------------------
 
-    def _load_homes(self, keys: set[Key]) -> list[dict[str, Any]]:
+    def _load_homes(self, keys: set[Key]) -> pa.Table:
         run = self.runner
         run.put("k_kn_keys", _keys_table(keys))
         homes = keyed.lookup(
@@ -718,11 +718,10 @@ class IdentityEngine:
             run.temp("k_kn_keys"),
             ["id_type", "id_value"],
         )
-        rows: list[dict[str, Any]] = run.arrow(
+        return run.arrow(
             "known/homes",
             lambda: homes.select("id_type", "id_value", "profile_id", "closure_id", "first_seen"),
-        ).to_pylist()
-        return rows
+        )
 
     def _load_partners(self, keys: set[Key]) -> list[Pair]:
         """(strong, other) pairs of the stored records carrying these identifiers, except the

@@ -17,13 +17,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 Key = tuple[str, str]  # id_type, id_value
-Home = tuple[str, str, datetime]  # profile_id, closure_id, first_seen
+Home = tuple[str, str, int]  # profile_id, closure_id, first_seen (microseconds since 1970)
 Pair = tuple[str, str, str, str]  # a one-per-person identifier and one seen with it
 
 MAX_HOMES = 500_000
@@ -51,12 +51,18 @@ class KnownIdentities:
 
     # -- homes --------------------------------------------------------------------------------
 
-    def remember(self, rows: Iterable[dict[str, Any]]) -> None:
+    def remember(self, rows: pa.Table) -> None:
         """identity_map rows (id_type, id_value, profile_id, closure_id, first_seen)."""
-        for r in rows:
-            key = (r["id_type"], r["id_value"])
-            self.homes[key] = (r["profile_id"], r["closure_id"], r["first_seen"])
-            self.by_closure[r["closure_id"]].add(key)
+        first_seen = rows.column("first_seen").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        for id_type, id_value, profile_id, closure_id, first in zip(
+            *(rows.column(c).to_pylist() for c in ("id_type", "id_value", "profile_id")),
+            rows.column("closure_id").to_pylist(),
+            first_seen.to_pylist(),
+            strict=True,
+        ):
+            key = (id_type, id_value)
+            self.homes[key] = (profile_id, closure_id, first)
+            self.by_closure[closure_id].add(key)
 
     def forget_closures(self, closures: Iterable[str]) -> None:
         """Closures a stitch replaced: their rows are remembered again from its output."""
@@ -65,9 +71,7 @@ class KnownIdentities:
             for key in self.by_closure.pop(closure, ()):
                 self.homes.pop(key, None)
 
-    def homes_of(
-        self, keys: set[Key], load: Callable[[set[Key]], list[dict[str, Any]]]
-    ) -> dict[Key, Home]:
+    def homes_of(self, keys: set[Key], load: Callable[[set[Key]], pa.Table]) -> dict[Key, Home]:
         """The homes of those of `keys` that have one; `load` reads the misses."""
         if len(self.homes) > MAX_HOMES:
             self.homes = {}
@@ -84,7 +88,7 @@ class KnownIdentities:
         self,
         observations: pa.Table,
         strong: frozenset[str],
-        load_homes: Callable[[set[Key]], list[dict[str, Any]]],
+        load_homes: Callable[[set[Key]], pa.Table],
         load_partners: Callable[[set[Key]], list[Pair]],
     ) -> list[dict[str, Any]]:
         """Each identifier of the new observations and whether a record carrying it may change
@@ -98,13 +102,21 @@ class KnownIdentities:
         `load_homes(keys)`: identity_map rows of these identifiers. `load_partners(keys)`:
         every (strong, other) pair of the earlier records carrying these strong identifiers.
         """
-        records: dict[tuple[str, str], list[tuple[str, str, str, datetime]]] = defaultdict(list)
-        for src, msg, ts, id_type, id_value, role in zip(
-            *(observations.column(c).to_pylist() for c in _COLUMNS), strict=True
+        # one key string per record and times as integers: Python objects cost most here
+        record_keys = pc.binary_join_element_wise(
+            observations.column("source"), observations.column("message_id"), "\x1f"
+        ).to_pylist()
+        times = observations.column("ts").cast(pa.int64()).to_pylist()
+        records: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+        for key, ts, id_type, id_value, role in zip(
+            record_keys,
+            times,
+            *(observations.column(c).to_pylist() for c in ("id_type", "id_value", "role")),
+            strict=True,
         ):
-            records[(src, msg)].append((id_type, id_value, role, ts))
+            records[key].append((id_type, id_value, role, ts))
         homes = self.homes_of({(r[0], r[1]) for rows in records.values() for r in rows}, load_homes)
-        candidates: dict[tuple[str, str], list[Pair]] = {}
+        candidates: dict[str, list[Pair]] = {}
         for key, rows in records.items():
             profiles = set()
             for id_type, id_value, role, ts in rows:
@@ -165,10 +177,7 @@ class KnownIdentities:
         return list(out.values())
 
 
-_COLUMNS = ("source", "message_id", "ts", "id_type", "id_value", "role")
-
-
-def _pairs(rows: list[tuple[str, str, str, datetime]], strong: frozenset[str]) -> list[Pair]:
+def _pairs(rows: list[tuple[str, str, str, int]], strong: frozenset[str]) -> list[Pair]:
     out = []
     for s_type, s_value, _, _ in rows:
         if s_type not in strong:

@@ -423,26 +423,20 @@ class IdentityEngine:
             records, observations = found.tables()
             pq.write_table(records, scratch / "records.parquet")
             pq.write_table(observations, scratch / "observations.parquet")
-            # 1. the records themselves (so the stitching below reads them)
-            self.writer.write_sync(
-                WriteBatch(
-                    statements=[
-                        (
-                            "INSERT INTO identity_records BY NAME SELECT * FROM read_parquet(?)",
-                            [str(scratch / "records.parquet")],
-                        ),
-                        (
-                            "INSERT INTO identity_observations BY NAME "
-                            "SELECT * FROM read_parquet(?)",
-                            [str(scratch / "observations.parquet")],
-                        ),
-                    ]
-                )
-            )
-            inserted = time.perf_counter()
-            # 2. Records that link nothing new (one known identifier, not earlier than it was
+            insert_records = [
+                (
+                    "INSERT INTO identity_records BY NAME SELECT * FROM read_parquet(?)",
+                    [str(scratch / "records.parquet")],
+                ),
+                (
+                    "INSERT INTO identity_observations BY NAME SELECT * FROM read_parquet(?)",
+                    [str(scratch / "observations.parquet")],
+                ),
+            ]
+            # 1. Records that link nothing new (one known identifier, not earlier than it was
             # first seen) leave their closure as it is: only their profiles are refreshed.
             # The others' closures are stitched again, whole.
+            t0 = time.perf_counter()
             run = self.runner
             run.put("k_new_obs", observations)
             rules = self.plan().identity
@@ -454,8 +448,15 @@ class IdentityEngine:
             statements: list[tuple[str, list[Any]]] = []
             report = RunReport(mode="incremental")
             report.timings["read"] = found.read_seconds
-            report.timings["insert"] = inserted - started - found.read_seconds
-            report.timings["classify"] = time.perf_counter() - inserted
+            report.timings["classify"] = time.perf_counter() - t0
+            # 2. The records themselves: before a stitch (which reads them) in a transaction
+            # of their own; else with the tick's last one.
+            if seeds:
+                t0 = time.perf_counter()
+                self.writer.write_sync(WriteBatch(statements=insert_records))
+                report.timings["insert"] = time.perf_counter() - t0
+            else:
+                statements += insert_records
             stitched: set[str] = set()
             if seeds:
                 values = {i.value for i in seeds if i.type in ("user_id", "anonymous_id")}
@@ -489,17 +490,19 @@ class IdentityEngine:
                 statements = []
             quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
             self._hold_quiet(quiet, stitched)
-            refreshed = 0
-            if not defer_quiet:
-                refreshed = self._add_refresh(statements, scratch, report)
-            elif self._pending or self._quiet_due():
-                self._start_refresh(quiet=self._quiet_due())
             statements += self._state_statements(found.upto)
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
             report.timings["write"] = time.perf_counter() - t0
-            if refreshed:
-                self._release_quiet()
+            # 3. Profile refreshes read the records just written.
+            if not defer_quiet:
+                refresh: list[tuple[str, list[Any]]] = []
+                self._add_refresh(refresh, scratch, report)
+                if refresh:
+                    self.writer.write_sync(WriteBatch(statements=refresh))
+                    self._release_quiet()
+            elif self._pending or self._quiet_due():
+                self._start_refresh(quiet=self._quiet_due())
             report.events_read = found.count
             report.seconds = time.perf_counter() - started
             return report

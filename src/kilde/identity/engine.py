@@ -74,6 +74,9 @@ OBSERVATION_SCHEMA = pa.schema(
         ("role", pa.string()),
     ]
 )
+# identity_map's indexes (migration 16): a full rebuild drops them and makes them again after
+# rewriting the map, which is much quicker than keeping them up to date row by row.
+MAP_INDEXES = {"identity_map_value": "id_value", "identity_map_closure": "closure_id"}
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
@@ -985,13 +988,23 @@ class IdentityEngine:
             "profile_traits": "traits.parquet",
             "profile_ids": "ids.parquet",
         }
-        return [
-            *deletes,
-            *[
-                (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", p(files[table]))
-                for table in [*tables, "profile_ids"]
-            ],
+        inserts: list[tuple[str, list[Any]]] = [
+            (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", p(files[table]))
+            for table in [*tables, "profile_ids"]
         ]
+        return [*deletes, *inserts]
+
+    def _map_indexes(self, present: bool) -> None:
+        """Drop identity_map's indexes, or make them if missing; each in a transaction of its
+        own (dropped in the transaction that rewrites the map, DuckDB still updates them row
+        by row when it commits)."""
+        statements: list[tuple[str, list[Any]]] = [
+            (f"CREATE INDEX IF NOT EXISTS {name} ON identity_map ({column})", [])
+            if present
+            else (f"DROP INDEX IF EXISTS {name}", [])
+            for name, column in MAP_INDEXES.items()
+        ]
+        self.writer.write_sync(WriteBatch(statements=statements))
 
     # -- unmerge --------------------------------------------------------------------------------
 
@@ -1118,7 +1131,11 @@ class IdentityEngine:
                 extract_seconds = time.perf_counter() - t0
                 total = int(self.store.scalar("SELECT count(*) FROM identity_records") or 0)
                 say("stitching identities and building profiles")
-                report = self._stitch_and_write(None, scratch, "rebuild", upto)
+                self._map_indexes(present=False)
+                try:
+                    report = self._stitch_and_write(None, scratch, "rebuild", upto)
+                finally:
+                    self._map_indexes(present=True)
                 report.events_read = total
                 report.timings["extract"] = extract_seconds
                 report.timings["extract_python"] = rich_seconds
@@ -1191,6 +1208,7 @@ class IdentityEngine:
         if self._thread is not None:
             return
         self.known.clear()  # whoever stopped the engine may have rewritten its tables
+        self._map_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kilde-identity", daemon=True)
         self._thread.start()

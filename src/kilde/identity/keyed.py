@@ -5,9 +5,10 @@ table once, with the small side's keys pushed into its scan as a filter (DuckDB'
 filters), and is materialised, so the stages after it join small tables instead of reading the
 large one again. On Spark the same stages are ordinary semi-joins.
 
-(ART indexes were tried for these lookups: DuckDB fetches indexed rows one by one, which was no
-quicker than the filtered scan for a tick's few hundred keys, and building the indexes after a
-full rebuild took longer than the rebuild's stitching.)
+identity_map has indexes on id_value and closure_id (migration 16): DuckDB answers a semi-join
+with a small key side from them, in milliseconds where a scan of 3M rows takes hundreds. The
+larger tables (identity_observations, events) have none: their indexes would not fit the
+store's default memory limit, so lookups there scan with the keys pushed in.
 """
 
 from __future__ import annotations

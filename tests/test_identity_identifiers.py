@@ -215,6 +215,7 @@ def test_set_based_extraction_matches_the_python_normaliser(
         "received_at": [],
         "traits": [],
         "context": [],
+        "write_seq": [],
     }
     at = datetime(2026, 1, 1, tzinfo=UTC)
     for index, (kind, user, anon, mail) in enumerate(rows):
@@ -228,14 +229,13 @@ def test_set_based_extraction_matches_the_python_normaliser(
         events["received_at"].append(at)
         events["traits"].append(orjson.dumps(traits).decode() if kind == "identify" else None)
         events["context"].append("{}")
+        events["write_seq"].append(1 + index // 3)
     stamp = pa.timestamp("us", tz="UTC")
+    kinds = {"timestamp": stamp, "received_at": stamp, "write_seq": pa.int64()}
     table = pa.table(
         events,
         schema=pa.schema(
-            [
-                (name, stamp if name in ("timestamp", "received_at") else pa.string())
-                for name in events
-            ]
+            [(name, kinds.get(name, pa.string())) for name in events]
         ),
     )
     run = Runner(duckdb.connect())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -286,7 +287,8 @@ def ingest_columns(
     # 1. Already stored: the writer remembers recent ids; older ones are in the store.
     ids = table.column("message_id").to_pylist()
     recent = writer.recent
-    stored = [(source.name, i) in recent for i in ids]
+    keys = list(zip(repeat(source.name), ids))
+    stored = [False] * n if recent.none_of(keys) else [key in recent for key in keys]
     if writer.recent.capacity and store.scalar("SELECT count(*) FROM events") >= (
         writer.recent.capacity
     ):

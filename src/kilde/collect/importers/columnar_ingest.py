@@ -375,7 +375,12 @@ def ingest_columns(
     # 6. Events rows, through the writer.
     good = table.filter(fast)
     if good.num_rows:
-        records = good.append_column("source", pa.repeat(source.name, good.num_rows))
+        # One chunk: DuckDB then writes a block of a row group's size (what `kilde import`
+        # sends) as one whole row group, where the request's batches would leave partial ones
+        # for the next checkpoint to rewrite.
+        records = good.append_column(
+            "source", pa.repeat(source.name, good.num_rows)
+        ).combine_chunks()
         written = writer.write_sync(
             WriteBatch(
                 arrow_events=records,

@@ -43,10 +43,11 @@ CHUNK_ROWS = 5000
 # KILDE_IMPORT_COLUMNAR=0 turns the columnar path of order imports off (columnar.py).
 COLUMNAR = os.environ.get("KILDE_IMPORT_COLUMNAR", "1") != "0"
 MAX_CHUNK_RECORDS = 10_000
-# The columnar path sends blocks in groups of at least this many records (more than one of
-# DuckDB's row groups, 122,880 rows) and, when it can, at most SEND_MAX_ROWS (below the
+# The columnar path sends clean blocks in groups of this many records: one of DuckDB's row
+# groups (122,880 rows), which DuckDB writes straight to the store file, whole. A group that
+# ends early (rows for the row path) holds at most SEND_MAX_ROWS when it can (below the
 # writer's queue bound of 200,000 rows). KILDE_IMPORT_SEND_ROWS: small groups in tests.
-SEND_ROWS = int(os.environ.get("KILDE_IMPORT_SEND_ROWS") or 131_072)
+SEND_ROWS = int(os.environ.get("KILDE_IMPORT_SEND_ROWS") or 122_880)
 SEND_MAX_ROWS = max(SEND_ROWS, 180_000)
 REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
 
@@ -527,8 +528,19 @@ def _pump_columnar(
                 pending_rows += result.columns.num_rows
                 # Records of the row path (or rejects) end a group, so that everything still
                 # reaches the server in the order it did block by block.
-                if pending_rows >= SEND_ROWS or result.records or reject_rows:
+                if result.records or reject_rows:
                     flush()
+                # A group of clean blocks is cut at exactly SEND_ROWS records (the rest of the
+                # last block starts the next group): whole row groups for DuckDB.
+                while pending_rows >= SEND_ROWS:
+                    last = pending[-1][0]
+                    cut = last.columns.num_rows - (pending_rows - SEND_ROWS)
+                    rest_of_block = dataclasses.replace(last, columns=last.columns.slice(cut))
+                    pending[-1] = (BlockResult(columns=last.columns.slice(0, cut)), [])
+                    flush()
+                    if rest_of_block.columns.num_rows:
+                        pending.append((rest_of_block, []))
+                        pending_rows = rest_of_block.columns.num_rows
                 if progress is not None:
                     progress(offset, reader.total, summary.rows_read)
             flush()

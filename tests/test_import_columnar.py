@@ -113,14 +113,27 @@ CLEAN = ROWS[:-6] + ROWS[-3:-2]
 
 
 @pytest.mark.parametrize(
-    ("block_bytes", "rows", "read"),
-    [("400", ROWS, "columnar up to line 2"), ("0", CLEAN, "columnar")],  # line 2x
+    ("block_bytes", "send_rows", "rows", "read"),
+    [
+        # Blocks sent in groups until a block has rows for the row path (or rejects) ...
+        ("400", "0", ROWS, "columnar up to line 2"),  # line 2x
+        # ... or holds enough records (KILDE_IMPORT_SEND_ROWS), whichever comes first.
+        ("400", "6", ROWS, "columnar up to line 2"),
+        ("0", "0", CLEAN, "columnar"),
+    ],
 )
 def test_columnar_import_matches_the_row_path(
-    own_server: Server, tmp_path: Path, block_bytes: str, rows: list[str], read: str
+    own_server: Server,
+    tmp_path: Path,
+    block_bytes: str,
+    send_rows: str,
+    rows: list[str],
+    read: str,
 ) -> None:
     file = write(tmp_path / "orders.csv", "\n".join([HEADER, *rows]) + "\n")
     env = {"KILDE_IMPORT_BLOCK_BYTES": block_bytes} if block_bytes != "0" else {}
+    if send_rows != "0":
+        env["KILDE_IMPORT_SEND_ROWS"] = send_rows
     columnar = dataclasses.replace(own_server, env={**own_server.env, **env})
     by_row = dataclasses.replace(own_server, env={**own_server.env, "KILDE_IMPORT_COLUMNAR": "0"})
 

@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -124,6 +125,16 @@ class RecentIds:
 
     def discard(self, key: tuple[str, str]) -> None:
         self._ids.pop(key, None)
+
+    def none_of(self, keys: list[tuple[str, str]]) -> bool:
+        """True when none of `keys` is remembered (one pass in C, for big batches)."""
+        return self._ids.keys().isdisjoint(keys)
+
+    def add_all(self, keys: list[tuple[str, str]]) -> None:
+        """`add` for each of `keys`, none of them remembered yet."""
+        self._ids.update(zip(keys, repeat(None)))
+        for _ in range(len(self._ids) - self.capacity):
+            self._ids.popitem(last=False)
 
 
 @dataclass
@@ -338,8 +349,14 @@ class Writer:
                 keep = []
                 sources = table.column("source").to_pylist()
                 ids = table.column("message_id").to_pylist()
+                keys = list(zip(sources, ids, strict=True))
                 recent = self.recent
-                for key in zip(sources, ids, strict=True):
+                if recent.none_of(keys) and len(set(keys)) == len(keys):
+                    # The usual case of a big import: no id seen before, none twice.
+                    recent.add_all(keys)
+                    added.extend(keys)
+                    keep = [True] * len(keys)
+                for key in keys if not keep else ():
                     if key in recent:
                         result.duplicates += 1
                         keep.append(False)

@@ -220,8 +220,10 @@ async def columns(request: Request) -> Response:
                 413, "payload_too_large", "the body is larger than 256 MB", "send smaller chunks"
             )
         parts.append(part)
+    body = b"".join(parts)
+    parts.clear()  # the pieces are not kept beside the body while the records are stored
     try:
-        with pa.ipc.open_stream(b"".join(parts)) as stream:
+        with pa.ipc.open_stream(body) as stream:
             table = stream.read_all()
         info = orjson.loads((table.schema.metadata or {}).get(b"kilde", b"null"))
         if not isinstance(info, dict) or not isinstance(info.get("source"), str):

@@ -31,6 +31,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -46,7 +47,7 @@ from kilde.collect.importers.transactions import (
 )
 
 # How much of the file one block holds (KILDE_IMPORT_BLOCK_BYTES: small blocks in tests).
-BLOCK_BYTES = int(os.environ.get("KILDE_IMPORT_BLOCK_BYTES") or 4 << 20)
+BLOCK_BYTES = int(os.environ.get("KILDE_IMPORT_BLOCK_BYTES") or 2 << 20)
 # What the columnar path understands; a mapping that uses any other field goes the row path.
 FIELDS = {
     "order_id",
@@ -65,8 +66,9 @@ FIELDS = {
     "quantity",
 }
 _PRODUCT_FIELDS = ("product_id", "sku", "product_name", "category", "price", "quantity")
-# Exactly the characters Python's str.strip() removes.
-_PY_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+# Exactly the characters Python's str.strip() removes (all below U+3001; looking no further
+# saves half a second of every import's start).
+_PY_WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
 _PLAIN_AMOUNT = r"^\d+(\.\d+)?$"
 _SIGNED_AMOUNT = r"^-?\d+(\.\d+)?$"
 _QUANTITY = r"^0*[1-9]\d{0,14}$"
@@ -229,19 +231,30 @@ def fingerprint_of(seen: tuple[int, Any]) -> int:
     return kept if isinstance(kept, int) else int(kept.of(line))
 
 
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+# Where the two hex digits of each of a UUID's 16 bytes go in its 36 characters.
+_HEX_AT = np.array([0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34])
 
 
 def message_ids(source: str, order_ids: pa.Array) -> pa.Array:
-    """base.message_id(source, "transactions", order id) for a column of order ids."""
+    """base.message_id(source, "transactions", order id) for a column of order ids.
+
+    The SHA-1 of each id is Python's; setting the version and variant bits and writing the
+    UUIDs as text is done on all of them at once with numpy.
+    """
     prefix = NAMESPACE.bytes + f"{source}\x1ftransactions\x1f".encode()
     sha1 = hashlib.sha1
-    variant = _VARIANT
-    found = []
-    for key in order_ids.to_pylist():
-        h = sha1(prefix + key.encode(), usedforsecurity=False).hexdigest()
-        found.append(f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant[h[16]]}{h[17:20]}-{h[20:32]}")
-    return pa.array(found, pa.string())
+    n = len(order_ids)
+    keys = order_ids.to_pylist()
+    digests = b"".join([sha1(prefix + k.encode(), usedforsecurity=False).digest() for k in keys])
+    raw = np.frombuffer(digests, np.uint8).reshape(n, 20)[:, :16].copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = np.full((n, 36), ord("-"), np.uint8)
+    text[:, _HEX_AT] = _HEX[raw >> 4]
+    text[:, _HEX_AT + 1] = _HEX[raw & 0x0F]
+    offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
 
 
 class ColumnarOrders:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -286,7 +287,8 @@ def ingest_columns(
     # 1. Already stored: the writer remembers recent ids; older ones are in the store.
     ids = table.column("message_id").to_pylist()
     recent = writer.recent
-    stored = [(source.name, i) in recent for i in ids]
+    keys = list(zip(repeat(source.name), ids))
+    stored = [False] * n if recent.none_of(keys) else [key in recent for key in keys]
     if writer.recent.capacity and store.scalar("SELECT count(*) FROM events") >= (
         writer.recent.capacity
     ):
@@ -373,7 +375,12 @@ def ingest_columns(
     # 6. Events rows, through the writer.
     good = table.filter(fast)
     if good.num_rows:
-        records = good.append_column("source", pa.repeat(source.name, good.num_rows))
+        # One chunk: DuckDB then writes a block of a row group's size (what `kilde import`
+        # sends) as one whole row group, where the request's batches would leave partial ones
+        # for the next checkpoint to rewrite.
+        records = good.append_column(
+            "source", pa.repeat(source.name, good.num_rows)
+        ).combine_chunks()
         written = writer.write_sync(
             WriteBatch(
                 arrow_events=records,

@@ -9,6 +9,7 @@ read and converted, and memory stays flat whatever the size of the file.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -42,6 +43,12 @@ CHUNK_ROWS = 5000
 # KILDE_IMPORT_COLUMNAR=0 turns the columnar path of order imports off (columnar.py).
 COLUMNAR = os.environ.get("KILDE_IMPORT_COLUMNAR", "1") != "0"
 MAX_CHUNK_RECORDS = 10_000
+# The columnar path sends clean blocks in groups of this many records: one of DuckDB's row
+# groups (122,880 rows), which DuckDB writes straight to the store file, whole. A group that
+# ends early (rows for the row path) holds at most SEND_MAX_ROWS when it can (below the
+# writer's queue bound of 200,000 rows). KILDE_IMPORT_SEND_ROWS: small groups in tests.
+SEND_ROWS = int(os.environ.get("KILDE_IMPORT_SEND_ROWS") or 122_880)
+SEND_MAX_ROWS = max(SEND_ROWS, 180_000)
 REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
 
 
@@ -460,6 +467,26 @@ def _pump_columnar(
             errors += [_rejected(r, lines[r["index"]]) for r in answer.rejected]
         _report(errors, summary, rejects)
 
+    # Clean blocks are sent together until a group holds SEND_ROWS records: the server writes
+    # one group in one transaction, and DuckDB writes a transaction of more than a row group
+    # straight to the store file, compressed, instead of through its write-ahead log and a
+    # checkpoint later (see docs/imports-performance.md).
+    pending: list[tuple[BlockResult, list[dict[str, Any]]]] = []
+    pending_rows = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_rows
+        if not pending:
+            return
+        group = pending[0] if len(pending) == 1 else _merge_blocks(pending)
+        pending, pending_rows = [], 0
+        # Settling needs only the records' lines; the rest of the columns go once sent.
+        sent = dataclasses.replace(group[0], columns=group[0].columns.select(["line"]))
+        in_flight.append((executor.submit(send, *group), sent))
+        del group
+        while len(in_flight) > 1:
+            settle(in_flight.pop(0))
+
     rest: int | None = None
     summary.read = "columnar"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
@@ -495,11 +522,28 @@ def _pump_columnar(
                     }
                     for error in result.errors
                 ]
-                in_flight.append((executor.submit(send, result, reject_rows), result))
-                while len(in_flight) > 1:
-                    settle(in_flight.pop(0))
+                if pending and pending_rows + result.columns.num_rows > SEND_MAX_ROWS:
+                    flush()
+                pending.append((result, reject_rows))
+                pending_rows += result.columns.num_rows
+                # Records of the row path (or rejects) end a group, so that everything still
+                # reaches the server in the order it did block by block.
+                if result.records or reject_rows:
+                    flush()
+                # A group of clean blocks is cut at exactly SEND_ROWS records (the rest of the
+                # last block starts the next group): whole row groups for DuckDB.
+                while pending_rows >= SEND_ROWS:
+                    last = pending[-1][0]
+                    cut = last.columns.num_rows - (pending_rows - SEND_ROWS)
+                    rest_of_block = dataclasses.replace(last, columns=last.columns.slice(cut))
+                    pending[-1] = (BlockResult(columns=last.columns.slice(0, cut)), [])
+                    flush()
+                    if rest_of_block.columns.num_rows:
+                        pending.append((rest_of_block, []))
+                        pending_rows = rest_of_block.columns.num_rows
                 if progress is not None:
                     progress(offset, reader.total, summary.rows_read)
+            flush()
             while in_flight:
                 settle(in_flight.pop(0))
         finally:
@@ -511,6 +555,27 @@ def _pump_columnar(
             f"columnar up to line {rest - 1}, then row by row" if rest > 2 else "row by row"
         )
         _pump(reader, converter, sink, summary, rejects, resolved, chunk_rows, 0, progress)
+
+
+def _merge_blocks(
+    parts: list[tuple[Any, list[dict[str, Any]]]],
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Converted blocks (columnar.BlockResult) and their reject rows as one group to send."""
+    import pyarrow as pa
+
+    from kilde.collect.importers.columnar import BlockResult
+
+    merged = BlockResult(columns=pa.concat_tables([part.columns for part, _ in parts]))
+    reject_rows: list[dict[str, Any]] = []
+    for part, rows in parts:
+        merged.records += part.records
+        merged.record_lines += part.record_lines
+        merged.errors += part.errors
+        merged.special_rows.update(part.special_rows)
+        merged.rows += part.rows
+        merged.size += part.size
+        reject_rows += rows
+    return merged, reject_rows
 
 
 def _rejected(rejection: dict[str, Any], line: int) -> dict[str, Any]:

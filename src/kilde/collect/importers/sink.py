@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -79,19 +80,13 @@ class ApiSink:
 
     def send_columns(self, table: Any, info: dict[str, Any]) -> ChunkResult:
         """Order records as Arrow columns (the columnar path); the answer as for `send`."""
-        import pyarrow as pa
-
         table = table.replace_schema_metadata({"kilde": orjson.dumps(info)})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as stream:
-            stream.write_table(table)
-        body = sink.getvalue().to_pybytes()
         delay = 0.25
         for attempt in range(RETRIES):
             try:
                 answer = self.client.post(
                     "/api/imports/columns",
-                    content=body,
+                    content=_arrow_stream(table),
                     headers={"Content-Type": "application/vnd.apache.arrow.stream"},
                 )
                 break
@@ -112,3 +107,40 @@ class ApiSink:
     def finish(self, run_id: str | None, summary: dict[str, Any]) -> None:
         if run_id is not None:
             self._post(f"/api/imports/{run_id}/finish", {"summary": summary})
+
+
+class _Pieces:
+    """A file to write to whose bytes are taken out piece by piece."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.pieces.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        out = b"".join(self.pieces)
+        self.pieces = []
+        return out
+
+
+def _arrow_stream(table: Any, rows: int = 16_384) -> Iterator[bytes]:
+    """The table as an Arrow IPC stream, made while it is sent: a chunk of the request body
+    per batch of `rows`, so the body (tens of MB for a group of blocks) is never whole."""
+    import pyarrow as pa
+
+    out = _Pieces()
+    with pa.ipc.new_stream(out, table.schema) as stream:
+        for batch in table.to_batches(max_chunksize=rows):
+            stream.write_batch(batch)
+            yield out.take()
+    if out.pieces:  # the end-of-stream marker
+        yield out.take()

@@ -234,9 +234,7 @@ def test_set_based_extraction_matches_the_python_normaliser(
     kinds = {"timestamp": stamp, "received_at": stamp, "write_seq": pa.int64()}
     table = pa.table(
         events,
-        schema=pa.schema(
-            [(name, kinds.get(name, pa.string())) for name in events]
-        ),
+        schema=pa.schema([(name, kinds.get(name, pa.string())) for name in events]),
     )
     run = Runner(duckdb.connect())
     run.put("events", table)

@@ -24,8 +24,12 @@ def lookup(
     """Rows of `base` whose `on` columns match a row of `keys` (small), as temporary table
     `name`. `column` is the most selective of `on`: the scan filters on it first."""
 
-    def build() -> ir.Table:
-        candidates = base.semi_join(keys.select(column), column)
-        return candidates if on == [column] else candidates.semi_join(keys, on)
+    def candidates() -> ir.Table:
+        return base.semi_join(keys.select(column), column)
 
-    return run.make(name, f"keyed/{name}", build)
+    if on == [column]:
+        return run.make(name, f"keyed/{name}", candidates)
+    # Materialised first: DuckDB answers a one-column semi-join from an index, but not one
+    # followed by a second semi-join in the same query (a scan of the whole table).
+    found = run.make(f"{name}_c", f"keyed/{name}_c", candidates)
+    return run.make(name, f"keyed/{name}", lambda: found.semi_join(keys, on))

@@ -7,9 +7,11 @@ collector sends them.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,20 @@ class Shop:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def rebuilt_and_incremental(records: list[dict[str, Any]]) -> Iterator[tuple[Shop, Shop]]:
+    """Two shops: one that holds `records` and rebuilt everything from them, and an empty one
+    for the test to feed increments to; both are closed afterwards."""
+    rebuilt, incremental = Shop(), Shop()
+    try:
+        rebuilt.send(records)
+        rebuilt.engine.rebuild()
+        yield rebuilt, incremental
+    finally:
+        rebuilt.close()
+        incremental.close()
+
+
 @pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
 @settings(
     max_examples=12,
@@ -136,10 +152,7 @@ def test_incremental_equals_rebuild_for_any_order(
     stitched closures left to the refresh thread (as on a large store)."""
     for index, msg in enumerate(batch):
         msg["messageId"] = f"m{index:03d}"
-    rebuilt, incremental = Shop(), Shop()
-    try:
-        rebuilt.send(batch)
-        rebuilt.engine.rebuild()
+    with rebuilt_and_incremental(batch) as (rebuilt, incremental):
         shuffled = list(batch)
         order.shuffle(shuffled)
         if chronological:  # in time order most later records only repeat known identifiers
@@ -158,9 +171,6 @@ def test_incremental_equals_rebuild_for_any_order(
             start = cut
         incremental.engine.wait_idle()
         assert incremental.snapshot() == rebuilt.snapshot()
-    finally:
-        rebuilt.close()
-        incremental.close()
 
 
 def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None:
@@ -194,10 +204,7 @@ def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None
     ]
     for index, msg in enumerate(first + later):
         msg["messageId"] = f"q{index}"
-    rebuilt, incremental = Shop(), Shop()
-    try:
-        rebuilt.send(first + later)
-        rebuilt.engine.rebuild()
+    with rebuilt_and_incremental(first + later) as (rebuilt, incremental):
         incremental.send(first)
         incremental.engine.step()
         incremental.send(later)
@@ -206,9 +213,6 @@ def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None
         assert incremental.snapshot() == rebuilt.snapshot()
         seen = incremental.store.scalar("SELECT last_seen FROM identity_map WHERE id_value = 'a1'")
         assert seen.isoformat().startswith("2026-01-03T10:00")
-    finally:
-        rebuilt.close()
-        incremental.close()
 
 
 def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> None:
@@ -232,10 +236,7 @@ def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> N
     ]
     for index, msg in enumerate(first + quiet + link):
         msg["messageId"] = f"h{index}"
-    rebuilt, incremental = Shop(), Shop()
-    try:
-        rebuilt.send(first + quiet + link)
-        rebuilt.engine.rebuild()
+    with rebuilt_and_incremental(first + quiet + link) as (rebuilt, incremental):
         incremental.send(first)
         incremental.engine.step()
         incremental.send(quiet)
@@ -251,9 +252,6 @@ def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> N
         assert incremental.engine.wait_idle()
         assert incremental.store.scalar(orders) == 1
         assert incremental.snapshot() == rebuilt.snapshot()
-    finally:
-        rebuilt.close()
-        incremental.close()
 
 
 def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -> None:
@@ -271,10 +269,7 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
     ]
     for index, msg in enumerate(first + quiet + link):
         msg["messageId"] = f"b{index}"
-    rebuilt, incremental = Shop(), Shop()
-    try:
-        rebuilt.send(first + quiet + link)
-        rebuilt.engine.rebuild()
+    with rebuilt_and_incremental(first + quiet + link) as (rebuilt, incremental):
         engine = incremental.engine
         incremental.send(first)
         engine.step()
@@ -289,9 +284,6 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
         identifiers = incremental.store.scalar("SELECT identifiers FROM profiles")
         assert identifiers == 3, "the profile holds u1, a1 and the linked a9"
         assert incremental.snapshot() == rebuilt.snapshot()
-    finally:
-        rebuilt.close()
-        incremental.close()
 
 
 def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,10 +317,7 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
     ]
     for index, msg in enumerate(first + later):
         msg["messageId"] = f"d{index}"
-    rebuilt, incremental = Shop(), Shop()
-    try:
-        rebuilt.send(first + later)
-        rebuilt.engine.rebuild()
+    with rebuilt_and_incremental(first + later) as (rebuilt, incremental):
         engine = incremental.engine
         incremental.send(first)
         engine.step()
@@ -344,9 +333,6 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
         assert engine.wait_idle()
         assert incremental.store.scalar(emails) == 2
         assert incremental.snapshot() == rebuilt.snapshot()
-    finally:
-        rebuilt.close()
-        incremental.close()
 
 
 def test_an_event_written_late_with_an_old_receipt_time_is_read() -> None:

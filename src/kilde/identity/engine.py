@@ -40,7 +40,7 @@ from kilde.identity.stitching import (
     SCOPE_SCHEMA,
     Separation,
     StitchResult,
-    hash_expr,
+    profile_id_expr,
     stitch,
 )
 from kilde.plan.models import IDENTIFIER_TYPES, Plan
@@ -339,13 +339,10 @@ class IdentityEngine:
             return recent.anti_join(done, ["source", "message_id"])
 
         # read once; the simple and the rich records are taken from it
-        unread_t = run.make("k_unread", "read/unread", unread_expr)
-
-        def unread() -> ir.Table:
-            return unread_t
+        unread = run.make("k_unread", "read/unread", unread_expr)
 
         def simple_new() -> ir.Table:
-            ids = extract.simple(unread(), normaliser)
+            ids = extract.simple(unread, normaliser)
             return ids.order_by("write_seq", "source", "message_id").limit(TICK_BATCH)
 
         ids = run.make("k_new_simple", "read/simple", simple_new)
@@ -359,7 +356,7 @@ class IdentityEngine:
         )
 
         def rich_new() -> ir.Table:
-            ev = unread()
+            ev = unread
             return (
                 ev.filter(extract.is_rich(ev))
                 .select(*RICH_COLUMNS)
@@ -413,10 +410,11 @@ class IdentityEngine:
             found.read_seconds = time.perf_counter() - started
             if not found.count:
                 self.runner.drop_temps()
-                if (self._quiet or self._pending) and defer_quiet:
-                    self._start_refresh(quiet=True)
-                elif self._quiet or self._pending:
+                if not (self._quiet or self._pending):
+                    return None
+                if not defer_quiet:
                     return self._refresh_held(started)
+                self._start_refresh(quiet=True)
                 return None
             return self._apply(found, started, defer_quiet)
 
@@ -478,14 +476,11 @@ class IdentityEngine:
                 if not defer:
                     self._profiles_seconds = report.timings.get("profiles", 0.0)
                 report.timings = {**timings, "scope": scoped, **report.timings}
-                stitched = set(
-                    pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
-                )
                 # New links first, in their own transaction: a lookup shows them before the
                 # (larger) refresh of the quiet profiles below is done.
                 t0 = time.perf_counter()
                 self.writer.write_sync(WriteBatch(statements=statements))
-                self._stitched(stitched, stitch_dir)
+                stitched = self._stitched(stitch_dir)
                 if defer:
                     self._pending |= stitched
                 report.timings["write_links"] = time.perf_counter() - t0
@@ -550,17 +545,10 @@ class IdentityEngine:
         if not quiet and not closures:
             return 0
         t0 = time.perf_counter()
-        count = 0
+        statements += self._refresh_parts(quiet, closures, scratch, self.runner)[0]
+        count = len({r["profile_id"] for r in quiet})
         if closures:
-            closure_dir = scratch / "closures"
-            closure_dir.mkdir()
-            statements += self._closure_outputs(closures, closure_dir, self.runner)
-            count += pq.read_metadata(closure_dir / "profiles.parquet").num_rows
-        if quiet:
-            refresh_dir = scratch / "refresh"
-            refresh_dir.mkdir()
-            statements += self._refresh_outputs(quiet, refresh_dir)
-        count += len({r["profile_id"] for r in quiet})
+            count += pq.read_metadata(scratch / "closures" / "profiles.parquet").num_rows
         report.profiles += count
         report.timings["refresh"] = time.perf_counter() - t0
         return count
@@ -613,30 +601,24 @@ class IdentityEngine:
                     run.close()
                 run = self._refresh_runner = Runner(self.store.cursor())
                 self._refresh_runner_key = key
-            statements: list[tuple[str, list[Any]]] = []
-            closure_dir, quiet_dir = scratch / "closures", scratch / "quiet"
-            started = time.perf_counter()
-            if closures:
-                closure_dir.mkdir()
-                statements += self._closure_outputs(closures, closure_dir, run)
-                self._profiles_seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            if rows:
-                quiet_dir.mkdir()
-                statements += self._refresh_outputs(rows, quiet_dir, run)
-            quiet_seconds = time.perf_counter() - started
+            statements, closure_seconds, quiet_seconds = self._refresh_parts(
+                rows, closures, scratch, run
+            )
             with self.lock:
                 if epoch != self._epoch:
                     return  # rebuilt meanwhile: every profile is fresh
                 stale = {c for c, at in self._stitched_at.items() if at >= seq}
                 if stale and rows:
                     _keep_profiles(
-                        quiet_dir, {r["profile_id"] for r in rows if r["closure_id"] not in stale}
+                        scratch / "quiet",
+                        {r["profile_id"] for r in rows if r["closure_id"] not in stale},
                     )
                 if stale and closures:
-                    _drop_closures(closure_dir, stale)
+                    _drop_closures(scratch / "closures", stale)
                 self.writer.write_sync(WriteBatch(statements=statements))
                 self._stitched_at = {}
+                if closures:
+                    self._profiles_seconds = closure_seconds
                 if rows:
                     self._refresh_seconds = quiet_seconds
         except Exception as exc:
@@ -648,6 +630,23 @@ class IdentityEngine:
                 with contextlib.suppress(Exception):
                     run.drop_temps()
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _refresh_parts(
+        self, rows: list[dict[str, Any]], closures: set[str], scratch: Path, run: Runner
+    ) -> tuple[list[tuple[str, list[Any]]], float, float]:
+        """The profiles of pending closures (in scratch/closures) and of held quiet rows (in
+        scratch/quiet), the statements that replace them, and the seconds each part took."""
+        statements: list[tuple[str, list[Any]]] = []
+        started = time.perf_counter()
+        if closures:
+            (scratch / "closures").mkdir()
+            statements += self._closure_outputs(closures, scratch / "closures", run)
+        closure_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        if rows:
+            (scratch / "quiet").mkdir()
+            statements += self._refresh_outputs(rows, scratch / "quiet", run)
+        return statements, closure_seconds, time.perf_counter() - started
 
     def _closure_outputs(
         self, closures: set[str], scratch: Path, run: Runner
@@ -669,15 +668,7 @@ class IdentityEngine:
         identities = run.make(
             "k_w_identities", "closures/identities", lambda: _anchored(mapped, salt)
         )
-        now = datetime.now(UTC)
-        events = keyed_profile_events(run, identities, "closures")
-        pq.write_table(
-            computed_traits(run, identities, now, events, "computed/closures"),
-            scratch / "profiles.parquet",
-        )
-        pq.write_table(
-            trait_rows(run, plan, identities, events, "traits/closures"), scratch / "traits.parquet"
-        )
+        _write_profiles(run, plan, identities, "closures", scratch)
         pq.write_table(
             run.arrow("closures/list", lambda: run.temp("k_w_closures")),
             scratch / "closures.parquet",
@@ -690,16 +681,15 @@ class IdentityEngine:
         return [
             (f"DELETE FROM profiles WHERE closure_id IN ({gone})", p("closures.parquet")),
             (f"DELETE FROM profile_traits WHERE closure_id IN ({gone})", p("closures.parquet")),
-            ("INSERT INTO profiles BY NAME SELECT * FROM read_parquet(?)", p("profiles.parquet")),
-            (
-                "INSERT INTO profile_traits BY NAME SELECT * FROM read_parquet(?)",
-                p("traits.parquet"),
-            ),
+            *_profile_inserts(scratch),
         ]
 
-    def _stitched(self, closures: set[str], stitch_dir: Path) -> None:
+    def _stitched(self, stitch_dir: Path) -> set[str]:
         """After a stitch is written: what the engine remembers, and what a refresh in flight
-        must leave alone."""
+        must leave alone. The closures it replaced."""
+        closures = set(
+            pq.read_table(stitch_dir / "closures.parquet").column("closure_id").to_pylist()
+        )
         self.known.forget_closures(closures)
         self.known.remember(
             pq.read_table(
@@ -710,6 +700,7 @@ class IdentityEngine:
         if self._refreshing is not None and self._refreshing.is_alive():
             for closure in closures:
                 self._stitched_at[closure] = self._stitch_seq
+        return closures
 
     # -- misses of the engine's memory (see known.py) -------------------------------------------
 
@@ -802,15 +793,7 @@ class IdentityEngine:
         )
         refreshed = _refreshed(run)  # runs its keyed stages
         identities = run.make("k_identities", "refresh/identities", lambda: refreshed)
-        now = datetime.now(UTC)
-        events = keyed_profile_events(run, identities, "refresh")
-        pq.write_table(
-            computed_traits(run, identities, now, events, "computed/refresh"),
-            scratch / "profiles.parquet",
-        )
-        pq.write_table(
-            trait_rows(run, plan, identities, events, "traits/refresh"), scratch / "traits.parquet"
-        )
+        _write_profiles(run, plan, identities, "refresh", scratch)
         pq.write_table(
             pa.table({"profile_id": sorted({r["profile_id"] for r in quiet})}),
             scratch / "quiet.parquet",
@@ -830,11 +813,7 @@ class IdentityEngine:
             ),
             (f"DELETE FROM profiles WHERE profile_id IN ({quiet_ids})", p("quiet.parquet")),
             (f"DELETE FROM profile_traits WHERE profile_id IN ({quiet_ids})", p("quiet.parquet")),
-            ("INSERT INTO profiles BY NAME SELECT * FROM read_parquet(?)", p("profiles.parquet")),
-            (
-                "INSERT INTO profile_traits BY NAME SELECT * FROM read_parquet(?)",
-                p("traits.parquet"),
-            ),
+            *_profile_inserts(scratch),
         ]
 
     def _state_statements(self, upto: int | None) -> list[tuple[str, list[Any]]]:
@@ -1049,8 +1028,7 @@ class IdentityEngine:
             try:
                 scope = self._scope(members, set())
                 report = self._stitch_and_write(scope, scratch, "unmerge", None)
-                closures = pq.read_table(scratch / "closures.parquet").column("closure_id")
-                self._stitched(set(closures.to_pylist()), scratch)
+                self._stitched(scratch)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             report.seconds = time.perf_counter() - started
@@ -1344,7 +1322,6 @@ def stitch_outputs(
 
     `old_homes`: identity_map rows of the scope's closures when already at hand (a closure_id
     column is enough). Without `profiles` no profiles or traits files are made."""
-    now = datetime.now(UTC)
     result: StitchResult = stitch(run, plan.identity, salt, scope, separations)
     t0 = time.perf_counter()
     identities = result.identities
@@ -1364,15 +1341,7 @@ def stitch_outputs(
         scratch / "map.parquet",
     )
     if profiles:
-        events = None if scope is None else keyed_profile_events(run, identities, "stitch")
-        part = "" if scope is None else "/stitch"
-        pq.write_table(
-            computed_traits(run, identities, now, events, "computed" + part),
-            scratch / "profiles.parquet",
-        )
-        pq.write_table(
-            trait_rows(run, plan, identities, events, "traits" + part), scratch / "traits.parquet"
-        )
+        _write_profiles(run, plan, identities, None if scope is None else "stitch", scratch)
     conflict_rows = [c.row() for c in result.conflicts]
     pq.write_table(
         pa.Table.from_pylist(conflict_rows, schema=_CONFLICT_SCHEMA)
@@ -1475,8 +1444,8 @@ def _drop_closures(scratch: Path, stale: set[str]) -> None:
 def _anchored(mapped: ir.Table, salt: str) -> ir.Table:
     """identity_map rows with their profile's anchor type: the identifier whose hash the
     profile id is (see stitching.profile_id_of)."""
-    is_anchor = ibis.literal("p_") + hash_expr(salt, mapped.id_type, mapped.id_value)
-    anchors = mapped.filter(is_anchor == mapped.profile_id)
+    is_anchor = profile_id_expr(salt, mapped.id_type, mapped.id_value) == mapped.profile_id
+    anchors = mapped.filter(is_anchor)
     anchors = anchors.group_by("profile_id").aggregate(anchor_type=anchors.id_type.min())
     return mapped.join(anchors, "profile_id").select(
         "id_type",
@@ -1488,3 +1457,32 @@ def _anchored(mapped: ir.Table, salt: str) -> ir.Table:
         "shared",
         "anchor_type",
     )
+
+
+def _write_profiles(
+    run: Runner, plan: Plan, identities: ir.Table, part: str | None, scratch: Path
+) -> None:
+    """Computed traits and trait rows of `identities`' profiles as profiles.parquet and
+    traits.parquet. `part` names the stages of a keyed read of the profiles' events; None
+    reads all events (a rebuild)."""
+    now = datetime.now(UTC)
+    events = None if part is None else keyed_profile_events(run, identities, part)
+    suffix = "" if part is None else "/" + part
+    pq.write_table(
+        computed_traits(run, identities, now, events, "computed" + suffix),
+        scratch / "profiles.parquet",
+    )
+    pq.write_table(
+        trait_rows(run, plan, identities, events, "traits" + suffix), scratch / "traits.parquet"
+    )
+
+
+def _profile_inserts(scratch: Path) -> list[tuple[str, list[Any]]]:
+    """The statements that add `_write_profiles`' files."""
+    return [
+        (
+            f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
+            [str(scratch / name)],
+        )
+        for table, name in (("profiles", "profiles.parquet"), ("profile_traits", "traits.parquet"))
+    ]

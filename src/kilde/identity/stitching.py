@@ -57,9 +57,14 @@ def profile_id_of(salt: str, id_type: str, value: str) -> str:
     return "p_" + hashlib.sha256(f"{salt}|{id_type}|{value}".encode()).hexdigest()[:20]
 
 
-def hash_expr(salt: str, id_type: ir.StringValue, value: ir.StringValue) -> ir.StringValue:
+def _hash_expr(salt: str, id_type: ir.StringValue, value: ir.StringValue) -> ir.StringValue:
     text = ibis.literal(salt + "|") + id_type + "|" + value
     return text.hexdigest("sha256").substr(0, 20)
+
+
+def profile_id_expr(salt: str, id_type: ir.StringValue, value: ir.StringValue) -> ir.StringValue:
+    """`profile_id_of` as an expression."""
+    return ibis.literal("p_") + _hash_expr(salt, id_type, value)
 
 
 def _rank_expr(rules: IdentityRules, id_type: ir.StringValue) -> ir.IntegerValue:
@@ -224,14 +229,14 @@ def stitch(
             "grp",
             anchor_type=anchors.id_type,
             anchor_value=anchors.id_value,
-            profile_id=ibis.literal("p_") + hash_expr(salt, anchors.id_type, anchors.id_value),
+            profile_id=profile_id_expr(salt, anchors.id_type, anchors.id_value),
         )
         closures = assigned.mutate(
             rn=ibis.row_number().over(group_by=assigned.label, order_by=order)
         )
         closures = closures.filter(closures.rn == 0).select(
             "label",
-            closure_id=ibis.literal("c_") + hash_expr(salt, closures.id_type, closures.id_value),
+            closure_id=ibis.literal("c_") + _hash_expr(salt, closures.id_type, closures.id_value),
         )
         out = assigned.join(anchors, "grp").join(closures, "label")
         return out.select(

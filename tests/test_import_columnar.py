@@ -119,6 +119,8 @@ CLEAN = ROWS[:-6] + ROWS[-3:-2]
         ("400", "0", ROWS, "columnar up to line 2"),  # line 2x
         # ... or holds enough records (KILDE_IMPORT_SEND_ROWS), whichever comes first.
         ("400", "6", ROWS, "columnar up to line 2"),
+        # A setting that is no number is ignored with a warning (the default group size).
+        ("400", "six", ROWS, "columnar up to line 2"),
         ("0", "0", CLEAN, "columnar"),
     ],
 )
@@ -140,6 +142,8 @@ def test_columnar_import_matches_the_row_path(
     code_c, fast, run_c = kilde_import(columnar, "transactions", file, "--source", "shop-orders")
     code_r, slow, run_r = kilde_import(by_row, "transactions", file, "--source", "crm")
     assert fast is not None and slow is not None, run_c.stderr + run_r.stderr
+    if not send_rows.isdigit():
+        assert "KILDE_IMPORT_SEND_ROWS must be a positive whole number" in run_c.stderr
     assert code_c == code_r
     assert _summary(fast) == _summary(slow)
     assert fast["read"].startswith(read)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 import time
 from collections import Counter
@@ -47,7 +48,22 @@ MAX_CHUNK_RECORDS = 10_000
 # groups (122,880 rows), which DuckDB writes straight to the store file, whole. A group that
 # ends early (rows for the row path) holds at most SEND_MAX_ROWS when it can (below the
 # writer's queue bound of 200,000 rows). KILDE_IMPORT_SEND_ROWS: small groups in tests.
-SEND_ROWS = int(os.environ.get("KILDE_IMPORT_SEND_ROWS") or 122_880)
+ROW_GROUP = 122_880
+
+
+def _send_rows() -> int:
+    raw = os.environ.get("KILDE_IMPORT_SEND_ROWS") or ""
+    if not raw:
+        return ROW_GROUP
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    logging.getLogger("kilde.import").warning(
+        "KILDE_IMPORT_SEND_ROWS must be a positive whole number; using %d", ROW_GROUP
+    )
+    return ROW_GROUP
+
+
+SEND_ROWS = _send_rows()
 SEND_MAX_ROWS = max(SEND_ROWS, 180_000)
 REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
 

@@ -193,7 +193,8 @@ EMAILISH = st.one_of(
             st.sampled_from(["identify", "track", "page"]),
             st.one_of(st.none(), JUNKY),
             st.one_of(st.none(), JUNKY),
-            st.one_of(st.none(), EMAILISH, st.integers()),
+            # JSON integers as clients can send them (orjson reads and writes 64 bits)
+            st.one_of(st.none(), EMAILISH, st.integers(-(2**63), 2**63 - 1)),
         ),
         min_size=1,
         max_size=12,

@@ -27,23 +27,34 @@ class Receiver:
     """A webhook receiver whose behaviour the test scripts: fail, stall, then accept."""
 
     def __init__(self) -> None:
-        self.script: list[str] = []  # per request: "500", "slow", "ok"; empty means ok
+        # Per request: "500", "401", "slow", "hold" (wait until `release` is set), "ok";
+        # an empty script means ok (or `default`).
+        self.script: list[str] = []
+        self.default = "ok"
         self.received: list[tuple[dict[str, str], bytes, str]] = []  # headers, body, outcome
+        self.arrivals: list[float] = []  # time.monotonic() of each request
+        self.release = threading.Event()
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # the stdlib calls it by this name
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.lock:
-                    step = receiver.script.pop(0) if receiver.script else "ok"
+                    step = receiver.script.pop(0) if receiver.script else receiver.default
                     receiver.received.append((dict(self.headers), body, step))
+                    receiver.arrivals.append(time.monotonic())
                 if step == "slow":
                     time.sleep(3)
-                code = 500 if step == "500" else 200
+                if step == "hold":
+                    receiver.release.wait(120)
+                code = {"500": 500, "401": 401}.get(step, 200)
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+
+            def do_POST(self) -> None:  # the stdlib calls it by this name
+                self._answer()
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -59,9 +70,10 @@ class Receiver:
 
     def accepted(self) -> list[dict[str, Any]]:
         with self.lock:
-            return [orjson.loads(b) for _, b, step in self.received if step == "ok"]
+            return [orjson.loads(b) for _, b, step in self.received if step in ("ok", "hold")]
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
 
 
@@ -157,8 +169,8 @@ def test_webhook_survives_failures_and_slowness_in_order_signed(
         assert not verify_signature(SECRET, headers["Kilde-Signature"], body + b" ")
     # The failures are in the delivery log with their reasons.
     errors = {row["error"] for row in status["log"]}
-    assert "HTTP 500" in errors
-    assert "ReadTimeout" in errors
+    assert "HTTP 500: the receiver failed" in errors
+    assert "ReadTimeout: no answer within 1 s" in errors
     assert all(d["state"] == "delivered" for d in status["deliveries"])
 
 

@@ -78,6 +78,8 @@ def destinations_run(
     result = _call(data, plan, token, "POST", f"/api/destinations/{name}/run", json={"full": full})
     if json:
         print_json(result)
+        if any(sync.get("upload_error") for sync in result.get("syncs", [])):
+            raise typer.Exit(1)
         return
     if result["kind"] == "webhook":
         console.print(
@@ -85,7 +87,10 @@ def destinations_run(
             f"{result['failed']} to retry, {result['dead']} dead, {result['skipped']} skipped "
             "(no consent)"
         )
+        for error in sorted(set(result["errors"])):
+            console.print(f"  error: {error}", highlight=False)
         return
+    failed = False
     for sync in result["syncs"]:
         console.print(
             f"{name} / {sync['segment']}: {sync['members']} members, +{sync['added']} "
@@ -94,6 +99,17 @@ def destinations_run(
         )
         for file in sync["files"]:
             console.print(f"  wrote {file}", highlight=False)
+        if sync.get("uploaded") is not None:
+            console.print(f"  uploaded {sync['uploaded']} changes to the platform")
+        if sync.get("upload_error"):
+            failed = True
+            console.print(
+                f"  upload failed: {sync['upload_error']}; nothing is lost: the next run "
+                "sends these changes again",
+                highlight=False,
+            )
+    if failed:
+        raise typer.Exit(1)
 
 
 @destinations_app.command("replay")
@@ -103,3 +119,33 @@ def destinations_replay(
     """Make dead deliveries due again."""
     result = _call(data, plan, token, "POST", f"/api/destinations/{name}/replay")
     console.print(f"{name}: {result['requeued']} dead deliveries queued again")
+
+
+@destinations_app.command("log")
+def destinations_log(
+    name: NameArg,
+    limit: Annotated[int, typer.Option(help="How many attempts, newest first")] = 20,
+    data: DataOpt = None,
+    plan: PlanOpt = None,
+    token: TokenOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """The delivery log: every attempt (or audience sync) with its status and error."""
+    result = _call(
+        data, plan, token, "GET", f"/api/destinations/{name}/deliveries", params={"limit": limit}
+    )
+    if json:
+        print_json(result)
+        return
+    table = Table(title=f"Delivery log of {name}")
+    for column in ("when", "delivery", "attempt", "status", "error"):
+        table.add_column(column, overflow="fold")
+    for row in result["log"]:
+        table.add_row(
+            str(row["attempted_at"])[:19],
+            row["delivery_id"],
+            str(row["attempt"]),
+            "" if row["status"] is None else str(row["status"]),
+            row["error"] or "ok",
+        )
+    console.print(table)

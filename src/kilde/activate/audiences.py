@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +20,18 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kilde.activate import hashing
+from kilde.activate import hashing, uploads
 from kilde.activate.permissions import permission
+from kilde.activate.segments import MISSING_SEGMENT_FIX, missing_segment_message, segment_exists
+from kilde.activate.uploads import UploadError
 from kilde.errors import KildeError
 from kilde.plan.destinations import Destination
 from kilde.plan.models import Plan
 from kilde.store import Store, WriteBatch, Writer
 
 GOOGLE_COLUMNS = ["Email", "Phone", "First Name", "Last Name", "Country", "Zip"]
-META_COLUMNS = ["EMAIL", "PHONE", "FN", "LN", "COUNTRY"]
+# Meta's customer-list file headers; its upload API calls the same columns EMAIL, PHONE, ...
+META_COLUMNS = ["email", "phone", "fn", "ln", "country"]
 SALE_KINDS = ("google_customer_match", "meta_custom_audience", "partner_export")
 
 
@@ -45,21 +49,31 @@ class SyncReport:
     excluded_no_consent: int = 0
     excluded_do_not_sell: int = 0
     files: list[str] = field(default_factory=list)
+    uploaded: int | None = None  # people sent to the platform, when credentials are given
+    upload_error: str | None = None
+
+
+def log_statement(
+    destination: str,
+    segment: str,
+    error: str | None,
+    status: int | None = None,
+    *,
+    at: datetime | None = None,
+) -> tuple[str, list[Any]]:
+    """A delivery-log row for one audience sync of one segment (its outcome or its error)."""
+    return (
+        "INSERT INTO delivery_log (delivery_id, destination, attempt, attempted_at, status, "
+        "error, duration_ms) VALUES (?, ?, 1, ?, ?, ?, NULL)",
+        [f"sync:{segment}", destination, at or datetime.now(UTC), status, error],
+    )
 
 
 def segment_members(store: Store, plan: Plan, segment: str) -> list[str]:
     """Profile ids currently in a segment; an error for a segment that does not exist."""
-    declared = plan.segments.get(segment) is not None
-    if not declared:
-        declared = bool(
-            store.scalar("SELECT count(*) FROM segment_definitions WHERE id = ?", [segment])
-        )
-    if not declared:
+    if not segment_exists(store, plan, segment):
         # Never treat a deleted segment as empty: that would remove everyone downstream.
-        raise ActivationError(
-            f"segment {segment!r} does not exist",
-            fix="declare it under 'segments' in the plan, or remove it from the destination",
-        )
+        raise ActivationError(missing_segment_message(segment), fix=MISSING_SEGMENT_FIX)
     rows = store.query(
         "SELECT DISTINCT profile_id FROM segment_memberships "
         "WHERE segment_id = ? AND exited_at IS NULL ORDER BY profile_id",
@@ -91,7 +105,7 @@ def _text(value: Any) -> str:
 
 def google_row(traits: dict[str, Any]) -> dict[str, str]:
     email = hashing.google_email(_text(traits.get("email")))
-    phone = hashing.google_phone(_text(traits.get("phone")))
+    phone = hashing.google_phone(_text(traits.get("phone")), _text(traits.get("country")))
     return {
         "Email": hashing.hashed(email),
         "Phone": hashing.hashed(phone),
@@ -104,11 +118,13 @@ def google_row(traits: dict[str, Any]) -> dict[str, str]:
 
 def meta_row(traits: dict[str, Any]) -> dict[str, str]:
     return {
-        "EMAIL": hashing.hashed(hashing.meta_email(_text(traits.get("email")))),
-        "PHONE": hashing.hashed(hashing.meta_phone(_text(traits.get("phone")))),
-        "FN": hashing.hashed(hashing.meta_name(_text(traits.get("first_name")))),
-        "LN": hashing.hashed(hashing.meta_name(_text(traits.get("last_name")))),
-        "COUNTRY": hashing.hashed(hashing.meta_country(_text(traits.get("country")))),
+        "email": hashing.hashed(hashing.meta_email(_text(traits.get("email")))),
+        "phone": hashing.hashed(
+            hashing.meta_phone(_text(traits.get("phone")), _text(traits.get("country")))
+        ),
+        "fn": hashing.hashed(hashing.meta_name(_text(traits.get("first_name")))),
+        "ln": hashing.hashed(hashing.meta_name(_text(traits.get("last_name")))),
+        "country": hashing.hashed(hashing.meta_country(_text(traits.get("country")))),
     }
 
 
@@ -131,64 +147,109 @@ class AudienceSync:
                 "webhooks send events as they come; there is nothing to sync",
                 fix="run `kilde destinations run NAME` to deliver what is due",
             )
-        allowed = permission(self.store, self.plan, destination.purpose)
-        sale = destination.kind in SALE_KINDS
         reports = []
         for segment in destination.segments:
-            members = segment_members(self.store, self.plan, segment)
-            report = SyncReport(destination.name, segment, members=len(members))
-            kept: list[str] = []
-            for profile in members:
-                ok, why = allowed.allows(profile, sale=sale)
-                if ok:
-                    kept.append(profile)
-                elif why == "opted out of sale or sharing":
-                    report.excluded_do_not_sell += 1
-                else:
-                    report.excluded_no_consent += 1
-            previous = {
-                r["profile_id"]
-                for r in self.store.query(
-                    "SELECT profile_id FROM audience_syncs WHERE destination = ? AND segment = ?",
-                    [destination.name, segment],
+            try:
+                reports.append(self._sync_segment(destination, segment, full=full))
+            except ActivationError as exc:
+                # In the delivery log too, where the scheduled syncs' outcomes are read.
+                self.writer.write_sync(
+                    WriteBatch(statements=[log_statement(destination.name, segment, exc.message)])
                 )
-            }
-            now = datetime.now(UTC)
-            current = set(kept)
-            added = sorted(current if full else current - previous)
-            removed = sorted(set() if full else previous - current)
-            report.added, report.removed = len(added), len(removed)
-            stamp = now.strftime("%Y%m%dT%H%M%SZ")
-            folder = self._directory(destination)
-            statements: list[tuple[str, list[Any]]] = []
-            if added or full:
-                name = f"{segment}-{stamp}-{'full' if full else 'add'}"
-                report.files.append(self._write(destination, folder, name, added))
-            if removed:
-                report.files.append(
-                    self._write(destination, folder, f"{segment}-{stamp}-remove", removed)
-                )
-            statements.append(
-                (
-                    "DELETE FROM audience_syncs WHERE destination = ? AND segment = ?",
-                    [destination.name, segment],
-                )
-            )
-            if kept:
-                statements.append(
-                    (
-                        "INSERT INTO audience_syncs (destination, segment, profile_id, synced_at) "
-                        "SELECT ?, ?, unnest(?::VARCHAR[]), ?",
-                        [destination.name, segment, sorted(current), now],
-                    )
-                )
-            for file in report.files:
-                statements.append(self._manifest(destination, segment, file, report, now))
-            self.writer.write_sync(WriteBatch(statements=statements))
-            reports.append(report)
+                raise
         return reports
 
-    def _write(self, destination: Destination, folder: Path, name: str, profiles: list[str]) -> str:
+    def _sync_segment(self, destination: Destination, segment: str, *, full: bool) -> SyncReport:
+        allowed = permission(self.store, self.plan, destination.purpose)
+        sale = destination.kind in SALE_KINDS
+        members = segment_members(self.store, self.plan, segment)
+        report = SyncReport(destination.name, segment, members=len(members))
+        kept: list[str] = []
+        for profile in members:
+            ok, why = allowed.allows(profile, sale=sale)
+            if ok:
+                kept.append(profile)
+            elif why == "opted out of sale or sharing":
+                report.excluded_do_not_sell += 1
+            else:
+                report.excluded_no_consent += 1
+        previous = {
+            r["profile_id"]
+            for r in self.store.query(
+                "SELECT profile_id FROM audience_syncs WHERE destination = ? AND segment = ?",
+                [destination.name, segment],
+            )
+        }
+        now = datetime.now(UTC)
+        current = set(kept)
+        # A full sync sends everyone; those who left since the last sync are still removed.
+        added = sorted(current if full else current - previous)
+        removed = sorted(previous - current)
+        report.added, report.removed = len(added), len(removed)
+        stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        folder = self._directory(destination)
+        columns, added_rows = self._rows(destination, added)
+        _, removed_rows = self._rows(destination, removed)
+        if added or full:
+            name = f"{segment}-{stamp}-{'full' if full else 'add'}"
+            report.files.append(self._write(destination, folder, name, columns, added_rows))
+        if removed:
+            name = f"{segment}-{stamp}-remove"
+            report.files.append(self._write(destination, folder, name, columns, removed_rows))
+        statements: list[tuple[str, list[Any]]] = [
+            self._manifest(destination, segment, file, report, now) for file in report.files
+        ]
+        status: int | None = None
+        if destination.upload is not None and (added or removed or full):
+            try:
+                result = self._upload(destination, added_rows, removed_rows, full=full)
+            except UploadError as exc:
+                # Nothing is lost: the state stays as it was, so the next sync sends this
+                # difference again. The files and their manifests are written all the same.
+                report.upload_error = exc.message
+                statements.append(log_statement(destination.name, segment, exc.message, exc.status))
+                self.writer.write_sync(WriteBatch(statements=statements))
+                return report
+            report.uploaded = result.sent_added + result.sent_removed
+            status = result.last_status
+        statements.append(
+            (
+                "DELETE FROM audience_syncs WHERE destination = ? AND segment = ?",
+                [destination.name, segment],
+            )
+        )
+        if kept:
+            statements.append(
+                (
+                    "INSERT INTO audience_syncs (destination, segment, profile_id, synced_at) "
+                    "SELECT ?, ?, unnest(?::VARCHAR[]), ?",
+                    [destination.name, segment, sorted(current), now],
+                )
+            )
+        statements.append(log_statement(destination.name, segment, None, status, at=now))
+        self.writer.write_sync(WriteBatch(statements=statements))
+        return report
+
+    def _upload(
+        self,
+        destination: Destination,
+        added: list[dict[str, Any]],
+        removed: list[dict[str, Any]],
+        *,
+        full: bool,
+    ) -> uploads.UploadResult:
+        if destination.kind == "meta_custom_audience":
+            return uploads.meta_upload(
+                destination,
+                [[r[c] for c in META_COLUMNS] for r in added],
+                [[r[c] for c in META_COLUMNS] for r in removed],
+            )
+        return uploads.google_upload(destination, added, removed, full=full)
+
+    def _rows(
+        self, destination: Destination, profiles: list[str]
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        make: Callable[[dict[str, Any]], dict[str, Any]]
         if destination.kind == "google_customer_match":
             columns, make = GOOGLE_COLUMNS, google_row
             wanted = ["email", "phone", "first_name", "last_name", "country", "zip"]
@@ -209,6 +270,16 @@ class AudienceSync:
             if "profile_id" in columns:
                 row = {"profile_id": profile, **row}
             rows.append(row)
+        return columns, rows
+
+    def _write(
+        self,
+        destination: Destination,
+        folder: Path,
+        name: str,
+        columns: list[str],
+        rows: list[dict[str, Any]],
+    ) -> str:
         if destination.format == "parquet" and destination.kind in ("file", "partner_export"):
             path = folder / f"{name}.parquet"
             table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in columns})

@@ -1,14 +1,20 @@
 """Customer-list normalisation and hashing the way the ad platforms require.
 
-Google Ads Customer Match: trim and lower-case; for gmail.com and googlemail.com addresses also
-remove the dots before the @; phone numbers in E.164 (with the leading +); then SHA-256 as
-lower-case hex. Names are trimmed and lower-cased, country codes and postal codes are sent in
-clear. Columns: Email, Phone, First Name, Last Name, Country, Zip.
+Google Ads Customer Match (Google's Ads API and Data Manager formatting guides): email lower-case
+without any whitespace, and for gmail.com and googlemail.com addresses without the dots before
+the @; phone numbers in E.164 (with the leading + and the country code); first and last names
+lower-case, without punctuation and surrounding whitespace; then SHA-256 as lower-case hex.
+Country (ISO 3166-1 alpha-2) and postal code are sent in clear. File columns: Email, Phone,
+First Name, Last Name, Country, Zip.
 
-Meta Custom Audiences: email trimmed and lower-cased; phone digits only, country code included,
-no + and no leading zeros; first and last names lower-cased without punctuation; country as a
-lower-case ISO code; each hashed with SHA-256 (country too). Columns: EMAIL, PHONE, FN, LN,
-COUNTRY.
+Meta Custom Audiences (Meta's customer-list formatting guide): email trimmed and lower-cased (no
+dot folding); phone with the country code, symbols, letters and leading zeros removed (no +);
+first and last names lower-cased without punctuation, letters outside a-z kept in UTF-8;
+country as a lower-case two-letter ISO code; each hashed with SHA-256 (country too). File
+columns: email, phone, fn, ln, country; the upload API names them EMAIL, PHONE, FN, LN, COUNTRY.
+
+A phone number written without its country code is read as a number of the person's country
+(the `country` trait) when one is known.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ def sha256(value: str) -> str:
 
 
 def google_email(email: str) -> str | None:
-    value = email.strip().lower()
+    value = _SPACES.sub("", email).lower()
     if value.count("@") != 1:
         return None
     local, domain = value.split("@")
@@ -39,6 +45,7 @@ def google_email(email: str) -> str | None:
 
 
 def e164(phone: str, region: str | None = None) -> str | None:
+    region = region.strip().upper() if region else None
     try:
         number = phonenumbers.parse(phone, region)
     except phonenumbers.NumberParseException:
@@ -53,7 +60,10 @@ def google_phone(phone: str, region: str | None = None) -> str | None:
 
 
 def google_name(name: str) -> str | None:
-    value = _SPACES.sub(" ", name.strip().lower())
+    # Lower-case, no punctuation, no surrounding whitespace (inner spaces stay single).
+    value = unicodedata.normalize("NFC", name.lower())
+    value = "".join(ch for ch in value if ch.isalnum() or ch.isspace())
+    value = _SPACES.sub(" ", value).strip()
     return value or None
 
 
@@ -63,8 +73,14 @@ def meta_email(email: str) -> str | None:
 
 
 def meta_phone(phone: str, region: str | None = None) -> str | None:
-    number = e164(phone, region)
-    return number.lstrip("+").lstrip("0") if number else None
+    """Digits with the country code, no symbols, letters or leading zeros."""
+    text = phone.strip()
+    if region and not text.startswith(("+", "00")):
+        number = e164(text, region)  # a national number: add the person's country code
+        if number:
+            return number[1:]
+    digits = "".join(ch for ch in text if ch.isdigit()).lstrip("0")
+    return digits if len(digits) >= 7 else None
 
 
 def meta_name(name: str) -> str | None:

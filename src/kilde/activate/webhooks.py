@@ -27,6 +27,7 @@ import httpx
 import orjson
 
 from kilde.activate.permissions import Permission, permission, profile_of, raw_ids
+from kilde.activate.segments import missing_segment_message, segment_exists
 from kilde.plan.destinations import Destination
 from kilde.plan.models import Plan
 from kilde.store import Store, WriteBatch, Writer
@@ -82,6 +83,53 @@ def payload_of(destination: Destination, event: dict[str, Any]) -> dict[str, Any
     return body
 
 
+# Answers where sending the same request again can succeed; any other 4xx cannot (a wrong
+# secret or credentials, an unknown path, a rejected body), so the delivery goes to the dead
+# letters at once, to be replayed once the receiver or the plan is fixed.
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to, in words the delivery log can show."""
+
+    status: int | None
+    error: str | None
+    retryable: bool
+    retry_after: float | None  # seconds the receiver asked us to wait (429, 503)
+
+
+def transport_error(exc: httpx.HTTPError, timeout: float) -> str:
+    """A clear reason for a request that got no answer (never the URL: it may hold a token)."""
+    name = type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{name}: no answer within {timeout:g} s"
+    if isinstance(exc, httpx.ConnectError):
+        return f"{name}: the receiver is unreachable (connection failed)"
+    return f"{name}: the request failed in transit"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return min(3600.0, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
+
+
+def outcome_of(response: httpx.Response) -> Outcome:
+    code = response.status_code
+    if 200 <= code < 300:
+        return Outcome(code, None, True, None)
+    if code >= 500 or code in RETRYABLE_STATUS:
+        return Outcome(code, f"HTTP {code}: the receiver failed", True, _retry_after(response))
+    if code in (401, 403):
+        reason = "the receiver refused our credentials or signature; check the secret, then replay"
+    else:
+        reason = "the receiver rejected the request; retrying cannot help; fix it, then replay"
+    return Outcome(code, f"HTTP {code}: {reason}", False, None)
+
+
 @dataclass
 class RunReport:
     enqueued: int = 0
@@ -100,6 +148,7 @@ class WebhookDispatcher:
         self.writer = writer
         self.plan = plan
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last refill)
+        self._reported: set[tuple[str, str]] = set()  # (destination, missing segment) logged
 
     # -- outbox -------------------------------------------------------------------------------
 
@@ -187,7 +236,7 @@ class WebhookDispatcher:
 
     async def _send(
         self, client: httpx.AsyncClient, destination: Destination, delivery: dict[str, Any]
-    ) -> tuple[int | None, str | None, float]:
+    ) -> tuple[Outcome, float]:
         assert destination.url and destination.secret
         event = orjson.loads(delivery["event"])
         for key in ("properties", "traits"):
@@ -215,11 +264,10 @@ class WebhookDispatcher:
                 destination.url, content=body, headers=headers, timeout=destination.timeout
             )
         except httpx.HTTPError as exc:
-            return None, type(exc).__name__, time.perf_counter() - started
-        elapsed = time.perf_counter() - started
-        if 200 <= response.status_code < 300:
-            return response.status_code, None, elapsed
-        return response.status_code, f"HTTP {response.status_code}", elapsed
+            return Outcome(None, transport_error(exc, destination.timeout), True, None), (
+                time.perf_counter() - started
+            )
+        return outcome_of(response), time.perf_counter() - started
 
     async def deliver(self, destination: Destination) -> RunReport:
         """Send every due delivery of one destination once; record the outcomes."""
@@ -272,7 +320,8 @@ class WebhookDispatcher:
                 )
         results = await asyncio.gather(*(self._send(client, destination, d) for d in sendable))
         now = datetime.now(UTC)
-        for delivery, (status, error, elapsed) in zip(sendable, results, strict=True):
+        for delivery, (outcome, elapsed) in zip(sendable, results, strict=True):
+            status, error = outcome.status, outcome.error
             attempt = delivery["attempts"] + 1
             statements.append(
                 (
@@ -290,7 +339,7 @@ class WebhookDispatcher:
                         [attempt, status, now, delivery["id"]],
                     )
                 )
-            elif attempt >= destination.max_attempts:
+            elif attempt >= destination.max_attempts or not outcome.retryable:
                 report.dead += 1
                 report.errors.append(error)
                 statements.append(
@@ -311,7 +360,8 @@ class WebhookDispatcher:
                             attempt,
                             status,
                             error,
-                            now + timedelta(seconds=backoff(attempt)),
+                            now
+                            + timedelta(seconds=max(backoff(attempt), outcome.retry_after or 0.0)),
                             delivery["id"],
                         ],
                     )
@@ -319,10 +369,36 @@ class WebhookDispatcher:
         return statements
 
     async def run_once(self, destination: Destination) -> RunReport:
+        problems = await asyncio.to_thread(self._missing_segments, destination)
         enqueued = await asyncio.to_thread(self.enqueue, destination)
         report = await self.deliver(destination)
         report.enqueued = enqueued
+        report.errors[:0] = problems
         return report
+
+    def _missing_segments(self, destination: Destination) -> list[str]:
+        """Segments the webhook names that no longer exist: said once in the delivery log."""
+        problems = []
+        statements: list[tuple[str, list[Any]]] = []
+        for segment in destination.segments:
+            if segment_exists(self.store, self.plan, segment):
+                self._reported.discard((destination.name, segment))
+                continue
+            message = f"{missing_segment_message(segment)}; its changes cannot be sent"
+            problems.append(message)
+            if (destination.name, segment) not in self._reported:
+                self._reported.add((destination.name, segment))
+                statements.append(
+                    (
+                        "INSERT INTO delivery_log (delivery_id, destination, attempt, "
+                        "attempted_at, status, error, duration_ms) "
+                        "VALUES (?, ?, 1, ?, NULL, ?, NULL)",
+                        [f"segment:{segment}", destination.name, datetime.now(UTC), message],
+                    )
+                )
+        if statements:
+            self.writer.write_sync(WriteBatch(statements=statements))
+        return problems
 
     def replay_statement(self, name: str) -> tuple[str, list[Any]]:
         """Dead deliveries of a destination become due again."""

@@ -31,6 +31,25 @@ def interval_seconds(text: str) -> int:
     return int(match.group(1)) * _SECONDS[match.group(2)]
 
 
+META_API = "https://graph.facebook.com/v21.0"
+GOOGLE_ADS_API = "https://googleads.googleapis.com/v18"
+
+
+class Upload(BaseModel):
+    """Credentials for sending a customer list to the ad platform itself (use ${VAR})."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_token: str = Field(min_length=1)  # Meta: a system-user token; Google: OAuth token
+    audience_id: str | None = None  # Meta: the Custom Audience's id
+    customer_id: str | None = None  # Google Ads: the account, digits only
+    user_list_id: str | None = None  # Google Ads: the Customer Match list's id
+    developer_token: str | None = None  # Google Ads API developer token
+    login_customer_id: str | None = None  # Google Ads: the manager account, if any
+    api_url: str | None = None  # the platform's API root (for a proxy or a test double)
+    timeout: float = Field(30.0, gt=0, le=300)
+
+
 class Destination(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,6 +70,7 @@ class Destination(BaseModel):
     rate_limit: float = Field(20.0, gt=0)  # webhook requests per second
     max_attempts: int = Field(8, ge=1, le=100)
     timeout: float = Field(10.0, gt=0, le=120)
+    upload: Upload | None = None  # ad-platform lists: also send them to the platform
 
     @field_validator("schedule")
     @classmethod
@@ -70,7 +90,26 @@ class Destination(BaseModel):
                 raise ValueError("a webhook needs events or segments to send")
         elif not self.segments:
             raise ValueError(f"a {self.kind} destination needs the segments to send")
+        if self.upload is not None:
+            self._upload_needs(self.upload)
         return self
+
+    def _upload_needs(self, upload: Upload) -> None:
+        if self.kind == "meta_custom_audience":
+            if not upload.audience_id:
+                raise ValueError("a Meta upload needs the audience_id of the Custom Audience")
+        elif self.kind == "google_customer_match":
+            missing = [
+                k
+                for k in ("customer_id", "user_list_id", "developer_token")
+                if not getattr(upload, k)
+            ]
+            if missing:
+                raise ValueError(f"a Google Ads upload needs {', '.join(missing)}")
+        else:
+            raise ValueError("only google_customer_match and meta_custom_audience can upload")
+        if upload.api_url is not None and not upload.api_url.startswith(("http://", "https://")):
+            raise ValueError("upload.api_url must be an http(s) url")
 
 
 def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
@@ -112,6 +151,12 @@ def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int,
                         f"event {event!r} is not in the plan",
                     )
                 )
+        mapping = item.get("mapping")
+        if isinstance(mapping, Mapping):
+            for out, source in mapping.items():
+                problem = mapping_problem(data, item, source)
+                if problem:
+                    problems.append((("destinations", index, "mapping", out), problem))
         for t_index, trait in enumerate(item.get("traits") or []):
             if trait not in traits:
                 problems.append(
@@ -121,3 +166,54 @@ def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int,
                     )
                 )
     return problems
+
+
+# What a webhook mapping may read: the event's own fields, and its properties and traits.
+MAPPABLE_FIELDS = ("message_id", "source", "type", "event", "user_id", "anonymous_id", "timestamp")
+SEGMENT_EVENTS = ("Segment Entered", "Segment Exited")
+
+
+def _declared_properties(data: Mapping[str, Any], event_names: set[Any]) -> set[str] | None:
+    """Property names the named events declare; None when one of them allows any property."""
+    names: set[str] = set()
+    for spec in data.get("events") or []:
+        if not isinstance(spec, Mapping) or spec.get("name") not in event_names:
+            continue
+        schema = spec.get("properties")
+        declared = schema.get("properties") if isinstance(schema, Mapping) else None
+        if not isinstance(declared, Mapping):
+            return None
+        names.update(str(k) for k in declared)
+    return names
+
+
+def mapping_problem(data: Mapping[str, Any], item: Mapping[str, Any], source: Any) -> str | None:
+    """Why a mapping's source field cannot exist in what the destination sends, or None."""
+    if not isinstance(source, str) or not source:
+        return "map to a field name such as user_id or properties.order_id"
+    root, _, rest = source.partition(".")
+    hint = (
+        f"one of {', '.join(MAPPABLE_FIELDS)}, properties.NAME (a property of the events sent) "
+        "or traits.NAME (a trait of the plan)"
+    )
+    if root in MAPPABLE_FIELDS:
+        return None if not rest else f"{root!r} has no fields; map to {hint}"
+    if root == "traits":
+        traits = {t.get("name") for t in data.get("traits") or [] if isinstance(t, Mapping)}
+        head = rest.split(".", 1)[0]
+        if rest and head not in traits:
+            return f"unknown field {source!r}: trait {head!r} is not in the plan"
+        return None
+    if root == "properties":
+        events = set(item.get("events") or [])
+        if item.get("segments"):
+            events.update(SEGMENT_EVENTS)
+        declared = _declared_properties(data, events)
+        head = rest.split(".", 1)[0]
+        if rest and declared is not None and head not in declared:
+            return (
+                f"unknown field {source!r}: no event this destination sends declares "
+                f"a property {head!r}"
+            )
+        return None
+    return f"unknown field {source!r}; map to {hint}"

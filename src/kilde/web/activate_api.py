@@ -22,8 +22,8 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel
 
-from kilde.activate.audiences import ActivationError, AudienceSync
-from kilde.activate.webhooks import WebhookDispatcher, sign
+from kilde.activate.audiences import ActivationError, AudienceSync, log_statement
+from kilde.activate.webhooks import WebhookDispatcher, outcome_of, sign, transport_error
 from kilde.plan.destinations import Destination, interval_seconds
 from kilde.plan.models import Plan
 from kilde.store import WriteBatch
@@ -39,29 +39,54 @@ def _plan(app: FastAPI) -> Plan:
     return plan
 
 
+async def _run_destination(app: FastAPI, destination: Destination, plan: Plan) -> None:
+    """One round of one destination; its failures are logged, never raised."""
+    try:
+        if destination.kind == "webhook":
+            await app.state.dispatcher.run_once(destination)
+        else:
+            syncer = AudienceSync(
+                app.state.store, app.state.writer, plan, app.state.settings.data_dir
+            )
+            await asyncio.to_thread(syncer.sync, destination)
+    except ActivationError as exc:  # already in the delivery log
+        log.info("destination %s: %s", destination.name, exc.message)
+    except Exception as exc:  # one broken destination must not stop the others
+        log.error("destination %s failed: %s", destination.name, type(exc).__name__)
+        with contextlib.suppress(Exception):
+            message = f"{type(exc).__name__}: the run failed; see the server log"
+            await app.state.writer.write(
+                WriteBatch(statements=[log_statement(destination.name, "*", message)])
+            )
+
+
 async def _loop(app: FastAPI) -> None:
+    """Each destination runs in its own task: a receiver that hangs holds up only itself."""
     last_sync: dict[str, float] = {}
-    while True:
-        await asyncio.sleep(TICK)
-        plan = _plan(app)
-        dispatcher: WebhookDispatcher = app.state.dispatcher
-        dispatcher.plan = plan
-        for destination in plan.destinations:
-            try:
-                if destination.kind == "webhook":
-                    await dispatcher.run_once(destination)
-                elif destination.schedule:
+    running: dict[str, asyncio.Task[None]] = {}
+    try:
+        while True:
+            await asyncio.sleep(TICK)
+            plan = _plan(app)
+            dispatcher: WebhookDispatcher = app.state.dispatcher
+            dispatcher.plan = plan
+            for destination in plan.destinations:
+                task = running.get(destination.name)
+                if task is not None and not task.done():
+                    continue  # its previous round is still going (a slow receiver)
+                if destination.kind != "webhook":
+                    if not destination.schedule:
+                        continue
                     every = interval_seconds(destination.schedule)
-                    if time.monotonic() - last_sync.get(destination.name, -every) >= every:
-                        last_sync[destination.name] = time.monotonic()
-                        syncer = AudienceSync(
-                            app.state.store, app.state.writer, plan, app.state.settings.data_dir
-                        )
-                        await asyncio.to_thread(syncer.sync, destination)
-            except ActivationError as exc:
-                log.info("destination %s: %s", destination.name, exc.message)
-            except Exception as exc:  # one broken destination must not stop the others
-                log.error("destination %s failed: %s", destination.name, type(exc).__name__)
+                    if time.monotonic() - last_sync.get(destination.name, -every) < every:
+                        continue
+                    last_sync[destination.name] = time.monotonic()
+                running[destination.name] = asyncio.create_task(
+                    _run_destination(app, destination, plan)
+                )
+    finally:
+        for task in running.values():
+            task.cancel()
 
 
 @asynccontextmanager
@@ -175,8 +200,20 @@ async def test_destination(request: Request, name: str) -> dict[str, Any]:
                 destination.url, content=body, headers=headers, timeout=destination.timeout
             )
     except httpx.HTTPError as exc:
-        return {"destination": name, "ok": False, "error": type(exc).__name__}
-    return {"destination": name, "ok": response.is_success, "status": response.status_code}
+        return {
+            "destination": name,
+            "ok": False,
+            "error": transport_error(exc, destination.timeout),
+        }
+    outcome = outcome_of(response)
+    result: dict[str, Any] = {
+        "destination": name,
+        "ok": response.is_success,
+        "status": response.status_code,
+    }
+    if outcome.error:
+        result["error"] = outcome.error
+    return result
 
 
 @router.get("/destinations/{name}/deliveries")

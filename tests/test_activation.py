@@ -376,8 +376,22 @@ def test_a_segment_reaches_a_webhook_and_a_customer_match_file_with_consent_only
             return len(rows) >= 3 and all(r["state"] != "pending" for r in rows)
 
         wait_for(hook_settled)
+        audit = httpx.get(
+            f"{server.url}/api/privacy/audit", params={"action": "EXPORT"}, headers=admin
+        ).json()["entries"]
     finally:
         server.stop()
+
+    # Every file shared is in the audit log with its manifest: what, when, with whom, why.
+    shared_with = {e["action"]: e["detail"] for e in audit}
+    assert set(shared_with) == {
+        "EXPORT google_customer_match google-winback",
+        "EXPORT partner_export partner-feed",
+    }
+    partner_entry = shared_with["EXPORT partner_export partner-feed"]
+    assert partner_entry["recipient"] == "Nordic Outdoor Media AS"
+    assert (partner_entry["legal_basis"], partner_entry["rows_added"]) == ("consent", 1)
+    assert all(e["personal_data"] and e["actor"] == "kilde activation" for e in audit)
 
     # The webhook got the segment entries of the people who allow marketing mail only.
     entered = [d["data"] for d in receiver.accepted() if d["data"]["event"] == "Segment Entered"]
@@ -413,19 +427,48 @@ def test_a_destination_whose_segment_is_gone_refuses_to_sync(tmp_path: Path) -> 
     plan.write_text((Path(__file__).parents[1] / "src/kilde/demo/kilde.yaml").read_text())
     plan_with(
         plan,
-        """  - name: stale-list
+        f"""  - name: stale-list
     kind: meta_custom_audience
     purpose: advertising
     segments: [deleted-segment]
+  - name: stale-hook
+    kind: webhook
+    purpose: order_fulfilment
+    url: http://127.0.0.1:{free_port()}/hook
+    secret: {SECRET}
+    segments: [deleted-segment]
 """,
     )
-    server = start_server(tmp_path / "data", plan)
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
     try:
         result = server.kilde("destinations", "run", "stale-list", check=False)
+        list_log = server.kilde("destinations", "log", "stale-list", "--json")
+
+        def hook_logged() -> list[str]:
+            shown = server.kilde("destinations", "log", "stale-hook", "--json").stdout
+            return [row["error"] for row in orjson.loads(shown)["log"] if row["error"]]
+
+        hook_log = wait_for(hook_logged)
+        hook_run = server.kilde("destinations", "run", "stale-hook")
+        # `test`: a signed request to an unreachable receiver fails with the reason...
+        hook_test = server.kilde("destinations", "test", "stale-hook", check=False)
+        # ...and a list's test checks that its folder can be written.
+        list_test = server.kilde("destinations", "test", "stale-list")
     finally:
         server.stop()
     assert result.returncode == 1
     assert "segment 'deleted-segment' does not exist" in result.stderr
+    # The same error is in the delivery log, for the scheduled runs nobody watches.
+    assert [r["error"] for r in orjson.loads(list_log.stdout)["log"]] == [
+        "segment 'deleted-segment' does not exist"
+    ]
+    assert hook_log == ["segment 'deleted-segment' does not exist; its changes cannot be sent"]
+    assert "segment 'deleted-segment' does not exist" in " ".join(hook_run.stdout.split())
+    assert hook_test.returncode == 1
+    tested = orjson.loads(hook_test.stdout)
+    assert tested["ok"] is False
+    assert tested["error"] == "ConnectError: the receiver is unreachable (connection failed)"
+    assert orjson.loads(list_test.stdout)["ok"] is True
     assert not (tmp_path / "data" / "exports" / "stale-list").exists() or not list(
         (tmp_path / "data" / "exports" / "stale-list").iterdir()
     )

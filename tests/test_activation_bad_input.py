@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
+from kilde.activate.webhooks import backoff
 from tests.conftest import ADMIN_TOKEN, BACKEND_KEY, DEMO_PLAN, free_port, start_server
 from tests.test_activation import SECRET, Receiver, order, plan_with, wait_for
 
@@ -121,7 +122,10 @@ def test_unknown_mapped_fields_are_refused_with_their_place_in_the_plan(tmp_path
         plan,
         hook("mapped", "http://127.0.0.1:9/hook")
         + "    mapping:\n      order: properties.ordr_id\n      who: userid\n"
-        + "      mail: traits.e_mail\n      amount: properties.revenue\n",
+        + "      mail: traits.e_mail\n      amount: properties.revenue\n"
+        # A partner export whose purpose does not rest on consent would sell without it.
+        + "  - name: broker\n    kind: partner_export\n    purpose: analytics\n"
+        + "    segments: [repeat-buyers-90d]\n",
     )
     result = subprocess_check(plan)
     assert result.returncode != 0
@@ -130,6 +134,10 @@ def test_unknown_mapped_fields_are_refused_with_their_place_in_the_plan(tmp_path
     assert "destinations.0.mapping.who: unknown field 'userid'" in out
     assert "destinations.0.mapping.mail: unknown field 'traits.e_mail'" in out
     assert "mapping.amount" not in out  # a declared property is fine
+    assert (
+        "destinations.1.purpose: a partner_export destination shares people with a third "
+        "party; its purpose must rest on consent" in " ".join(out.split())
+    )
 
 
 def subprocess_check(plan: Path) -> Any:
@@ -142,3 +150,10 @@ def subprocess_check(plan: Path) -> Any:
         text=True,
         timeout=120,
     )
+
+
+def test_retries_back_off_exponentially_with_jitter_up_to_an_hour() -> None:
+    for attempt, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (10, 512.0), (40, 3600.0)):
+        waits = [backoff(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1  # jitter: receivers are not hit in lockstep

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from kilde.cli_common import DataOpt, JsonOpt, PlanOpt, TokenOpt, console, fail, print_json
@@ -16,6 +17,8 @@ destinations_app = typer.Typer(
     help="Destinations: webhooks, ad-platform lists, files, partner exports.",
     no_args_is_help=True,
 )
+# Report lines are not wrapped: scripts and readers get one line per fact.
+say = Console(soft_wrap=True, highlight=False)
 NameArg = Annotated[str, typer.Argument(help="The destination's name in the plan")]
 
 
@@ -82,31 +85,30 @@ def destinations_run(
             raise typer.Exit(1)
         return
     if result["kind"] == "webhook":
-        console.print(
+        say.print(
             f"{name}: {result['enqueued']} new, {result['delivered']} delivered, "
             f"{result['failed']} to retry, {result['dead']} dead, {result['skipped']} skipped "
             "(no consent)"
         )
         for error in sorted(set(result["errors"])):
-            console.print(f"  error: {error}", highlight=False)
+            say.print(f"  error: {error}")
         return
     failed = False
     for sync in result["syncs"]:
-        console.print(
+        say.print(
             f"{name} / {sync['segment']}: {sync['members']} members, +{sync['added']} "
             f"-{sync['removed']}; left out {sync['excluded_no_consent']} without consent and "
             f"{sync['excluded_do_not_sell']} who opted out of sale or sharing"
         )
         for file in sync["files"]:
-            console.print(f"  wrote {file}", highlight=False)
+            say.print(f"  wrote {file}")
         if sync.get("uploaded") is not None:
-            console.print(f"  uploaded {sync['uploaded']} changes to the platform")
+            say.print(f"  uploaded {sync['uploaded']} changes to the platform")
         if sync.get("upload_error"):
             failed = True
-            console.print(
+            say.print(
                 f"  upload failed: {sync['upload_error']}; nothing is lost: the next run "
-                "sends these changes again",
-                highlight=False,
+                "sends these changes again"
             )
     if failed:
         raise typer.Exit(1)
@@ -118,7 +120,7 @@ def destinations_replay(
 ) -> None:
     """Make dead deliveries due again."""
     result = _call(data, plan, token, "POST", f"/api/destinations/{name}/replay")
-    console.print(f"{name}: {result['requeued']} dead deliveries queued again")
+    say.print(f"{name}: {result['requeued']} dead deliveries queued again")
 
 
 @destinations_app.command("log")

@@ -160,8 +160,10 @@ class AudienceSync:
         return reports
 
     def _sync_segment(self, destination: Destination, segment: str, *, full: bool) -> SyncReport:
-        allowed = permission(self.store, self.plan, destination.purpose)
         sale = destination.kind in SALE_KINDS
+        # Ad lists and partner exports share data with a third party: consent for the purpose
+        # is required whatever basis the plan gives it (the plan check says so too).
+        allowed = permission(self.store, self.plan, destination.purpose, require_consent=sale)
         members = segment_members(self.store, self.plan, segment)
         report = SyncReport(destination.name, segment, members=len(members))
         kept: list[str] = []
@@ -196,9 +198,9 @@ class AudienceSync:
         if removed:
             name = f"{segment}-{stamp}-remove"
             report.files.append(self._write(destination, folder, name, columns, removed_rows))
-        statements: list[tuple[str, list[Any]]] = [
-            self._manifest(destination, segment, file, report, now) for file in report.files
-        ]
+        statements: list[tuple[str, list[Any]]] = []
+        for file in report.files:
+            statements.extend(self._manifest(destination, segment, file, report, now))
         status: int | None = None
         if destination.upload is not None and (added or removed or full):
             try:
@@ -295,8 +297,9 @@ class AudienceSync:
 
     def _manifest(
         self, destination: Destination, segment: str, file: str, report: SyncReport, at: datetime
-    ) -> tuple[str, list[Any]]:
-        """What was shared, when, with whom and under which basis (for the audit trail)."""
+    ) -> list[tuple[str, list[Any]]]:
+        """What was shared, when, with whom and under which basis: beside the file, in
+        `export_manifests` and in the audit log (`kilde privacy audit`)."""
         purpose = next((p for p in self.plan.purposes if p.id == destination.purpose), None)
         digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()
         manifest = {
@@ -315,22 +318,37 @@ class AudienceSync:
         Path(file).with_suffix(".manifest.json").write_bytes(
             orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
         )
-        return (
-            "INSERT INTO export_manifests (destination, segment, file, sha256, rows_added, "
-            "rows_removed, purpose, legal_basis, recipient, excluded_no_consent, "
-            "excluded_do_not_sell, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        audit = (
+            "INSERT INTO audit_log (logged_at, actor, action, status, personal_data, subject, "
+            "detail) VALUES (?, ?, ?, NULL, TRUE, NULL, ?)",
             [
-                destination.name,
-                segment,
-                Path(file).name,
-                digest,
-                report.added,
-                report.removed,
-                destination.purpose,
-                manifest["legal_basis"],
-                manifest["recipient"],
-                report.excluded_no_consent,
-                report.excluded_do_not_sell,
                 at,
+                "kilde activation",
+                f"EXPORT {destination.kind} {destination.name}",
+                orjson.dumps(
+                    {**manifest, "rows_added": report.added, "rows_removed": report.removed}
+                ).decode(),
             ],
         )
+        return [
+            audit,
+            (
+                "INSERT INTO export_manifests (destination, segment, file, sha256, rows_added, "
+                "rows_removed, purpose, legal_basis, recipient, excluded_no_consent, "
+                "excluded_do_not_sell, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    destination.name,
+                    segment,
+                    Path(file).name,
+                    digest,
+                    report.added,
+                    report.removed,
+                    destination.purpose,
+                    manifest["legal_basis"],
+                    manifest["recipient"],
+                    report.excluded_no_consent,
+                    report.excluded_do_not_sell,
+                    at,
+                ],
+            ),
+        ]

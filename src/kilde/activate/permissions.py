@@ -62,9 +62,12 @@ def _table_exists(store: Store, name: str) -> bool:
     )
 
 
-def permission(store: Store, plan: Plan, purpose: str) -> Permission:
+def permission(
+    store: Store, plan: Plan, purpose: str, *, require_consent: bool = False
+) -> Permission:
     spec = next((p for p in plan.purposes if p.id == purpose), None)
-    needs_consent = spec is None or spec.legal_basis == "consent"  # unknown purpose: refuse
+    # An unknown purpose: refuse. A sale or sharing needs consent whatever the plan's basis.
+    needs_consent = require_consent or spec is None or spec.legal_basis == "consent"
     decisions: dict[str, str] = {}
     id_decisions: dict[str, str] = {}
     opted_out: set[str] = set()

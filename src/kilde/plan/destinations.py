@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DestinationKind = Literal[
     "webhook", "google_customer_match", "meta_custom_audience", "file", "partner_export"
 ]
+# Kinds that hand people to a third party (ad platforms, partners and brokers).
+SHARING_KINDS = ("google_customer_match", "meta_custom_audience", "partner_export")
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -132,6 +134,11 @@ def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int,
         names("events", "name"),
         names("traits", "name"),
     )
+    bases = {
+        p.get("id"): p.get("legal_basis")
+        for p in data.get("purposes") or []
+        if isinstance(p, Mapping)
+    }
     seen: set[Any] = set()
     for index, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -142,6 +149,14 @@ def destination_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int,
         if item.get("purpose") not in purposes:
             problems.append(
                 (("destinations", index, "purpose"), "not a purpose of the plan; declare it first")
+            )
+        elif item.get("kind") in SHARING_KINDS and bases.get(item.get("purpose")) != "consent":
+            problems.append(
+                (
+                    ("destinations", index, "purpose"),
+                    f"a {item.get('kind')} destination shares people with a third party; "
+                    "its purpose must rest on consent (legal_basis: consent)",
+                )
             )
         for e_index, event in enumerate(item.get("events") or []):
             if event not in events:

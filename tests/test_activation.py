@@ -437,6 +437,11 @@ def test_a_destination_whose_segment_is_gone_refuses_to_sync(tmp_path: Path) -> 
     url: http://127.0.0.1:{free_port()}/hook
     secret: {SECRET}
     segments: [deleted-segment]
+  - name: scheduled-file
+    kind: file
+    purpose: analytics
+    segments: [repeat-buyers-90d]
+    schedule: 1s
 """,
     )
     server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
@@ -449,6 +454,14 @@ def test_a_destination_whose_segment_is_gone_refuses_to_sync(tmp_path: Path) -> 
             return [row["error"] for row in orjson.loads(shown)["log"] if row["error"]]
 
         hook_log = wait_for(hook_logged)
+
+        def scheduled_runs() -> int:
+            shown = server.kilde("destinations", "log", "scheduled-file", "--json").stdout
+            return len(orjson.loads(shown)["log"])
+
+        # A list with a schedule syncs on its own; each sync is in the delivery log.
+        wait_for(lambda: scheduled_runs() >= 2)
+        scheduled = server.kilde("destinations", "log", "scheduled-file", "--json").stdout
         hook_run = server.kilde("destinations", "run", "stale-hook")
         # `test`: a signed request to an unreachable receiver fails with the reason...
         hook_test = server.kilde("destinations", "test", "stale-hook", check=False)
@@ -463,6 +476,8 @@ def test_a_destination_whose_segment_is_gone_refuses_to_sync(tmp_path: Path) -> 
         "segment 'deleted-segment' does not exist"
     ]
     assert hook_log == ["segment 'deleted-segment' does not exist; its changes cannot be sent"]
+    runs = orjson.loads(scheduled)["log"]
+    assert {(r["delivery_id"], r["error"]) for r in runs} == {("sync:repeat-buyers-90d", None)}
     assert "segment 'deleted-segment' does not exist" in " ".join(hook_run.stdout.split())
     assert hook_test.returncode == 1
     tested = orjson.loads(hook_test.stdout)

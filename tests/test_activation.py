@@ -192,7 +192,9 @@ def test_dead_deliveries_can_be_replayed(tmp_path: Path, receiver: Receiver) -> 
     server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
-        httpx.post(f"{server.url}/v1/track", json=order("dora", 1), auth=(BACKEND_KEY, ""))
+        httpx.post(
+            f"{server.url}/v1/track", json=order("dora", 1), auth=(BACKEND_KEY, ""), timeout=30
+        )
 
         def dead() -> bool:
             listed = httpx.get(f"{server.url}/api/destinations", headers=admin).json()

@@ -274,11 +274,14 @@ class WebhookDispatcher:
         report = RunReport()
         async with httpx.AsyncClient() as client:
             while True:
-                due = self.due(destination)
+                # Reads run in a thread: the event loop serves collection meanwhile.
+                due = await asyncio.to_thread(self.due, destination)
                 if not due:
                     break
                 # Checked at the moment of use: a withdrawal counts from the next round on.
-                allowed = permission(self.store, self.plan, destination.purpose)
+                allowed = await asyncio.to_thread(
+                    permission, self.store, self.plan, destination.purpose
+                )
                 statements = await self._round(client, destination, due, allowed, report)
                 # Failed deliveries are due again only after their backoff, so this ends.
                 await self.writer.write(WriteBatch(statements=statements))
@@ -292,6 +295,19 @@ class WebhookDispatcher:
         allowed: Permission,
         report: RunReport,
     ) -> list[tuple[str, list[Any]]]:
+        sendable, statements = await asyncio.to_thread(
+            self._screen, destination, due, allowed, report
+        )
+        return await self._send_all(client, destination, sendable, statements, report)
+
+    def _screen(
+        self,
+        destination: Destination,
+        due: list[dict[str, Any]],
+        allowed: Permission,
+        report: RunReport,
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, list[Any]]]]:
+        """Who may be sent now; the others wait for identity resolution or are skipped."""
         statements: list[tuple[str, list[Any]]] = []
         sendable = []
         now = datetime.now(UTC)
@@ -318,6 +334,16 @@ class WebhookDispatcher:
                         [why, delivery["id"]],
                     )
                 )
+        return sendable, statements
+
+    async def _send_all(
+        self,
+        client: httpx.AsyncClient,
+        destination: Destination,
+        sendable: list[dict[str, Any]],
+        statements: list[tuple[str, list[Any]]],
+        report: RunReport,
+    ) -> list[tuple[str, list[Any]]]:
         results = await asyncio.gather(*(self._send(client, destination, d) for d in sendable))
         now = datetime.now(UTC)
         for delivery, (outcome, elapsed) in zip(sendable, results, strict=True):

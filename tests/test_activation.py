@@ -21,6 +21,7 @@ from kilde.activate.webhooks import verify_signature
 from tests.conftest import ADMIN_TOKEN, BACKEND_KEY, free_port, start_server
 
 SECRET = "test-webhook-secret-0123456789"
+HOOK_TOKEN = "hook-token-4b1d"
 
 
 class Receiver:
@@ -66,7 +67,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        # A token in the address, as many receivers want one; it must never reach a log.
+        return f"http://127.0.0.1:{self.port}/hook?token={HOOK_TOKEN}"
 
     def accepted(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -172,6 +174,8 @@ def test_webhook_survives_failures_and_slowness_in_order_signed(
     assert "HTTP 500: the receiver failed" in errors
     assert "ReadTimeout: no answer within 1 s" in errors
     assert all(d["state"] == "delivered" for d in status["deliveries"])
+    # The receiver's address, with its token, stays out of the server's log.
+    assert HOOK_TOKEN not in server.log_text()
 
 
 def test_dead_deliveries_can_be_replayed(tmp_path: Path, receiver: Receiver) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,12 +101,10 @@ def serve(
 
     from kilde.web.admin_token import ensure_admin_token
     from kilde.web.app import create_app
-    from kilde.web.errors import RedactExceptionText
+    from kilde.web.errors import configure_server_logging
 
     settings = _settings(data, plan, host=host, port=port)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for handler in logging.getLogger().handlers:  # exception texts may quote personal data
-        handler.addFilter(RedactExceptionText())
+    configure_server_logging()
     try:
         new_token = ensure_admin_token(settings.data_dir, settings.admin_token)
         application = create_app(settings)

@@ -69,18 +69,15 @@ def serve_collector(
     host: str | None, port: int | None, data: Path | None, plan: Path | None, lake: Path | None
 ) -> None:
     """Run a collector that appends to the lake (no admin API, no dashboard)."""
-    import logging
 
     import uvicorn
 
     from kilde.web.app import create_collector_app
-    from kilde.web.errors import RedactExceptionText
+    from kilde.web.errors import configure_server_logging
 
     settings = Settings.from_env(data_dir=data, plan_path=plan, host=host, port=port)
     folder = lake_path(lake, data)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for handler in logging.getLogger().handlers:  # exception texts may quote personal data
-        handler.addFilter(RedactExceptionText())
+    configure_server_logging()
     try:
         application = create_collector_app(settings, folder)
     except KildeError as exc:

@@ -69,3 +69,18 @@ class RedactExceptionText(logging.Filter):
             name = kind.__name__ if kind else "Exception"
             record.exc_text = f"Traceback (most recent call last):\n{frames}{name}: (text withheld)"
         return True
+
+
+# Client libraries that log every request's address at INFO: a receiver's URL can carry a
+# token, and a look-up can carry an identifier.
+CHATTY_LOGGERS = ("httpx", "httpcore", "urllib3")
+
+
+def configure_server_logging() -> None:
+    """The log of a running server: timestamps, and nothing that could quote personal data
+    or secrets (exception texts withheld, request addresses of outgoing calls not logged)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactExceptionText())
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
+from kilde.activate import hashing
 from tests.conftest import BACKEND_KEY, DEMO_PLAN, Server, run_kilde, start_server
 from tests.privacy_support import (
     SAMPLES,
@@ -29,6 +30,7 @@ from tests.privacy_support import (
     submit_form,
     until,
 )
+from tests.test_activation import SECRET, Receiver
 
 
 def lookup(server: Server, email: str) -> list[dict[str, Any]]:
@@ -344,3 +346,114 @@ def test_erase_and_export_work_in_process_without_a_server(tmp_path: Path) -> No
     assert erased.returncode == 0, erased.stderr
     assert "erased" in erased.stdout
     assert scan(tmp_path / "data", person.needles()) == []
+
+
+class GmailUser(Person):
+    """Google's customer lists drop the dots of Gmail addresses before hashing."""
+
+    @property
+    def email(self) -> str:
+        return f"Ingrid.Test.{self.tag}@Gmail.com"
+
+
+def test_erasure_reaches_deliveries_and_files_made_for_destinations(tmp_path: Path) -> None:
+    """What activation made of the person: webhook deliveries and their log, the partner's
+    Parquet file and the ad platform's customer list (hashed) under the data directory."""
+    receiver = Receiver()
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text(
+        DEMO_PLAN.read_text()
+        + f"""
+destinations:
+  - name: shop-hook
+    kind: webhook
+    purpose: order_fulfilment
+    url: {receiver.url}
+    secret: {SECRET}
+    events: [Order Completed]
+  - name: google-list
+    kind: google_customer_match
+    purpose: advertising
+    segments: [repeat-buyers-90d]
+  - name: partner-feed
+    kind: partner_export
+    purpose: advertising
+    recipient: Nordic Outdoor Media AS
+    segments: [repeat-buyers-90d]
+    traits: [email, first_name, phone]
+    format: parquet
+"""
+    )
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    person, other = GmailUser(), Person()
+    try:
+        for p in (person, other):
+            send(
+                server,
+                {
+                    "type": "identify",
+                    "userId": p.user_id,
+                    "traits": {"email": p.email, "phone": p.phone, "first_name": "Ingrid"},
+                },
+                {
+                    "type": "track",
+                    "event": "Consent Updated",
+                    "userId": p.user_id,
+                    "properties": {"purposes": {"advertising": True}},
+                },
+                *(
+                    {
+                        "type": "track",
+                        "userId": p.user_id,
+                        "event": "Order Completed",
+                        "properties": {
+                            "order_id": f"o{n}-{p.tag}",
+                            "revenue": 900,
+                            "currency": "NOK",
+                        },
+                    }
+                    for n in range(2)
+                ),
+            )
+        refresh_profiles(server)
+        assert (
+            api(
+                server, "POST", "/api/segments/refresh", json={"segments": ["repeat-buyers-90d"]}
+            ).status_code
+            == 200
+        )
+        for name in ("google-list", "partner-feed"):
+            synced = orjson.loads(server.kilde("destinations", "run", name, "--json").stdout)
+            assert synced["syncs"][0]["added"] == 2, synced
+
+        def delivered() -> bool:
+            rows = api(server, "GET", "/api/destinations/shop-hook/deliveries").json()
+            return len(rows["deliveries"]) >= 4 and all(
+                r["state"] != "pending" for r in rows["deliveries"]
+            )
+
+        until(delivered, "the webhook deliveries", timeout=60)
+        email = hashing.google_email(person.email)
+        phone = hashing.e164(person.phone_e164)
+        assert email and phone
+        hashed = [hashing.sha256(email).encode(), hashing.sha256(phone).encode()]
+        assert scan(server.data_dir / "exports", hashed)  # the customer list holds them
+
+        report = privacy(server, "erase", {"email": person.email})
+        assert report["removed"].get("deliveries", 0) == 2, report["removed"]
+        assert report["removed"].get("audience_syncs", 0) >= 1, report["removed"]
+        assert scan(server.data_dir, person.needles() + hashed) == []
+        # the other customer is still in the files and the delivery history
+        assert scan(server.data_dir, [other.email.lower().encode()])
+        other_email = hashing.google_email(other.email)
+        assert other_email
+        assert scan(server.data_dir / "exports", [hashing.sha256(other_email).encode()])
+        left = api(server, "GET", "/api/destinations/shop-hook/deliveries").json()["deliveries"]
+        assert len(left) == 2
+        # sending people to partners is an export of personal data in the audit log
+        audit = api(server, "GET", "/api/privacy/audit", params={"action": "destinations"})
+        runs = [e for e in audit.json()["entries"] if e["action"].endswith("/run")]
+        assert [e["personal_data"] for e in runs] == [True, True]
+    finally:
+        server.stop()
+        receiver.close()

@@ -110,6 +110,13 @@ def test_every_admin_action_is_audited_without_personal_data(kilde_server: Serve
     api(kilde_server, "GET", "/api/stats")
     api(kilde_server, "POST", "/api/profiles/lookup", json={"email": person.email})
     api(kilde_server, "GET", "/api/events", params={"user_id": person.user_id})
+    mail = api(
+        kilde_server,
+        "POST",
+        f"/api/email/campaigns/audit-{person.tag}/render",
+        json={"html": "<p>Hei</p>", "recipients": [{"user_id": person.user_id}]},
+    )
+    assert mail.status_code == 200, mail.text
     refused = httpx.get(
         f"{kilde_server.url}/api/stats", headers={"Authorization": "Bearer wrong-token"}
     )
@@ -125,6 +132,7 @@ def test_every_admin_action_is_audited_without_personal_data(kilde_server: Serve
     assert ("GET /api/stats", 200, False) in actions
     assert ("POST /api/profiles/lookup", 200, True) in actions
     assert ("GET /api/events", 200, True) in actions
+    assert ("POST /api/email/campaigns/{campaign}/render", 200, True) in actions
     assert ("GET /api/stats", 401, False) in actions
     text = orjson.dumps(entries).decode()
     assert person.email.lower() not in text.lower() and person.user_id not in text

@@ -39,6 +39,8 @@ PERSONAL_ROUTES = (
     "/api/privacy/do-not-sell",
     "/api/segments/{",
     "/api/imports/{",
+    "/api/destinations/{",  # runs send people to partners; deliveries and replays hold them
+    "/api/email/campaigns/{campaign}/render",  # every recipient's own copy of a mail
 )
 
 

@@ -16,7 +16,8 @@ person gets in again:
    into a fresh file that is swapped in for the old one, whose write-ahead log goes with it.
    Deleted rows no longer linger in free blocks of the file.
 5. Files under the data directory that mention the person (uploaded import files, exports)
-   are cleaned: text files lose the lines, other files are deleted.
+   are cleaned: text files lose the lines, other files are deleted. Customer lists for ad
+   platforms hold SHA-256 hashes of the normalised email and phone, so those are looked for too.
 
 Batches that were already screened when step 1 happened are screened again by the writer at
 commit (kilde.privacy.enforcement), so a record on its way during the erasure cannot land after
@@ -40,6 +41,7 @@ import duckdb
 import orjson
 import phonenumbers
 
+from kilde.activate import hashing
 from kilde.errors import ConfigError
 from kilde.identity.identifiers import Identifier
 from kilde.pipeline.dead_letter import payload_field
@@ -164,7 +166,9 @@ def erase(
             if engine is not None and _identity_runs():
                 engine.start()
         privacy.screen.consent.forget(subject.values("user_id"), subject.values("anonymous_id"))
-        files = clean_files(privacy.data_dir, _sweep_values(subject, suppressed))
+        files = clean_files(
+            privacy.data_dir, _sweep_values(subject, suppressed) + _hashed_values(suppressed)
+        )
         details = {"tables": removed, "files": files}
         privacy.writer.write_sync(_finish(erasure_id, details, compacted))
         return {
@@ -300,6 +304,18 @@ def _sweep_values(subject: Subject, identifiers: Iterable[Identifier]) -> list[s
             if len(value) >= MIN_SWEEP_LENGTH:
                 values.add(value.lower())
     return sorted(values)
+
+
+def _hashed_values(identifiers: Iterable[Identifier]) -> list[str]:
+    """The SHA-256 hashes ad platforms' customer lists carry for the person's emails and phones
+    (kilde.activate.hashing: Google's and Meta's normalisations)."""
+    plain: set[str | None] = set()
+    for ident in identifiers:
+        if ident.type == "email":
+            plain |= {hashing.google_email(ident.value), hashing.meta_email(ident.value)}
+        elif ident.type == "phone":
+            plain |= {hashing.google_phone(ident.value), hashing.meta_phone(ident.value)}
+    return sorted(hashing.sha256(value) for value in plain if value)
 
 
 def _phone_formats(e164: str) -> list[str]:
@@ -692,7 +708,9 @@ def _clean_parquet(path: Path, values: list[str]) -> bool:
     try:
         source = _sql_text(str(path))
         pattern = _pattern(values)
-        where = f"regexp_matches(lower(CAST(t AS VARCHAR)), '{_sql_text(pattern)}')"
+        # Each row as JSON, so every text value is a quoted string the pattern can match whole
+        # (a row cast to VARCHAR leaves strings unquoted).
+        where = f"regexp_matches(lower(CAST(to_json(t) AS VARCHAR)), '{_sql_text(pattern)}')"
         hits = con.execute(f"SELECT count(*) FROM read_parquet('{source}') t WHERE {where}")
         row = hits.fetchone()
         if not row or not row[0]:

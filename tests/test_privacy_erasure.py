@@ -167,8 +167,19 @@ def test_erasing_again_unknown_people_and_partial_identifiers_get_correct_answer
         own_server,
         {"type": "identify", "userId": person.user_id, "traits": {"email": person.email}},
     )
-    first = privacy(own_server, "erase", {"email": person.email})
+    # an erasure that answers a request: of the right kind, verified, then closed by it
+    asked = privacy(own_server, "requests", {"kind": "erasure", "person": {"email": person.email}})
+    access = privacy(own_server, "requests", {"kind": "access"})
+    wrong = {"email": person.email, "request_id": access["id"]}
+    assert privacy(own_server, "erase", wrong, status=409)["error"] == "wrong_request_kind"
+    early = {"email": person.email, "request_id": asked["id"]}
+    assert privacy(own_server, "erase", early, status=409)["error"] == "not_verified"
+    assert events(own_server, user_id=person.user_id)  # refused: nothing was erased
+    privacy(own_server, f"requests/{asked['id']}", {"verification": "verified"})
+    first = privacy(own_server, "erase", {"email": person.email, "request_id": asked["id"]})
     assert first["status"] == "erased"
+    closed = api(own_server, "GET", f"/api/privacy/requests/{asked['id']}").json()
+    assert closed["state"] == "done" and closed["outcome"].startswith("erased")
     again = privacy(own_server, "erase", {"identifier": person.email.upper()})
     assert again["status"] == "already_erased"
     assert again["erasure_id"] == first["erasure_id"]

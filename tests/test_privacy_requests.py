@@ -178,3 +178,19 @@ def test_the_register_is_generated_from_the_plan(tmp_path: Path) -> None:
     assert rows[0]["controller"] == "Fjord & Fell"
     bad = run_kilde("plan", "register", "--format", "pdf", env=env)
     assert bad.returncode == 1 and "use md, html or csv" in bad.stderr
+
+    # recipients come from the plan's destinations; the safeguards and people are named
+    shared = tmp_path / "kilde.yaml"
+    shared.write_text(
+        DEMO_PLAN.read_text()
+        + "\ndestinations:\n  - name: partner-feed\n    kind: partner_export\n"
+        "    purpose: advertising\n    recipient: Nordic Outdoor Media AS\n"
+        "    segments: [repeat-buyers-90d]\n    traits: [email]\n"
+    )
+    register = run_kilde("plan", "register", env={"KILDE_PLAN": str(shared)}).stdout
+    advertising = register.split("## advertising", 1)[1].split("\n## ", 1)[0]
+    assert "| Recipients | Nordic Outdoor Media AS (partner_export) |" in advertising
+    assert "| Sale or sharing (CCPA) | yes |" in advertising
+    assert "customers with an account, website visitors |" in advertising  # people
+    assert "erased people suppressed by salted hash" in advertising  # safeguards
+    assert "| Recipients | none outside the company |" in register.split("## advertising")[0]

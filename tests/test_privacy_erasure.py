@@ -461,10 +461,16 @@ destinations:
         assert scan(server.data_dir / "exports", [hashing.sha256(other_email).encode()])
         left = api(server, "GET", "/api/destinations/shop-hook/deliveries").json()["deliveries"]
         assert len(left) == 2
+        # consent is checked at the moment of use: a withdrawal takes the other off the list
+        privacy(server, "consent", {"email": other.email, "purposes": {"advertising": False}})
+        synced = orjson.loads(server.kilde("destinations", "run", "google-list", "--json").stdout)
+        (sync,) = synced["syncs"]
+        assert (sync["members"], sync["added"], sync["removed"]) == (1, 0, 1), sync
+        assert sync["excluded_no_consent"] + sync["excluded_do_not_sell"] == 1
         # sending people to partners is an export of personal data in the audit log
         audit = api(server, "GET", "/api/privacy/audit", params={"action": "destinations"})
         runs = [e for e in audit.json()["entries"] if e["action"].endswith("/run")]
-        assert [e["personal_data"] for e in runs] == [True, True]
+        assert [e["personal_data"] for e in runs] == [True, True, True]
     finally:
         server.stop()
         receiver.close()

@@ -450,7 +450,18 @@ destinations:
         hashed = [hashing.sha256(email).encode(), hashing.sha256(phone).encode()]
         assert scan(server.data_dir / "exports", hashed)  # the customer list holds them
 
-        report = privacy(server, "erase", {"email": person.email})
+        result = server.kilde("privacy", "erase", person.email, "--yes")
+        said = " ".join(result.stdout.split())
+        assert (
+            "sent before to google-list, partner-feed (Nordic Outdoor Media AS), shop-hook: "
+            "ask them to delete it too" in said
+        ), said
+        report = privacy(server, "erase", {"email": person.email})  # the record of it
+        assert [(n["destination"], n["recipient"]) for n in report["notify"]] == [
+            ("google-list", None),
+            ("partner-feed", "Nordic Outdoor Media AS"),
+            ("shop-hook", None),
+        ]
         assert report["removed"].get("deliveries", 0) == 2, report["removed"]
         assert report["removed"].get("audience_syncs", 0) >= 1, report["removed"]
         assert scan(server.data_dir, person.needles() + hashed) == []

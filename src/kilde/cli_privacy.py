@@ -144,6 +144,16 @@ def erase(
     )
     for table, count in sorted(result["removed"].items()):
         say(f"  {table}: {count}", highlight=False)
+    if result.get("notify"):
+        say(
+            "[yellow]sent before to[/] "
+            + ", ".join(
+                n["destination"] + (f" ({n['recipient']})" if n.get("recipient") else "")
+                for n in result["notify"]
+            )
+            + ": ask them to delete it too (GDPR Art. 17(2), 19)",
+            highlight=False,
+        )
 
 
 @privacy_app.command("suppress")

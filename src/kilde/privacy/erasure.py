@@ -19,6 +19,9 @@ person gets in again:
    are cleaned: text files lose the lines, other files are deleted. Customer lists for ad
    platforms hold SHA-256 hashes of the normalised email and phone, so those are looked for too.
 
+The answer names the destinations the person's data was sent to before (`notify`): copies
+there are outside Kilde's reach, and their recipients must be told (GDPR Art. 17(2) and 19).
+
 Batches that were already screened when step 1 happened are screened again by the writer at
 commit (kilde.privacy.enforcement), so a record on its way during the erasure cannot land after
 it. Erasing someone already erased answers `already_erased`; someone never seen, 404.
@@ -152,6 +155,7 @@ def erase(
                     "actor": actor,
                 }
                 rows = suppression.rows(hashes, "erasure", erasure_id)
+                notify = shared_with(privacy, subject)  # read before the rows go
                 removed = privacy.writer.exclusive(
                     lambda: _erase_in_store(privacy.store, subject, suppressed, rows, record)
                 )
@@ -169,7 +173,7 @@ def erase(
         files = clean_files(
             privacy.data_dir, _sweep_values(subject, suppressed) + _hashed_values(suppressed)
         )
-        details = {"tables": removed, "files": files}
+        details = {"tables": removed, "files": files, "notify": notify}
         privacy.writer.write_sync(_finish(erasure_id, details, compacted))
         return {
             "status": "erased",
@@ -182,6 +186,7 @@ def erase(
             "removed": removed,
             "rows_removed": sum(removed.values()),
             "files_cleaned": files,
+            "notify": notify,
             "compacted": compacted,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -284,8 +289,45 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
         "removed": tables,
         "rows_removed": sum(tables.values()),
         "files_cleaned": details.get("files", []),
+        "notify": details.get("notify", []),
         "compacted": record["compacted"],
     }
+
+
+def shared_with(privacy: Privacy, subject: Subject) -> list[dict[str, Any]]:
+    """The destinations the person's data was sent to (audience syncs, delivered events): the
+    recipients to tell about the erasure (GDPR Art. 17(2), 19). Names only, no personal data."""
+    store = privacy.store
+    profiles = subject.profile_ids
+    people = [*profiles, *subject.values("user_id", "anonymous_id")]
+    names: set[str] = set()
+    for table, sql, params in (
+        (
+            "audience_syncs",
+            "SELECT DISTINCT destination FROM audience_syncs WHERE list_contains(?, profile_id)",
+            [profiles],
+        ),
+        (
+            "deliveries",
+            "SELECT DISTINCT destination FROM deliveries "
+            "WHERE state = 'delivered' AND list_contains(?, person)",
+            [people],
+        ),
+    ):
+        exists = store.scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+        )
+        if exists and (profiles if table == "audience_syncs" else people):
+            names |= {r["destination"] for r in store.query(sql, params)}
+    by_name = {d.name: d for d in privacy.plan.destinations}
+    return [
+        {
+            "destination": name,
+            "kind": by_name[name].kind if name in by_name else None,
+            "recipient": by_name[name].recipient if name in by_name else None,
+        }
+        for name in sorted(names)
+    ]
 
 
 # -- in the store (on the writer thread) ---------------------------------------------------------

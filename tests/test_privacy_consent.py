@@ -133,7 +133,19 @@ def test_bought_data_carries_the_brokers_consent_until_the_person_refuses(
 
 
 def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Server) -> None:
-    shopper, caller = Person(), Person()
+    shopper, caller, banner = Person(), Person(), Person()
+    # the browser API: kilde.consent({advertising: false}) sends this from the banner
+    send_like_kjs(
+        kilde_server,
+        {
+            "type": "track",
+            "event": "Consent Updated",
+            "anonymousId": banner.anonymous_id,
+            "userId": banner.user_id,
+            "properties": {"purposes": {"advertising": False}, "banner_version": "b-9"},
+        },
+        {"type": "identify", "userId": banner.user_id, "traits": {"email": banner.email}},
+    )
     send_like_kjs(
         kilde_server,
         {
@@ -154,6 +166,8 @@ def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Se
     assert (
         privacy(kilde_server, "do-not-sell/status", {"email": caller.email})["do_not_sell"] is False
     )
+    by_banner = privacy(kilde_server, "do-not-sell/status", {"email": banner.email})
+    assert by_banner["do_not_sell"] is True and by_banner["evidence"] == "b-9"
 
     result = kilde_server.kilde("privacy", "do-not-sell", caller.email, "--evidence", "phone call")
     assert "do not sell or share: yes" in result.stdout

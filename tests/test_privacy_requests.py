@@ -194,3 +194,42 @@ def test_the_register_is_generated_from_the_plan(tmp_path: Path) -> None:
     assert "customers with an account, website visitors |" in advertising  # people
     assert "erased people suppressed by salted hash" in advertising  # safeguards
     assert "| Recipients | none outside the company |" in register.split("## advertising")[0]
+
+
+def test_an_opt_out_request_is_answered_by_do_not_sell_or_suppress(kilde_server: Server) -> None:
+    seller, objector = Person(), Person()
+    for p in (seller, objector):
+        send(kilde_server, {"type": "identify", "userId": p.user_id, "traits": {"email": p.email}})
+    refresh_profiles(kilde_server)
+
+    def opt_out(person: Person) -> str:
+        body = {"kind": "opt_out", "law": "ccpa", "person": {"email": person.email}}
+        logged = privacy(kilde_server, "requests", body)
+        privacy(kilde_server, f"requests/{logged['id']}", {"verification": "verified"})
+        request_id: str = logged["id"]
+        return request_id
+
+    sale = opt_out(seller)
+    # another person's request, or one of another kind, is refused before anything changes
+    other = kilde_server.kilde(
+        "privacy", "do-not-sell", objector.email, "--request", sale, check=False
+    )
+    assert other.returncode == 1 and "not the one the request is about" in other.stderr
+    status = privacy(kilde_server, "do-not-sell/status", {"email": objector.email})
+    assert status["do_not_sell"] is False
+    kilde_server.kilde("privacy", "do-not-sell", seller.email, "--request", sale)
+    done = api(kilde_server, "GET", f"/api/privacy/requests/{sale}").json()
+    assert (done["state"], done["outcome"]) == ("done", "opted out of sale or sharing")
+    again = kilde_server.kilde(
+        "privacy", "do-not-sell", seller.email, "--request", sale, check=False
+    )
+    assert again.returncode == 1 and "already closed" in again.stderr
+
+    objection = opt_out(objector)
+    kilde_server.kilde("privacy", "suppress", objector.email, "--request", objection)
+    closed = api(kilde_server, "GET", f"/api/privacy/requests/{objection}").json()
+    assert closed["state"] == "done" and closed["outcome"].startswith("suppressed")
+    kept_out = send(
+        kilde_server, {"type": "track", "userId": objector.user_id, "event": "Signed In"}
+    )
+    assert kept_out["stored"] == 0

@@ -482,6 +482,21 @@ destinations:
         audit = api(server, "GET", "/api/privacy/audit", params={"action": "destinations"})
         runs = [e for e in audit.json()["entries"] if e["action"].endswith("/run")]
         assert [e["personal_data"] for e in runs] == [True, True, True]
+        # and every file made for a destination is in the log, also when the schedule made it
+        exports = api(server, "GET", "/api/privacy/audit", params={"action": "EXPORT"}).json()
+        made = [
+            (e["action"], e["detail"]["rows_added"], e["detail"]["rows_removed"])
+            for e in exports["entries"]
+        ]
+        assert sorted(made) == [
+            ("EXPORT google-list", 0, 1),
+            ("EXPORT google-list", 2, 0),
+            ("EXPORT partner-feed", 2, 0),
+        ]
+        assert all(
+            e["personal_data"] and e["actor"] == "kilde:destinations" for e in exports["entries"]
+        )
+        assert other.email.lower() not in orjson.dumps(exports).decode().lower()
     finally:
         server.stop()
         receiver.close()

@@ -22,6 +22,7 @@ from tests.privacy_support import (
     refresh_profiles,
     send,
     send_like_kjs,
+    submit_form,
 )
 
 
@@ -132,7 +133,19 @@ def test_bought_data_carries_the_brokers_consent_until_the_person_refuses(
 
 
 def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Server) -> None:
-    shopper, caller = Person(), Person()
+    shopper, caller, banner = Person(), Person(), Person()
+    # the browser API: kilde.consent({advertising: false}) sends this from the banner
+    send_like_kjs(
+        kilde_server,
+        {
+            "type": "track",
+            "event": "Consent Updated",
+            "anonymousId": banner.anonymous_id,
+            "userId": banner.user_id,
+            "properties": {"purposes": {"advertising": False}, "banner_version": "b-9"},
+        },
+        {"type": "identify", "userId": banner.user_id, "traits": {"email": banner.email}},
+    )
     send_like_kjs(
         kilde_server,
         {
@@ -153,6 +166,8 @@ def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Se
     assert (
         privacy(kilde_server, "do-not-sell/status", {"email": caller.email})["do_not_sell"] is False
     )
+    by_banner = privacy(kilde_server, "do-not-sell/status", {"email": banner.email})
+    assert by_banner["do_not_sell"] is True and by_banner["evidence"] == "b-9"
 
     result = kilde_server.kilde("privacy", "do-not-sell", caller.email, "--evidence", "phone call")
     assert "do not sell or share: yes" in result.stdout
@@ -193,3 +208,102 @@ def test_refusals_mode_keeps_out_only_what_was_refused(kilde_server: Server) -> 
         json={"email": refused.email, "purposes": {"no_such_purpose": True}},
     )
     assert bad.status_code == 400 and bad.json()["error"] == "unknown_purpose"
+
+
+def test_consent_kept_in_the_crm_arrives_with_an_import(
+    strict_server: Server, tmp_path: Path
+) -> None:
+    yes, no = Person(), Person()
+    mapping = tmp_path / "crm.mapping.yaml"
+    mapping.write_text(
+        "kind: contacts\ntraits: {newsletter: Newsletter}\n"
+        "consents: {marketing_email: Newsletter}\nignore: [Lead score]\n"
+    )
+
+    def crm(name: str, *rows: tuple[Person, str]) -> Path:
+        path = tmp_path / name
+        lines = ["Contact ID,E-mail,Town,Newsletter"]
+        lines += [f"crm-{p.tag},{p.email},Bergen,{answer}" for p, answer in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def imported(path: Path) -> dict[str, Any]:
+        result = strict_server.kilde(
+            "import", "contacts", str(path), "-s", "crm", "-m", str(mapping), "--json"
+        )
+        summary: dict[str, Any] = orjson.loads(result.stdout)
+        return summary
+
+    assert imported(crm("march.csv", (yes, "yes"), (no, "no")))["stored"] == 2
+    granted = privacy(strict_server, "consent/state", {"email": yes.email})
+    assert granted["current"]["marketing_email"]["state"] == "granted"
+    assert granted["current"]["marketing_email"]["channel"] == "import"
+    assert granted["current"]["marketing_email"]["evidence"] == "import:march.csv:2"
+    refused = privacy(strict_server, "consent/state", {"email": no.email})
+    assert refused["current"]["marketing_email"]["state"] == "denied"
+    # the gate takes the row's own choice: the newsletter trait is kept only with the grant
+    traits = {e["traits"]["email"]: e["traits"] for e in events(strict_server, source="crm")}
+    assert traits[yes.email]["newsletter"] is True
+    assert "newsletter" not in traits[no.email]
+
+    # the same export again adds nothing to the ledger; next month's change is a withdrawal
+    imported(crm("march.csv", (yes, "yes"), (no, "no")))
+    assert privacy(strict_server, "consent/state", {"email": yes.email})["count"] == 1
+    imported(crm("april.csv", (yes, "no")))
+    later = privacy(strict_server, "consent/state", {"email": yes.email})
+    assert [(r["state"], r["evidence"]) for r in later["records"]] == [
+        ("granted", "import:march.csv:2"),
+        ("withdrawn", "import:april.csv:2"),
+    ]
+
+    # a purpose the plan does not have, or a kind that records no consent, is refused whole
+    mapping.write_text("kind: contacts\nconsents: {newsletters: Newsletter}\n")
+    bad = strict_server.kilde(
+        "import",
+        "contacts",
+        str(crm("may.csv", (yes, "yes"))),
+        "-s",
+        "crm",
+        "-m",
+        str(mapping),
+        check=False,
+    )
+    assert bad.returncode != 0 and "consents.newsletters: the plan has no such purpose" in (
+        bad.stdout + bad.stderr
+    )
+
+
+def test_a_forms_unticked_sharing_box_sets_do_not_sell(tmp_path: Path) -> None:
+    plan = tmp_path / "kilde.yaml"
+    text = DEMO_PLAN.read_text()
+    box = (
+        "      - purpose: marketing_email\n"
+        "        label: Also send me offers for groups by email.\n"
+    )
+    assert box in text
+    sharing = "      - purpose: advertising\n        label: Show me offers on other sites.\n"
+    plan.write_text(text.replace(box, box + sharing))
+    server = start_server(tmp_path / "data", plan)
+    try:
+        declined, accepted = Person(), Person()
+        for person, ticked in ((declined, {}), (accepted, {"consent.advertising": "yes"})):
+            answer = submit_form(
+                server,
+                "b2b-lead",
+                {"name": "Ingrid", "email": person.email, "company": "Skolen", "size": "1-10"}
+                | ticked,
+                visitor=person.anonymous_id,
+            )
+            assert answer.status_code == 200, answer.text
+        refresh_profiles(server)
+        flagged = privacy(server, "do-not-sell/status", {"email": declined.email})
+        assert flagged["do_not_sell"] is True
+        assert (flagged["channel"], flagged["evidence"]) == ("form", "form:b2b-lead")
+        allowed = privacy(server, "do-not-sell/status", {"email": accepted.email})
+        assert allowed["do_not_sell"] is False
+        (verdict,) = privacy(server, "check", {"email": declined.email, "purpose": "advertising"})[
+            "profiles"
+        ].values()
+        assert verdict["allowed"] is False
+    finally:
+        server.stop()

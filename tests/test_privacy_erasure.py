@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
+from kilde.activate import hashing
 from tests.conftest import BACKEND_KEY, DEMO_PLAN, Server, run_kilde, start_server
 from tests.privacy_support import (
     SAMPLES,
@@ -29,6 +30,7 @@ from tests.privacy_support import (
     submit_form,
     until,
 )
+from tests.test_activation import SECRET, Receiver
 
 
 def lookup(server: Server, email: str) -> list[dict[str, Any]]:
@@ -165,8 +167,19 @@ def test_erasing_again_unknown_people_and_partial_identifiers_get_correct_answer
         own_server,
         {"type": "identify", "userId": person.user_id, "traits": {"email": person.email}},
     )
-    first = privacy(own_server, "erase", {"email": person.email})
+    # an erasure that answers a request: of the right kind, verified, then closed by it
+    asked = privacy(own_server, "requests", {"kind": "erasure", "person": {"email": person.email}})
+    access = privacy(own_server, "requests", {"kind": "access"})
+    wrong = {"email": person.email, "request_id": access["id"]}
+    assert privacy(own_server, "erase", wrong, status=409)["error"] == "wrong_request_kind"
+    early = {"email": person.email, "request_id": asked["id"]}
+    assert privacy(own_server, "erase", early, status=409)["error"] == "not_verified"
+    assert events(own_server, user_id=person.user_id)  # refused: nothing was erased
+    privacy(own_server, f"requests/{asked['id']}", {"verification": "verified"})
+    first = privacy(own_server, "erase", {"email": person.email, "request_id": asked["id"]})
     assert first["status"] == "erased"
+    closed = api(own_server, "GET", f"/api/privacy/requests/{asked['id']}").json()
+    assert closed["state"] == "done" and closed["outcome"].startswith("erased")
     again = privacy(own_server, "erase", {"identifier": person.email.upper()})
     assert again["status"] == "already_erased"
     assert again["erasure_id"] == first["erasure_id"]
@@ -344,3 +357,146 @@ def test_erase_and_export_work_in_process_without_a_server(tmp_path: Path) -> No
     assert erased.returncode == 0, erased.stderr
     assert "erased" in erased.stdout
     assert scan(tmp_path / "data", person.needles()) == []
+
+
+class GmailUser(Person):
+    """Google's customer lists drop the dots of Gmail addresses before hashing."""
+
+    @property
+    def email(self) -> str:
+        return f"Ingrid.Test.{self.tag}@Gmail.com"
+
+
+def test_erasure_reaches_deliveries_and_files_made_for_destinations(tmp_path: Path) -> None:
+    """What activation made of the person: webhook deliveries and their log, the partner's
+    Parquet file and the ad platform's customer list (hashed) under the data directory."""
+    receiver = Receiver()
+    plan = tmp_path / "kilde.yaml"
+    plan.write_text(
+        DEMO_PLAN.read_text()
+        + f"""
+destinations:
+  - name: shop-hook
+    kind: webhook
+    purpose: order_fulfilment
+    url: {receiver.url}
+    secret: {SECRET}
+    events: [Order Completed]
+  - name: google-list
+    kind: google_customer_match
+    purpose: advertising
+    segments: [repeat-buyers-90d]
+  - name: partner-feed
+    kind: partner_export
+    purpose: advertising
+    recipient: Nordic Outdoor Media AS
+    segments: [repeat-buyers-90d]
+    traits: [email, first_name, phone]
+    format: parquet
+"""
+    )
+    server = start_server(tmp_path / "data", plan, KILDE_DELIVERY_TICK="0.3")
+    person, other = GmailUser(), Person()
+    try:
+        for p in (person, other):
+            send(
+                server,
+                {
+                    "type": "identify",
+                    "userId": p.user_id,
+                    "traits": {"email": p.email, "phone": p.phone, "first_name": "Ingrid"},
+                },
+                {
+                    "type": "track",
+                    "event": "Consent Updated",
+                    "userId": p.user_id,
+                    "properties": {"purposes": {"advertising": True}},
+                },
+                *(
+                    {
+                        "type": "track",
+                        "userId": p.user_id,
+                        "event": "Order Completed",
+                        "properties": {
+                            "order_id": f"o{n}-{p.tag}",
+                            "revenue": 900,
+                            "currency": "NOK",
+                        },
+                    }
+                    for n in range(2)
+                ),
+            )
+        refresh_profiles(server)
+        assert (
+            api(
+                server, "POST", "/api/segments/refresh", json={"segments": ["repeat-buyers-90d"]}
+            ).status_code
+            == 200
+        )
+        for name in ("google-list", "partner-feed"):
+            synced = orjson.loads(server.kilde("destinations", "run", name, "--json").stdout)
+            assert synced["syncs"][0]["added"] == 2, synced
+
+        def delivered() -> bool:
+            rows = api(server, "GET", "/api/destinations/shop-hook/deliveries").json()
+            return len(rows["deliveries"]) >= 4 and all(
+                r["state"] != "pending" for r in rows["deliveries"]
+            )
+
+        until(delivered, "the webhook deliveries", timeout=60)
+        email = hashing.google_email(person.email)
+        phone = hashing.e164(person.phone_e164)
+        assert email and phone
+        hashed = [hashing.sha256(email).encode(), hashing.sha256(phone).encode()]
+        assert scan(server.data_dir / "exports", hashed)  # the customer list holds them
+
+        result = server.kilde("privacy", "erase", person.email, "--yes")
+        said = " ".join(result.stdout.split())
+        assert (
+            "sent before to google-list, partner-feed (Nordic Outdoor Media AS), shop-hook: "
+            "ask them to delete it too" in said
+        ), said
+        report = privacy(server, "erase", {"email": person.email})  # the record of it
+        assert [(n["destination"], n["recipient"]) for n in report["notify"]] == [
+            ("google-list", None),
+            ("partner-feed", "Nordic Outdoor Media AS"),
+            ("shop-hook", None),
+        ]
+        assert report["removed"].get("deliveries", 0) == 2, report["removed"]
+        assert report["removed"].get("audience_syncs", 0) >= 1, report["removed"]
+        assert scan(server.data_dir, person.needles() + hashed) == []
+        # the other customer is still in the files and the delivery history
+        assert scan(server.data_dir, [other.email.lower().encode()])
+        other_email = hashing.google_email(other.email)
+        assert other_email
+        assert scan(server.data_dir / "exports", [hashing.sha256(other_email).encode()])
+        left = api(server, "GET", "/api/destinations/shop-hook/deliveries").json()["deliveries"]
+        assert len(left) == 2
+        # consent is checked at the moment of use: a withdrawal takes the other off the list
+        privacy(server, "consent", {"email": other.email, "purposes": {"advertising": False}})
+        synced = orjson.loads(server.kilde("destinations", "run", "google-list", "--json").stdout)
+        (sync,) = synced["syncs"]
+        assert (sync["members"], sync["added"], sync["removed"]) == (1, 0, 1), sync
+        assert sync["excluded_no_consent"] + sync["excluded_do_not_sell"] == 1
+        # sending people to partners is an export of personal data in the audit log
+        audit = api(server, "GET", "/api/privacy/audit", params={"action": "destinations"})
+        runs = [e for e in audit.json()["entries"] if e["action"].endswith("/run")]
+        assert [e["personal_data"] for e in runs] == [True, True, True]
+        # and every file made for a destination is in the log, also when the schedule made it
+        exports = api(server, "GET", "/api/privacy/audit", params={"action": "EXPORT"}).json()
+        made = [
+            (e["action"], e["detail"]["rows_added"], e["detail"]["rows_removed"])
+            for e in exports["entries"]
+        ]
+        assert sorted(made) == [
+            ("EXPORT google-list", 0, 1),
+            ("EXPORT google-list", 2, 0),
+            ("EXPORT partner-feed", 2, 0),
+        ]
+        assert all(
+            e["personal_data"] and e["actor"] == "kilde:destinations" for e in exports["entries"]
+        )
+        assert other.email.lower() not in orjson.dumps(exports).decode().lower()
+    finally:
+        server.stop()
+        receiver.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,51 @@ def test_export_answers_for_unknown_and_ambiguous_people(own_server: Server) -> 
     assert ambiguous["error"] == "ambiguous_identifier"
     found = privacy(own_server, "export", {"identifier": f"user_id:{twins.tag}", "format": "json"})
     assert [e["type"] for e in found["sections"]["events"]] == ["identify"]
+
+
+def test_a_consent_withdrawal_racing_an_export_is_in_it_whole_or_not_at_all(
+    own_server: Server,
+) -> None:
+    p = Person()
+    send(own_server, {"type": "identify", "userId": p.user_id, "traits": {"email": p.email}})
+    refresh_profiles(own_server)
+    stop = threading.Event()
+    sent: list[str] = []
+
+    def choose() -> None:  # grant, withdraw, grant, ... as fast as the server takes them
+        n = 0
+        while not stop.is_set() and n < 400:
+            n += 1
+            message = {
+                "type": "track",
+                "event": "Consent Updated",
+                "messageId": f"choice-{n}-{p.tag}",
+                "userId": p.user_id,
+                "properties": {"purposes": {"marketing_email": n % 2 == 1}},
+            }
+            send(own_server, message)
+            sent.append(message["messageId"])
+
+    chooser = threading.Thread(target=choose)
+    chooser.start()
+    exports = []
+    try:
+        until(lambda: len(sent) > 3, "the first choices")
+        while len(exports) < 12 and chooser.is_alive():
+            body = {"email": p.email, "format": "json"}
+            exports.append(privacy(own_server, "export", body))
+    finally:
+        stop.set()
+        chooser.join(timeout=60)
+    assert len(exports) >= 3
+    for found in exports:
+        sections = found["sections"]
+        # each choice is an event and a ledger row, written together: both or neither
+        as_events = {e["message_id"] for e in sections["events"] if e["event"] == "Consent Updated"}
+        as_rows = {c["message_id"] for c in sections["consents"]}
+        assert as_events == as_rows
+        latest = sections["consents"][-1]["state"]
+        assert found["summary"]["consent"]["marketing_email"]["state"] == latest
+        assert found["summary"]["counts"]["consents"] == len(as_rows)
+    counted = [f["summary"]["counts"]["consents"] for f in exports]
+    assert counted == sorted(counted)  # later exports see at least what earlier ones saw

@@ -110,6 +110,13 @@ def test_every_admin_action_is_audited_without_personal_data(kilde_server: Serve
     api(kilde_server, "GET", "/api/stats")
     api(kilde_server, "POST", "/api/profiles/lookup", json={"email": person.email})
     api(kilde_server, "GET", "/api/events", params={"user_id": person.user_id})
+    mail = api(
+        kilde_server,
+        "POST",
+        f"/api/email/campaigns/audit-{person.tag}/render",
+        json={"html": "<p>Hei</p>", "recipients": [{"user_id": person.user_id}]},
+    )
+    assert mail.status_code == 200, mail.text
     refused = httpx.get(
         f"{kilde_server.url}/api/stats", headers={"Authorization": "Bearer wrong-token"}
     )
@@ -125,6 +132,7 @@ def test_every_admin_action_is_audited_without_personal_data(kilde_server: Serve
     assert ("GET /api/stats", 200, False) in actions
     assert ("POST /api/profiles/lookup", 200, True) in actions
     assert ("GET /api/events", 200, True) in actions
+    assert ("POST /api/email/campaigns/{campaign}/render", 200, True) in actions
     assert ("GET /api/stats", 401, False) in actions
     text = orjson.dumps(entries).decode()
     assert person.email.lower() not in text.lower() and person.user_id not in text
@@ -170,3 +178,58 @@ def test_the_register_is_generated_from_the_plan(tmp_path: Path) -> None:
     assert rows[0]["controller"] == "Fjord & Fell"
     bad = run_kilde("plan", "register", "--format", "pdf", env=env)
     assert bad.returncode == 1 and "use md, html or csv" in bad.stderr
+
+    # recipients come from the plan's destinations; the safeguards and people are named
+    shared = tmp_path / "kilde.yaml"
+    shared.write_text(
+        DEMO_PLAN.read_text()
+        + "\ndestinations:\n  - name: partner-feed\n    kind: partner_export\n"
+        "    purpose: advertising\n    recipient: Nordic Outdoor Media AS\n"
+        "    segments: [repeat-buyers-90d]\n    traits: [email]\n"
+    )
+    register = run_kilde("plan", "register", env={"KILDE_PLAN": str(shared)}).stdout
+    advertising = register.split("## advertising", 1)[1].split("\n## ", 1)[0]
+    assert "| Recipients | Nordic Outdoor Media AS (partner_export) |" in advertising
+    assert "| Sale or sharing (CCPA) | yes |" in advertising
+    assert "customers with an account, website visitors |" in advertising  # people
+    assert "erased people suppressed by salted hash" in advertising  # safeguards
+    assert "| Recipients | none outside the company |" in register.split("## advertising")[0]
+
+
+def test_an_opt_out_request_is_answered_by_do_not_sell_or_suppress(kilde_server: Server) -> None:
+    seller, objector = Person(), Person()
+    for p in (seller, objector):
+        send(kilde_server, {"type": "identify", "userId": p.user_id, "traits": {"email": p.email}})
+    refresh_profiles(kilde_server)
+
+    def opt_out(person: Person) -> str:
+        body = {"kind": "opt_out", "law": "ccpa", "person": {"email": person.email}}
+        logged = privacy(kilde_server, "requests", body)
+        privacy(kilde_server, f"requests/{logged['id']}", {"verification": "verified"})
+        request_id: str = logged["id"]
+        return request_id
+
+    sale = opt_out(seller)
+    # another person's request, or one of another kind, is refused before anything changes
+    other = kilde_server.kilde(
+        "privacy", "do-not-sell", objector.email, "--request", sale, check=False
+    )
+    assert other.returncode == 1 and "not the one the request is about" in other.stderr
+    status = privacy(kilde_server, "do-not-sell/status", {"email": objector.email})
+    assert status["do_not_sell"] is False
+    kilde_server.kilde("privacy", "do-not-sell", seller.email, "--request", sale)
+    done = api(kilde_server, "GET", f"/api/privacy/requests/{sale}").json()
+    assert (done["state"], done["outcome"]) == ("done", "opted out of sale or sharing")
+    again = kilde_server.kilde(
+        "privacy", "do-not-sell", seller.email, "--request", sale, check=False
+    )
+    assert again.returncode == 1 and "already closed" in again.stderr
+
+    objection = opt_out(objector)
+    kilde_server.kilde("privacy", "suppress", objector.email, "--request", objection)
+    closed = api(kilde_server, "GET", f"/api/privacy/requests/{objection}").json()
+    assert closed["state"] == "done" and closed["outcome"].startswith("suppressed")
+    kept_out = send(
+        kilde_server, {"type": "track", "userId": objector.user_id, "event": "Signed In"}
+    )
+    assert kept_out["stored"] == 0

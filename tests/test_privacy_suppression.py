@@ -130,3 +130,68 @@ def test_suppress_without_erasing_and_take_off_the_list(own_server: Server) -> N
     kept = send(own_server, {"type": "track", "userId": person.user_id, "event": "Signed In"})
     assert kept["stored"] == 1
     assert len(events(own_server, user_id=person.user_id)) == 2
+
+
+def test_broken_records_of_an_erased_person_are_not_kept_as_dead_letters(
+    own_server: Server, tmp_path: Path
+) -> None:
+    """Dropped at the door means not stored as a dead letter either, even a body that is not
+    JSON and so is otherwise kept whole."""
+    person, newcomer = Person(), Person()
+    send(
+        own_server,
+        {
+            "type": "identify",
+            "userId": person.user_id,
+            "traits": {"email": person.email, "phone": person.phone},
+        },
+    )
+    assert privacy(own_server, "erase", {"email": person.email})["status"] == "erased"
+    letters = api(own_server, "GET", "/api/bad-events", params={"status": "all"}).json()["total"]
+    refused = send(  # the plan refuses it: no order id
+        own_server,
+        {
+            "type": "track",
+            "userId": person.user_id,
+            "event": "Order Completed",
+            "properties": {"revenue": 10},
+        },
+    )
+    assert refused["stored"] == 0 and not refused["rejected"]
+    for body in (  # cut off mid-way: by email and phone, and by user id
+        f'{{"type": "identify", "traits": {{"email": "{person.email}", "phone": "{person.phone}"',
+        f'{{"type": "track", "event": "Signed In", "userId": "{person.user_id}", "prop',
+    ):
+        cut = httpx.post(
+            f"{own_server.url}/v1/identify",
+            content=body.encode(),
+            auth=(BACKEND_KEY, ""),
+            headers={"Content-Type": "application/json"},
+        )
+        assert cut.status_code == 400 and person.email not in cut.text
+    # a CRM row that cannot be imported (not yes/no) is a dead letter, but not theirs
+    crm = tmp_path / "crm.csv"
+    crm.write_text(
+        "Contact ID,E-mail,Town,Newsletter\n"
+        f"crm-{person.tag},{person.email},Bergen,maybe\n"
+        f"crm-{newcomer.tag},{newcomer.email},Bergen,maybe\n"
+    )
+    mapping = ["-m", str(SAMPLES / "crm.mapping.yaml")]
+    own_server.kilde("import", "contacts", str(crm), "-s", "crm", *mapping, check=False)
+    assert scan(own_server.data_dir, person.needles()) == []
+    assert scan(own_server.data_dir, [newcomer.email.lower().encode()])
+    after = api(own_server, "GET", "/api/bad-events", params={"status": "all"}).json()["total"]
+    assert after == letters + 1  # the newcomer's row
+    gate = api(own_server, "GET", "/api/privacy/gate").json()
+    assert {"source": "backend", "channel": "http", "records": 3} in gate["suppressed_by_source"]
+    assert {"source": "crm", "channel": "import", "records": 1} in gate["suppressed_by_source"]
+    # someone else's broken body is still kept, as always
+    other = httpx.post(
+        f"{own_server.url}/v1/identify",
+        content=b'{"type": "identify", "userId": "someone-else", "tra',
+        auth=(BACKEND_KEY, ""),
+        headers={"Content-Type": "application/json"},
+    )
+    assert other.status_code == 400
+    kept = api(own_server, "GET", "/api/bad-events", params={"status": "all"}).json()["total"]
+    assert kept == letters + 2

@@ -144,6 +144,16 @@ def erase(
     )
     for table, count in sorted(result["removed"].items()):
         say(f"  {table}: {count}", highlight=False)
+    if result.get("notify"):
+        say(
+            "[yellow]sent before to[/] "
+            + ", ".join(
+                n["destination"] + (f" ({n['recipient']})" if n.get("recipient") else "")
+                for n in result["notify"]
+            )
+            + ": ask them to delete it too (GDPR Art. 17(2), 19)",
+            highlight=False,
+        )
 
 
 @privacy_app.command("suppress")
@@ -151,6 +161,7 @@ def suppress(
     who: Annotated[list[str] | None, typer.Argument(help="People to suppress")] = None,
     remove: Annotated[bool, typer.Option("--remove", help="Take them off the list")] = False,
     show: Annotated[bool, typer.Option("--list", help="Show the list and its counts")] = False,
+    request: RequestOpt = None,
     data: DataOpt = None,
     plan: PlanOpt = None,
     token: TokenOpt = None,
@@ -160,7 +171,10 @@ def suppress(
     try:
         with _client(data, plan, token) as client:
             done = [
-                client.post("/api/privacy/suppress", json={**_who(w), "remove": remove})
+                client.post(
+                    "/api/privacy/suppress",
+                    json={**_who(w), "remove": remove, "request_id": request},
+                )
                 for w in who or []
             ]
             listing = client.get("/api/privacy/suppression") if show or not who else None
@@ -239,6 +253,7 @@ def do_not_sell(
     who: Who,
     undo: Annotated[bool, typer.Option("--undo", help="The person allows it again")] = False,
     evidence: Annotated[str, typer.Option(help="How the request came")] = "do-not-sell request",
+    request: RequestOpt = None,
     data: DataOpt = None,
     plan: PlanOpt = None,
     token: TokenOpt = None,
@@ -248,7 +263,12 @@ def do_not_sell(
         with _client(data, plan, token) as client:
             result = client.post(
                 "/api/privacy/do-not-sell",
-                json={**_who(who), "opt_out": not undo, "evidence": evidence},
+                json={
+                    **_who(who),
+                    "opt_out": not undo,
+                    "evidence": evidence,
+                    "request_id": request,
+                },
             )
     except KildeError as exc:
         fail(exc)

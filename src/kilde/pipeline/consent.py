@@ -116,6 +116,15 @@ def _purpose_id(name: str, plan: Plan) -> str:
     return next((p.id for p in plan.purposes if p.id.lower() == wanted), name)
 
 
+def _preferences_evidence(context: dict[str, Any], channel: str) -> str:
+    """`categoryPreferences`, or for an imported record the file and line it came from."""
+    provenance = context.get("provenance")
+    if channel == "import" and isinstance(provenance, dict) and provenance.get("file"):
+        where = f"import:{provenance['file']}:{provenance.get('line')}"
+        return where[:MAX_TEXT]
+    return "categoryPreferences"
+
+
 def _loads(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         value = orjson.loads(value)
@@ -157,13 +166,11 @@ def ledger_statements(
         else:
             preferences = _category_preferences(context)
             if isinstance(preferences, dict):
+                said = _preferences_evidence(context, channel)
                 for name, value in list(preferences.items())[:MAX_PURPOSES]:
                     if isinstance(name, str) and isinstance(value, bool) and name:
                         state = "granted" if value else "denied"
-                        choices[_purpose_id(name[:MAX_TEXT], plan)] = (
-                            state,
-                            "categoryPreferences",
-                        )
+                        choices[_purpose_id(name[:MAX_TEXT], plan)] = (state, said)
         if gpc:
             for purpose in sale:
                 if purpose not in choices or choices[purpose][0] == "granted":

@@ -39,6 +39,8 @@ PERSONAL_ROUTES = (
     "/api/privacy/do-not-sell",
     "/api/segments/{",
     "/api/imports/{",
+    "/api/destinations/{",  # runs send people to partners; deliveries and replays hold them
+    "/api/email/campaigns/{campaign}/render",  # every recipient's own copy of a mail
 )
 
 
@@ -108,6 +110,26 @@ async def _record(request: Request, status: int) -> None:
         log.error("audit record not written: %s", type(exc).__name__)
 
 
+# Every file made for a destination (an audience sync or partner export, on its schedule or
+# run by hand) is an export of personal data; the activation stage records each in
+# export_manifests, which the log shows as entries of its own (no seq; what, not who).
+_EXPORTS = """
+SELECT NULL::BIGINT AS seq, created_at AS logged_at, 'kilde:destinations' AS actor,
+       'EXPORT ' || destination AS action, 200 AS status, true AS personal_data,
+       NULL::VARCHAR AS subject,
+       json_object('destination', destination, 'segment', segment, 'file', file,
+                   'rows_added', rows_added, 'rows_removed', rows_removed, 'purpose', purpose,
+                   'recipient', recipient)::VARCHAR AS detail
+FROM export_manifests
+"""
+
+
+def _has_table(store: Store, name: str) -> bool:
+    return bool(
+        store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])
+    )
+
+
 def entries(
     store: Store,
     *,
@@ -130,9 +152,13 @@ def entries(
         "SELECT seq, logged_at, actor, action, status, personal_data, subject, detail "
         "FROM audit_log"
     )
+    if _has_table(store, "export_manifests"):
+        sql += " UNION ALL " + _EXPORTS
+    sql = f"SELECT * FROM ({sql})"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    rows = store.query(sql + " ORDER BY seq DESC LIMIT ?", [*params, limit])
+    sql += " ORDER BY logged_at DESC, seq DESC NULLS LAST LIMIT ?"
+    rows = store.query(sql, [*params, limit])
     for row in rows:
         row["detail"] = orjson.loads(row["detail"]) if row["detail"] else None
     return rows

@@ -234,10 +234,17 @@ class CollectionScreen:
                     hits[digest] += 1
                     dropped.add((row.get("user_id"), row.get("anonymous_id")))
             letters = []
+            raw: dict[tuple[str, str], Counter[str]] = {}  # bodies kept whole, never screened
             for letter in batch.dead_letters:
-                digest = suppression.hit(_loads(letter.get("payload")))
+                payload = letter.get("payload")
+                digest = suppression.hit(_loads(payload))
+                if digest is None and isinstance(payload, str):
+                    digest = suppression.hit_text(payload)  # not even JSON, or a whole body
                 if digest is None:
                     letters.append(letter)
+                elif batch.screened_at is None:
+                    where = (str(letter.get("source")), str(letter.get("channel")))
+                    raw.setdefault(where, Counter())[digest] += 1
                 else:
                     hits[digest] += 1
             statements = [
@@ -245,7 +252,7 @@ class CollectionScreen:
                 for sql, params in batch.statements
                 if not (sql.lstrip().startswith(_LEDGER_INSERT) and _ledger_of(params, dropped))
             ]
-            if hits:
+            if hits or raw:
                 batch.events[:] = events
                 batch.dead_letters[:] = letters
                 batch.statements[:] = statements
@@ -253,6 +260,10 @@ class CollectionScreen:
                 batch.statements.extend(
                     suppression.count_statements(hits, "(in flight)", "late", now)
                 )
+                for (source, channel), counted in sorted(raw.items()):
+                    batch.statements.extend(
+                        suppression.count_statements(counted, source, channel, now)
+                    )
         except Exception as exc:  # never break a commit; the erasure sweeps again if needed
             log.error("screening a batch failed: %s", type(exc).__name__)
 

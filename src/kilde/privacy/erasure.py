@@ -16,7 +16,11 @@ person gets in again:
    into a fresh file that is swapped in for the old one, whose write-ahead log goes with it.
    Deleted rows no longer linger in free blocks of the file.
 5. Files under the data directory that mention the person (uploaded import files, exports)
-   are cleaned: text files lose the lines, other files are deleted.
+   are cleaned: text files lose the lines, other files are deleted. Customer lists for ad
+   platforms hold SHA-256 hashes of the normalised email and phone, so those are looked for too.
+
+The answer names the destinations the person's data was sent to before (`notify`): copies
+there are outside Kilde's reach, and their recipients must be told (GDPR Art. 17(2) and 19).
 
 Batches that were already screened when step 1 happened are screened again by the writer at
 commit (kilde.privacy.enforcement), so a record on its way during the erasure cannot land after
@@ -40,6 +44,7 @@ import duckdb
 import orjson
 import phonenumbers
 
+from kilde.activate import hashing
 from kilde.errors import ConfigError
 from kilde.identity.identifiers import Identifier
 from kilde.pipeline.dead_letter import payload_field
@@ -150,6 +155,7 @@ def erase(
                     "actor": actor,
                 }
                 rows = suppression.rows(hashes, "erasure", erasure_id)
+                notify = shared_with(privacy, subject)  # read before the rows go
                 removed = privacy.writer.exclusive(
                     lambda: _erase_in_store(privacy.store, subject, suppressed, rows, record)
                 )
@@ -164,8 +170,10 @@ def erase(
             if engine is not None and _identity_runs():
                 engine.start()
         privacy.screen.consent.forget(subject.values("user_id"), subject.values("anonymous_id"))
-        files = clean_files(privacy.data_dir, _sweep_values(subject, suppressed))
-        details = {"tables": removed, "files": files}
+        files = clean_files(
+            privacy.data_dir, _sweep_values(subject, suppressed) + _hashed_values(suppressed)
+        )
+        details = {"tables": removed, "files": files, "notify": notify}
         privacy.writer.write_sync(_finish(erasure_id, details, compacted))
         return {
             "status": "erased",
@@ -178,6 +186,7 @@ def erase(
             "removed": removed,
             "rows_removed": sum(removed.values()),
             "files_cleaned": files,
+            "notify": notify,
             "compacted": compacted,
             "seconds": round(time.perf_counter() - started, 3),
         }
@@ -280,8 +289,45 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
         "removed": tables,
         "rows_removed": sum(tables.values()),
         "files_cleaned": details.get("files", []),
+        "notify": details.get("notify", []),
         "compacted": record["compacted"],
     }
+
+
+def shared_with(privacy: Privacy, subject: Subject) -> list[dict[str, Any]]:
+    """The destinations the person's data was sent to (audience syncs, delivered events): the
+    recipients to tell about the erasure (GDPR Art. 17(2), 19). Names only, no personal data."""
+    store = privacy.store
+    profiles = subject.profile_ids
+    people = [*profiles, *subject.values("user_id", "anonymous_id")]
+    names: set[str] = set()
+    for table, sql, params in (
+        (
+            "audience_syncs",
+            "SELECT DISTINCT destination FROM audience_syncs WHERE list_contains(?, profile_id)",
+            [profiles],
+        ),
+        (
+            "deliveries",
+            "SELECT DISTINCT destination FROM deliveries "
+            "WHERE state = 'delivered' AND list_contains(?, person)",
+            [people],
+        ),
+    ):
+        exists = store.scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+        )
+        if exists and (profiles if table == "audience_syncs" else people):
+            names |= {r["destination"] for r in store.query(sql, params)}
+    by_name = {d.name: d for d in privacy.plan.destinations}
+    return [
+        {
+            "destination": name,
+            "kind": by_name[name].kind if name in by_name else None,
+            "recipient": by_name[name].recipient if name in by_name else None,
+        }
+        for name in sorted(names)
+    ]
 
 
 # -- in the store (on the writer thread) ---------------------------------------------------------
@@ -300,6 +346,18 @@ def _sweep_values(subject: Subject, identifiers: Iterable[Identifier]) -> list[s
             if len(value) >= MIN_SWEEP_LENGTH:
                 values.add(value.lower())
     return sorted(values)
+
+
+def _hashed_values(identifiers: Iterable[Identifier]) -> list[str]:
+    """The SHA-256 hashes ad platforms' customer lists carry for the person's emails and phones
+    (kilde.activate.hashing: Google's and Meta's normalisations)."""
+    plain: set[str | None] = set()
+    for ident in identifiers:
+        if ident.type == "email":
+            plain |= {hashing.google_email(ident.value), hashing.meta_email(ident.value)}
+        elif ident.type == "phone":
+            plain |= {hashing.google_phone(ident.value), hashing.meta_phone(ident.value)}
+    return sorted(hashing.sha256(value) for value in plain if value)
 
 
 def _phone_formats(e164: str) -> list[str]:
@@ -692,7 +750,9 @@ def _clean_parquet(path: Path, values: list[str]) -> bool:
     try:
         source = _sql_text(str(path))
         pattern = _pattern(values)
-        where = f"regexp_matches(lower(CAST(t AS VARCHAR)), '{_sql_text(pattern)}')"
+        # Each row as JSON, so every text value is a quoted string the pattern can match whole
+        # (a row cast to VARCHAR leaves strings unquoted).
+        where = f"regexp_matches(lower(CAST(to_json(t) AS VARCHAR)), '{_sql_text(pattern)}')"
         hits = con.execute(f"SELECT count(*) FROM read_parquet('{source}') t WHERE {where}")
         row = hits.fetchone()
         if not row or not row[0]:

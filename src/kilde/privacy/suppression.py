@@ -15,6 +15,7 @@ was on its way during an erasure cannot slip in behind it.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import threading
 from collections import Counter
@@ -114,6 +115,38 @@ def raw_identifiers(record: Any, *, row: bool = False) -> Iterator[tuple[str, An
         yield RECIPIENT, recipient
 
 
+# What names a person in text that is not a readable record: email addresses, the id fields of
+# a Segment message, phone numbers (normalised and hashed like any identifier, so text that
+# only looks like one matches nothing).
+_TEXT_EMAIL = re.compile(
+    r"[^\s\"'<>(),;:{}\[\]\\]+@[^\s\"'<>(),;:{}\[\]\\]+\.[^\s\"'<>(),;:{}\[\]\\]+"
+)
+_TEXT_ID = re.compile(
+    r'"(userId|anonymousId|previousId|user_id|anonymous_id)"\s*:\s*"((?:[^"\\]|\\.){1,512})"'
+)
+_TEXT_PHONE = re.compile(r"\+?\d[\d ().-]{5,20}\d")
+_TEXT_LIMIT = 1_000_000  # characters looked at
+_TEXT_IDS = {
+    "userId": ("user_id",),
+    "user_id": ("user_id",),
+    "anonymousId": ("anonymous_id",),
+    "anonymous_id": ("anonymous_id",),
+    "previousId": ("user_id", "anonymous_id"),
+}
+
+
+def text_identifiers(text: str) -> Iterator[tuple[str, Any]]:
+    """(type, raw value) of what looks like an identifier anywhere in a text."""
+    text = text[:_TEXT_LIMIT]
+    for match in _TEXT_EMAIL.finditer(text):
+        yield "email", match.group(0)
+    for match in _TEXT_ID.finditer(text):
+        for id_type in _TEXT_IDS[match.group(1)]:
+            yield id_type, match.group(2)
+    for match in _TEXT_PHONE.finditer(text):
+        yield "phone", match.group(0)
+
+
 class SuppressionList:
     """The hashes in memory (for the door) and in the store (for restarts)."""
 
@@ -173,9 +206,19 @@ class SuppressionList:
         """The list entry a record matches, or None. Never raises."""
         if not self._hashes:
             return None
+        return self._first_listed(raw_identifiers(record, row=row))
+
+    def hit_text(self, text: str) -> str | None:
+        """The list entry a text that is not a readable record names (a body cut off mid-way,
+        kept whole as a dead letter), or None. Never raises."""
+        if not self._hashes or not isinstance(text, str):
+            return None
+        return self._first_listed(text_identifiers(text))
+
+    def _first_listed(self, pairs: Iterable[tuple[str, Any]]) -> str | None:
         try:
             digests = self._digests
-            for id_type, raw in raw_identifiers(record, row=row):
+            for id_type, raw in pairs:
                 if not isinstance(raw, str | int | float):
                     continue
                 key = (id_type, raw)

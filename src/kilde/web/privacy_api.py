@@ -236,6 +236,22 @@ def erase_person(request: Request, body: EraseBody) -> dict[str, Any]:
 
 class SuppressBody(Person):
     remove: bool = Field(False, description="take the person off the list instead")
+    request_id: str | None = Field(None, max_length=40, description="the opt_out request")
+
+
+def _answering(privacy: Privacy, request_id: str | None, kind: str, subject: Subject) -> None:
+    """Refuse before acting when the request named is not one this action may answer."""
+    if request_id:
+        try:
+            requests.check_for(privacy, request_id, kind, subject)
+        except RequestError as exc:
+            raise _problem(exc) from None
+
+
+def _close(privacy: Privacy, request_id: str | None, outcome: str) -> None:
+    if request_id:
+        statement = requests.close_statement(request_id, outcome)
+        privacy.writer.write_sync(WriteBatch(statements=[statement]))
 
 
 @router.post("/suppress")
@@ -252,6 +268,8 @@ def suppress(request: Request, body: SuppressBody) -> dict[str, Any]:
     identifiers = sorted({*subject.given, *subject.identifiers})
     request.state.audit_subject = privacy.subject_hash(subject) if identifiers else None
     suppression = privacy.screen.suppression
+    if not body.remove:
+        _answering(privacy, body.request_id, "opt_out", subject)
     if body.remove:
         hashes = suppression.hashes_of(identifiers)
         privacy.writer.write_sync(
@@ -265,6 +283,7 @@ def suppress(request: Request, body: SuppressBody) -> dict[str, Any]:
         return {"removed": len(hashes), "entries": len(suppression)}
     hashes = suppression.add(identifiers)
     privacy.writer.write_sync(WriteBatch(statements=suppression.rows(hashes, "admin", None)))
+    _close(privacy, body.request_id, f"suppressed: not collected again ({len(hashes)} identifiers)")
     return {"suppressed": len(hashes), "entries": len(suppression)}
 
 
@@ -373,6 +392,7 @@ def consent_state(request: Request, body: Person) -> dict[str, Any]:
 class DoNotSellBody(Person):
     opt_out: bool = True
     evidence: str = Field("do-not-sell request", max_length=200)
+    request_id: str | None = Field(None, max_length=40, description="the opt_out request")
 
 
 @router.post("/do-not-sell")
@@ -382,7 +402,11 @@ async def set_do_not_sell(request: Request, body: DoNotSellBody) -> dict[str, An
     subject = _subject(request, privacy, body)
     purposes = do_not_sell.sale_purposes(privacy.plan)
     choices = dict.fromkeys(purposes, not body.opt_out)
+    if body.opt_out:
+        _answering(privacy, body.request_id, "opt_out", subject)
     await _record_consent(request, privacy, subject, choices, body.evidence)
+    if body.opt_out:
+        _close(privacy, body.request_id, "opted out of sale or sharing")
     return do_not_sell.status(privacy.store, privacy.plan, subject)
 
 

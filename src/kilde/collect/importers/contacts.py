@@ -1,5 +1,9 @@
 """CRM contacts: each row becomes an identify call with the traits the plan declares.
 
+Consent kept in the CRM (a yes/no column per purpose, `consents:` in the mapping) travels with
+the identify call as Segment's `context.consent.categoryPreferences`, so the pipeline records it
+in the consent ledger (channel `import`, evidence naming the file and line) when it changes.
+
 The record key is the person plus what the row says about them: importing the same export again
 stores nothing twice, while next month's export (with changed traits) is stored as new
 identify calls.
@@ -18,6 +22,21 @@ from kilde.collect.importers.base import (
     message_id,
 )
 from kilde.collect.importers.convert import Context, RowProblem, identity, traits_of, when
+from kilde.collect.importers.values import ValueProblem, boolean, is_blank
+
+
+def consents_of(row: Row, ctx: Context) -> dict[str, bool]:
+    """{purpose: granted?} from the row's consent columns; blank cells say nothing."""
+    choices: dict[str, bool] = {}
+    for purpose, column in ctx.resolved.consents.items():
+        raw = row.values.get(column)
+        if is_blank(raw):
+            continue
+        try:
+            choices[purpose] = boolean(raw)
+        except ValueProblem as problem:
+            raise RowProblem(column, problem.code, problem.reason, problem.fix) from None
+    return choices
 
 
 def identify_message(row: Row, ctx: Context) -> dict[str, Any]:
@@ -26,7 +45,8 @@ def identify_message(row: Row, ctx: Context) -> dict[str, Any]:
     email_column = ctx.resolved.fields.get("email")
     if email_column and "email" in ctx.traits and external:
         traits.setdefault("email", row.values[email_column].strip())
-    if not traits:
+    consents = consents_of(row, ctx)
+    if not traits and not consents:
         raise RowProblem(
             None,
             "no_traits",
@@ -35,9 +55,13 @@ def identify_message(row: Row, ctx: Context) -> dict[str, Any]:
         )
     timestamp = when(row, ctx, required=False)
     key = f"{ctx.tier}\x1f{person}\x1f{content_key(traits)}"
+    if consents:  # a changed choice is a new record; rows without one keep their old keys
+        key += f"\x1f{content_key(consents)}"
     context = ctx.context_for(row.line)
     if external:
         context["externalIds"] = external
+    if consents:
+        context["consent"] = {"categoryPreferences": consents}
     message: dict[str, Any] = {
         "type": "identify",
         "messageId": message_id(ctx.source, ctx.kind, key),

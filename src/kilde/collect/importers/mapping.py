@@ -213,6 +213,7 @@ class MappingFile(BaseModel):
     columns: dict[str, str] = Field(default_factory=dict)
     traits: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, str] = Field(default_factory=dict)
+    consents: dict[str, str] = Field(default_factory=dict)  # plan purpose -> yes/no column
     ignore: list[str] = Field(default_factory=list)
     broker: BrokerTerms = Field(default_factory=lambda: BrokerTerms())
     sentiment: str | None = None
@@ -277,6 +278,7 @@ class Resolved:
     fields: dict[str, str] = field(default_factory=dict)  # Kilde field -> column
     traits: dict[str, str] = field(default_factory=dict)  # trait -> column
     properties: dict[str, str] = field(default_factory=dict)  # property -> column
+    consents: dict[str, str] = field(default_factory=dict)  # purpose -> column (contacts)
     detected: set[str] = field(default_factory=set)  # fields found by name, not the mapping
     ignored: list[str] = field(default_factory=list)  # columns nobody uses
 
@@ -312,6 +314,16 @@ def resolve(kind: Kind, columns: list[str], mapping: MappingFile, plan: Plan) ->
                 problems.append(f"{label}.{name}: the file has no column {column!r}")
             else:
                 target[name] = column
+    for purpose, column in mapping.consents.items():
+        if kind != "contacts":
+            problems.append(f"consents: only contacts imports record consent, not {kind}")
+            break
+        if plan.purpose(purpose) is None:
+            problems.append(f"consents.{purpose}: the plan has no such purpose")
+        elif column not in present:
+            problems.append(f"consents.{purpose}: the file has no column {column!r}")
+        else:
+            resolved.consents[purpose] = column
     if problems:
         raise ImportFailed(
             "the mapping does not fit the file: " + "; ".join(problems),
@@ -319,6 +331,7 @@ def resolve(kind: Kind, columns: list[str], mapping: MappingFile, plan: Plan) ->
         )
     taken = set(resolved.fields.values()) | set(resolved.traits.values())
     taken |= set(resolved.properties.values()) | set(mapping.ignore)
+    taken |= set(resolved.consents.values())
     if mapping.auto_detect:
         for name, synonyms in known.items():
             if name in resolved.fields:

@@ -489,12 +489,12 @@ destinations:
             for e in exports["entries"]
         ]
         assert sorted(made) == [
-            ("EXPORT google-list", 0, 1),
-            ("EXPORT google-list", 2, 0),
-            ("EXPORT partner-feed", 2, 0),
+            ("EXPORT google_customer_match google-list", 0, 1),
+            ("EXPORT google_customer_match google-list", 2, 0),
+            ("EXPORT partner_export partner-feed", 2, 0),
         ]
         assert all(
-            e["personal_data"] and e["actor"] == "kilde:destinations" for e in exports["entries"]
+            e["personal_data"] and e["actor"] == "kilde activation" for e in exports["entries"]
         )
         assert other.email.lower() not in orjson.dumps(exports).decode().lower()
     finally:

@@ -110,26 +110,6 @@ async def _record(request: Request, status: int) -> None:
         log.error("audit record not written: %s", type(exc).__name__)
 
 
-# Every file made for a destination (an audience sync or partner export, on its schedule or
-# run by hand) is an export of personal data; the activation stage records each in
-# export_manifests, which the log shows as entries of its own (no seq; what, not who).
-_EXPORTS = """
-SELECT NULL::BIGINT AS seq, created_at AS logged_at, 'kilde:destinations' AS actor,
-       'EXPORT ' || destination AS action, 200 AS status, true AS personal_data,
-       NULL::VARCHAR AS subject,
-       json_object('destination', destination, 'segment', segment, 'file', file,
-                   'rows_added', rows_added, 'rows_removed', rows_removed, 'purpose', purpose,
-                   'recipient', recipient)::VARCHAR AS detail
-FROM export_manifests
-"""
-
-
-def _has_table(store: Store, name: str) -> bool:
-    return bool(
-        store.scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name])
-    )
-
-
 def entries(
     store: Store,
     *,
@@ -152,8 +132,6 @@ def entries(
         "SELECT seq, logged_at, actor, action, status, personal_data, subject, detail "
         "FROM audit_log"
     )
-    if _has_table(store, "export_manifests"):
-        sql += " UNION ALL " + _EXPORTS
     sql = f"SELECT * FROM ({sql})"
     if where:
         sql += " WHERE " + " AND ".join(where)

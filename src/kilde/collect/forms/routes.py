@@ -198,17 +198,9 @@ async def submit_form(request: Request, form_id: str) -> Response:
             "This address has sent this form too often. Please wait a few minutes.",
             429,
         )
-    length = int(request.headers.get("content-length") or 0)
-    if length > MAX_BODY:
-        return _message(request, "Too much text", "The answers are too long to accept.", 413)
-    try:
-        data = await request.form(max_files=0, max_fields=200, max_part_size=MAX_BODY)
-    except Exception:
-        return _message(request, "Unreadable form", "The submission could not be read.", 400)
-    fields: dict[str, list[str]] = defaultdict(list)
-    for key, value in data.multi_items():
-        if isinstance(value, str):
-            fields[key].append(value)
+    fields = await _read_fields(request)
+    if isinstance(fields, Response):
+        return fields
     env = Envelope(
         received_at=datetime.now(UTC),
         channel="form",
@@ -219,6 +211,18 @@ async def submit_form(request: Request, form_id: str) -> Response:
 
     csrf = next(iter(fields.get("csrf") or []), None)
     origin = request.headers.get("origin")
+    # A browser says where a post comes from (Sec-Fetch-Site). The hosted page, also inside an
+    # iframe, posts from its own origin; another site may post only when the plan allows it,
+    # even with a valid token copied from the page (a forged post in someone's browser).
+    site = request.headers.get("sec-fetch-site")
+    if site in ("cross-site", "same-site") and origin not in form.allowed_origins:
+        await _dead_letter(request, form, fields, env, "cross-site post from a site not allowed")
+        return _message(
+            request,
+            "Form not accepted",
+            "This form must be sent from its own page or from a site the plan allows.",
+            403,
+        )
     if csrf is not None:
         try:
             claims = _verify(request, "form-csrf", csrf)
@@ -233,6 +237,10 @@ async def submit_form(request: Request, form_id: str) -> Response:
                 problem="This page has expired. Please fill in the form again.",
             )
     elif origin is None or origin not in form.allowed_origins:
+        reason = "post without the page's token " + (
+            "and without an Origin" if origin is None else "from a site not allowed"
+        )
+        await _dead_letter(request, form, fields, env, reason)
         return _message(
             request,
             "Form not accepted",
@@ -261,7 +269,71 @@ async def submit_form(request: Request, form_id: str) -> Response:
             return _message(request, "This link does not work", str(exc), 400)
     if sub.errors:
         return _render(request, form, status=400, sub=sub, token=token)
-    return await _store(request, form, sub, env, invite)
+    if invite is None:
+        return await _store(request, form, sub, env, invite)
+    # A link answers once: while one answer with it is being stored, a second (a double
+    # click, a replay) is refused; after that the store says the invitation is used.
+    answering = _answering(request)
+    if invite["id"] in answering:
+        return _message(
+            request,
+            "This link does not work",
+            "This survey is being answered with this link right now.",
+            409,
+        )
+    answering.add(invite["id"])
+    try:
+        return await _store(request, form, sub, env, invite)
+    finally:
+        answering.discard(invite["id"])
+
+
+def _answering(request: Request) -> set[str]:
+    """Invitations whose answers are being stored right now (in this process)."""
+    state = request.app.state
+    answering: set[str] | None = getattr(state, "form_invites_answering", None)
+    if answering is None:
+        answering = state.form_invites_answering = set()
+    return answering
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it is larger than MAX_BODY (declared or streamed)."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+async def _read_fields(request: Request) -> dict[str, list[str]] | Response:
+    """The posted fields (urlencoded or multipart without files), or the page saying why not."""
+    body = await _read_body(request)
+    if body is None:
+        return _message(request, "Too much text", "The answers are too long to accept.", 413)
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        data = await Request(request.scope, replay).form(
+            max_files=0, max_fields=200, max_part_size=MAX_BODY
+        )
+    except Exception:
+        return _message(request, "Unreadable form", "The submission could not be read.", 400)
+    fields: dict[str, list[str]] = defaultdict(list)
+    for key, value in data.multi_items():
+        if isinstance(value, str):
+            fields[key].append(value)
+    return fields
 
 
 async def _dead_letter(
@@ -356,8 +428,16 @@ async def _store(
     await pipeline.writer.write(batch)
     email = next((v for n, v in sub.values.items() if by_name[n].type == "email"), None)
     suppressed = any(o.status == "suppressed" for o in outcomes)
-    if awaiting and email and not suppressed:  # never mail someone who was erased
-        await _send_confirmation(request, form, email, ids, awaiting)
+    # Never mail someone who was erased; say so when no mail could go out.
+    mail = awaiting and email and not suppressed
+    if mail and email and not await _send_confirmation(request, form, email, ids, awaiting):
+        return _message(
+            request,
+            form.title,
+            "Thank you. We could not send the confirmation mail just now, so your "
+            "subscription is not active yet. Please try again later.",
+            200,
+        )
     return _message(request, form.title, form.thank_you, 200)
 
 
@@ -386,11 +466,12 @@ def consent_record(
 
 async def _send_confirmation(
     request: Request, form: Form, email: str, ids: dict[str, str], purposes: list[str]
-) -> None:
+) -> bool:
+    """Mail the confirmation link; False when no mail could be sent."""
     smtp = SmtpSettings.from_env()
     if smtp is None:
         log.warning("double opt-in for form %s, but KILDE_SMTP_HOST is not set", form.id)
-        return
+        return False
     token = _sign(
         request,
         "form-confirm",
@@ -408,17 +489,51 @@ async def _send_confirmation(
         await run_in_threadpool(send_mail, smtp, email, f"Please confirm: {form.title}", text, html)
     except OSError as exc:
         log.error("confirmation mail for form %s failed: %s", form.id, type(exc).__name__)
+        return False
+    return True
+
+
+def _confirmation(request: Request, form: Form, token: str) -> dict[str, Any]:
+    claims = _verify(request, "form-confirm", token)
+    if claims.get("f") != form.id:
+        raise BadToken("This link is not for this form.")
+    return claims
 
 
 @router.get("/f/{form_id}/confirm")
-async def confirm(request: Request, form_id: str, t: str = "") -> Response:
+def confirm_page(request: Request, form_id: str, t: str = "") -> Response:
+    """The mailed link shows a button; only pressing it (a POST) records the consent.
+
+    Mail scanners and link previews open links by themselves: a GET never records consent.
+    """
     form = _form(request, form_id)
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     try:
-        claims = _verify(request, "form-confirm", t)
-        if claims.get("f") != form.id:
-            raise BadToken("This link is not for this form.")
+        _confirmation(request, form, t)
+    except BadToken as exc:
+        return _message(request, "This link does not work", str(exc), 400)
+    return _page(
+        request,
+        "confirm.html",
+        title="Please confirm",
+        form=form,
+        action=f"/f/{form.id}/confirm",
+        token=t,
+    )
+
+
+@router.post("/f/{form_id}/confirm")
+async def confirm(request: Request, form_id: str) -> Response:
+    form = _form(request, form_id)
+    if form is None:
+        return _message(request, "Form not found", "There is no form at this address.", 404)
+    fields = await _read_fields(request)
+    if isinstance(fields, Response):
+        return fields
+    t = next(iter(fields.get("t") or []), "")
+    try:
+        claims = _confirmation(request, form, t)
     except BadToken as exc:
         return _message(request, "This link does not work", str(exc), 400)
     pipeline: Pipeline = request.app.state.pipeline

@@ -6,9 +6,11 @@ Chromium through Playwright, and double opt-in mail goes to a real SMTP server (
 
 from __future__ import annotations
 
+import base64
 import email
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -236,6 +238,8 @@ def test_double_opt_in_consent_is_active_only_after_the_click(
     link = re.search(r"http://\S+/f/newsletter/confirm\?t=\S+", body)
     assert link, body
     assert "ola" not in link.group(0).lower()  # no personal data in the link
+    # Not even the visitor's id: the link names the stored submission, not the person.
+    assert person["anonymous_id"] not in token_payload(link.group(0).split("t=", 1)[1])
 
     # Mail scanners and link previews open links on their own: opening it records nothing.
     opened = client.get(link.group(0))
@@ -263,6 +267,56 @@ def test_double_opt_in_consent_is_active_only_after_the_click(
     assert forged_post.status_code == 400
     other_form = client.post("/f/b2b-lead/confirm", data={"t": token_of_link})
     assert other_form.status_code == 400
+
+
+def token_payload(token: str) -> str:
+    """The readable part of a signed token (base64 JSON, zlib-compressed when marked by a dot)."""
+    compressed = token.startswith(".")
+    part = token.lstrip(".").split(".")[0]
+    raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    return (zlib.decompress(raw) if compressed else raw).decode()
+
+
+def test_a_person_erased_before_the_click_cannot_be_confirmed(
+    forms_server: Server, smtp: tuple[Inbox, int]
+) -> None:
+    inbox, _ = smtp
+    before = len(inbox.messages)
+    client = httpx.Client(base_url=forms_server.url)
+    answer = client.post(
+        "/f/newsletter",
+        data={
+            "csrf": csrf_of(client.get("/f/newsletter").text),
+            "email": "erased.before.click@example.com",
+            "consent.marketing_email": "yes",
+        },
+    )
+    assert answer.status_code == 200
+    mail = inbox.wait(before + 1)[before]
+    body = next(
+        part.get_payload(decode=True).decode()
+        for part in mail.walk()
+        if part.get_content_type() == "text/plain"
+    )
+    link = re.search(r"http://\S+/f/newsletter/confirm\?t=(\S+)", body)
+    assert link, body
+    forms_server.kilde("privacy", "erase", "erased.before.click@example.com", "--yes")
+
+    def confirmations() -> int:
+        return sum(
+            1
+            for e in events_of(forms_server, event="Consent Updated", source="forms")
+            if e["properties"].get("banner_version") == "double-opt-in:form:newsletter"
+        )
+
+    confirmed_before = confirmations()
+    opened = client.get(link.group(0))
+    assert opened.status_code == 400
+    assert "no longer on record" in opened.text
+    pressed = client.post("/f/newsletter/confirm", data={"t": link.group(1)})
+    assert pressed.status_code == 400
+    assert "no longer on record" in pressed.text
+    assert confirmations() == confirmed_before
 
 
 # -- bad input ----------------------------------------------------------------------------------
@@ -478,6 +532,8 @@ def test_forms_list_and_demo_answers(tmp_path: Path) -> None:
         listed = server.kilde("forms", "list", "--json")
         server.kilde("demo", "--customers", "60")
         results = server.kilde("surveys", "results", "nps", "--json")
+        submitted = events_of(server, event="Form Submitted")
+        identifies = len(events_of(server, type="identify", source="forms"))
     finally:
         server.stop()
     import json
@@ -489,3 +545,7 @@ def test_forms_list_and_demo_answers(tmp_path: Path) -> None:
     summary = json.loads(results.stdout)
     assert summary["submissions"] > 0
     assert summary["questions"][0]["responses"] == summary["submissions"]
+    # The newsletter form got signups too, each a profile with its traits.
+    newsletter = [e for e in submitted if e["properties"]["form_id"] == "newsletter"]
+    assert newsletter
+    assert identifies >= len(newsletter)

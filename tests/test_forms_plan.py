@@ -394,3 +394,39 @@ def test_a_personal_link_answers_once_even_when_sent_twice_at_once(plan_server: 
         e for e in events_of(plan_server, event="Survey Answered") if e["user_id"] == "race-user-1"
     ]
     assert len(answered) == 1
+
+
+def test_malformed_posts_get_a_page_never_a_server_error(plan_server: Server) -> None:
+    client = httpx.Client(base_url=plan_server.url)
+    token = csrf_of(client.get("/f/club").text)
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    invite = httpx.post(
+        f"{plan_server.url}/api/forms/delivery-csat/invites",
+        json={"email": "other.survey@example.com"},
+        headers=ADMIN,
+    )
+    other_survey = invite.json()["url"].split("t=", 1)[1]
+    answers = {
+        "not utf-8": client.post(
+            "/f/club", content=b"csrf=" + token.encode() + b"&email=\xff\xfe", headers=form_type
+        ),
+        "a file": client.post("/f/club", data={"csrf": token}, files={"cv": ("cv.txt", b"hi")}),
+        "JSON": client.post("/f/club", json={"csrf": token, "email": "json@example.com"}),
+        "too many fields": client.post(
+            "/f/club", content="&".join([f"csrf={token}"] + ["email=x"] * 300), headers=form_type
+        ),
+        "a bad survey token": client.post(
+            "/f/delivery-csat",
+            data={
+                "csrf": csrf_of(client.get("/f/delivery-csat").text),
+                "t": "forged.token",
+                "satisfaction": "5",
+            },
+        ),
+        "a link of another survey": client.get(f"/f/club?t={other_survey}"),
+    }
+    for what, answer in answers.items():
+        assert 400 <= answer.status_code < 500, (what, answer.status_code)
+        assert "<h1>" in answer.text, what  # a page a person can read
+    assert identifies_with_email(plan_server, "json@example.com") == []
+    assert plan_server.kilde("forms", "url", "club").stdout.strip() == f"{plan_server.url}/f/club"

@@ -391,10 +391,12 @@ async def _store(
     properties: dict[str, Any] = {"form_id": form.id, "answers": answers}
     if awaiting:
         properties["consents_awaiting_confirmation"] = awaiting
+    submitted_id = f"form-{uuid.uuid4()}"
     records.append(
         {
             "type": "track",
             "event": form.event_name,
+            "messageId": submitted_id,
             "properties": properties,
             "timestamp": now,
             "context": context,
@@ -429,8 +431,12 @@ async def _store(
     email = next((v for n, v in sub.values.items() if by_name[n].type == "email"), None)
     suppressed = any(o.status == "suppressed" for o in outcomes)
     # Never mail someone who was erased; say so when no mail could go out.
-    mail = awaiting and email and not suppressed
-    if mail and email and not await _send_confirmation(request, form, email, ids, awaiting):
+    if (
+        awaiting
+        and email
+        and not suppressed
+        and not await _send_confirmation(request, form, email, submitted_id, awaiting)
+    ):
         return _message(
             request,
             form.title,
@@ -465,9 +471,14 @@ def consent_record(
 
 
 async def _send_confirmation(
-    request: Request, form: Form, email: str, ids: dict[str, str], purposes: list[str]
+    request: Request, form: Form, email: str, submitted_id: str, purposes: list[str]
 ) -> bool:
-    """Mail the confirmation link; False when no mail could be sent."""
+    """Mail the confirmation link; False when no mail could be sent.
+
+    The link names the stored submission (its event's message id), not the person: who
+    confirms is read from that event when the button is pressed, so no identifier of the
+    person is in the link, and a submission erased meanwhile cannot be confirmed.
+    """
     smtp = SmtpSettings.from_env()
     if smtp is None:
         log.warning("double opt-in for form %s, but KILDE_SMTP_HOST is not set", form.id)
@@ -475,7 +486,7 @@ async def _send_confirmation(
     token = _sign(
         request,
         "form-confirm",
-        {"f": form.id, "u": ids.get("userId"), "a": ids["anonymousId"], "c": purposes},
+        {"f": form.id, "m": submitted_id, "c": purposes},
         CONFIRM_TTL,
     )
     base = str(getattr(request.app.state, "public_url", None) or request.base_url).rstrip("/")
@@ -491,6 +502,24 @@ async def _send_confirmation(
         log.error("confirmation mail for form %s failed: %s", form.id, type(exc).__name__)
         return False
     return True
+
+
+def _confirming(request: Request, form: Form, claims: dict[str, Any]) -> dict[str, str] | None:
+    """Who confirms: the ids of the submission the link was sent for, if it is still stored."""
+    if "m" not in claims:  # links mailed before they named the submission carried the ids
+        user = {"userId": claims["u"]} if claims.get("u") else {}
+        return {"anonymousId": claims["a"], **user}
+    rows = request.app.state.store.query(
+        "SELECT user_id, anonymous_id FROM events WHERE message_id = ? AND source = ? "
+        "AND type = 'track' AND event = ? LIMIT 1",
+        [claims["m"], form.source, form.event_name],
+    )
+    if not rows:
+        return None
+    ids = {"anonymousId": rows[0]["anonymous_id"]} if rows[0]["anonymous_id"] else {}
+    if rows[0]["user_id"]:
+        ids["userId"] = rows[0]["user_id"]
+    return ids or None
 
 
 def _confirmation(request: Request, form: Form, token: str) -> dict[str, Any]:
@@ -510,9 +539,16 @@ def confirm_page(request: Request, form_id: str, t: str = "") -> Response:
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     try:
-        _confirmation(request, form, t)
+        claims = _confirmation(request, form, t)
     except BadToken as exc:
         return _message(request, "This link does not work", str(exc), 400)
+    if _confirming(request, form, claims) is None:
+        return _message(
+            request,
+            "This link does not work",
+            "This request is no longer on record. Please fill in the form again.",
+            400,
+        )
     return _page(
         request,
         "confirm.html",
@@ -546,7 +582,14 @@ async def confirm(request: Request, form_id: str) -> Response:
         ip=client_ip(request),
         user_agent=request.headers.get("user-agent"),
     )
-    ids = {"anonymousId": claims["a"], **({"userId": claims["u"]} if claims.get("u") else {})}
+    ids = _confirming(request, form, claims)
+    if ids is None:
+        return _message(
+            request,
+            "This link does not work",
+            "This request is no longer on record. Please fill in the form again.",
+            400,
+        )
     record = consent_record(
         form,
         dict.fromkeys(claims["c"], True),

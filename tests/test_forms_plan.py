@@ -430,3 +430,18 @@ def test_malformed_posts_get_a_page_never_a_server_error(plan_server: Server) ->
         assert "<h1>" in answer.text, what  # a page a person can read
     assert identifies_with_email(plan_server, "json@example.com") == []
     assert plan_server.kilde("forms", "url", "club").stdout.strip() == f"{plan_server.url}/f/club"
+
+
+def test_plan_check_wants_an_email_field_for_double_opt_in(tmp_path: Path) -> None:
+    """Without an address to mail the link to, a double opt-in box could never be confirmed."""
+    from tests.conftest import run_kilde
+
+    plan = yaml.safe_load(DEMO_PLAN.read_text())
+    phone_only = {**CLUB_FORM, "fields": [CLUB_FORM["fields"][1]]}
+    plan["forms"].append(phone_only)
+    path = tmp_path / "kilde.yaml"
+    path.write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
+    checked = run_kilde("plan", "check", str(path))
+    assert checked.returncode == 1
+    assert "the form needs a field of type email" in checked.stdout
+    assert "1 problem(s) found" in checked.stdout

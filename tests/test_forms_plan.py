@@ -85,13 +85,35 @@ CLUB_FORM: dict[str, Any] = {
 }
 
 
+# A number field filling an integer trait: 2.5 passes the form's range but not the trait's type.
+HOUSEHOLD_FORM: dict[str, Any] = {
+    "id": "household",
+    "source": "forms",
+    "title": "Tell us about your household",
+    "purposes": ["advertising"],
+    "fields": [
+        {"name": "email", "type": "email", "label": "Email", "required": True, "trait": "email"},
+        {
+            "name": "people",
+            "type": "number",
+            "label": "People in your household",
+            "min": 1,
+            "max": 20,
+            "trait": "household_size",
+        },
+    ],
+    "consents": [{"purpose": "advertising", "label": "Show me offers for families."}],
+    "privacy_notice": "We use this to choose the offers we show you.",
+}
+
+
 @pytest.fixture(scope="module")
 def plan_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     base = tmp_path_factory.mktemp("forms-plan")
     plan = yaml.safe_load(DEMO_PLAN.read_text())
     plan["company"]["name"] = COMPANY
     plan["company"]["primary_color"] = COLOUR
-    plan["forms"] += [CSAT_SURVEY, CLUB_FORM]
+    plan["forms"] += [CSAT_SURVEY, CLUB_FORM, HOUSEHOLD_FORM]
     plan_path = base / "kilde.yaml"
     plan_path.write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
     server = start_server(base / "data", plan_path)
@@ -233,8 +255,10 @@ def test_a_forged_post_from_another_site_is_refused(
     assert letters[0]["reason"] == "cross-site post from a site not allowed"
 
 
-def _post(server: Server, form: str, data: dict[str, Any]) -> httpx.Response:
-    client = httpx.Client(base_url=server.url)
+def _post(
+    server: Server, form: str, data: dict[str, Any], visitor: str | None = None
+) -> httpx.Response:
+    client = httpx.Client(base_url=server.url, cookies={"kilde_aid": visitor} if visitor else {})
     return client.post(f"/f/{form}", data={"csrf": csrf_of(client.get(f"/f/{form}").text), **data})
 
 
@@ -445,3 +469,46 @@ def test_plan_check_wants_an_email_field_for_double_opt_in(tmp_path: Path) -> No
     assert checked.returncode == 1
     assert "the form needs a field of type email" in checked.stdout
     assert "1 problem(s) found" in checked.stdout
+
+
+def test_a_submission_the_plan_refuses_stores_nothing_but_dead_letters(plan_server: Server) -> None:
+    """All or nothing: when one record of a submission does not fit the plan, none is stored."""
+    before = len(dead_letters(plan_server))
+    visitor = "visitor-half-stored-1"
+    refused = _post(
+        plan_server,
+        "household",
+        {"email": "half.stored@example.com", "people": "2.5", "consent.advertising": "yes"},
+        visitor=visitor,
+    )
+    assert refused.status_code == 503
+    assert "Your answers were kept" in refused.text
+    assert identifies_with_email(plan_server, "half.stored@example.com") == []
+    assert not [
+        e
+        for e in events_of(plan_server, event="Form Submitted")
+        if e["properties"]["form_id"] == "household"
+    ]
+    consents = [
+        e
+        for e in events_of(plan_server, event="Consent Updated", source="forms")
+        if e["properties"].get("banner_version") == "form:household"
+    ]
+    assert consents == []  # not even the consent that was given
+    assert ledger(plan_server, visitor) == []
+    letters = dead_letters(plan_server)[: len(dead_letters(plan_server)) - before]
+    assert len(letters) == 3  # the identify, the event and the consent, kept to replay
+    assert any("household_size" in letter["reason"] for letter in letters)
+    assert "2.5" not in refused.text  # the page does not echo what was typed
+
+    stored = _post(
+        plan_server,
+        "household",
+        {"email": "whole.stored@example.com", "people": "3", "consent.advertising": "yes"},
+    )
+    assert stored.status_code == 200
+    person = identifies_with_email(plan_server, "whole.stored@example.com")[0]
+    assert person["traits"]["household_size"] == 3
+    assert ledger(plan_server, person["anonymous_id"]) == [
+        ("advertising", "granted", "form:household")
+    ]

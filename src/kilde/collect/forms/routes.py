@@ -9,6 +9,7 @@ Purposes marked `double_opt_in` become active only after the emailed link is cli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -409,10 +410,27 @@ async def _store(
     batch, outcomes = pipeline.batch_for(records, source, env)
     rejected = [o for o in outcomes if o.status == "dead_lettered"]
     if rejected:
-        # Nothing half-stored: keep the whole submission as dead letters, store none of it.
-        batch.events.clear()
+        # Nothing half-stored: keep the whole submission as dead letters (to replay once the
+        # plan is fixed) and store none of it: no event, no trait and no consent ledger row.
+        kept = dataclasses.replace(env, ip=protect_ip(env.ip, plan.privacy.ip))
+        letters = list(batch.dead_letters)
+        for outcome in outcomes:
+            if outcome.status in ("stored", "flagged"):
+                letters.append(
+                    dead_letter_row(
+                        records[outcome.index],
+                        source=source.name,
+                        env=kept,
+                        code="form_rejected",
+                        reason="kept with the rest of its form submission, which does not fit "
+                        f"the plan: {rejected[0].reason}",
+                        path=None,
+                        message_type=None,
+                        ip_policy=plan.privacy.ip,
+                    )
+                )
         log.warning("form %s does not fit the plan: %s", form.id, rejected[0].reason)
-        await pipeline.writer.write(batch)
+        await pipeline.writer.write(WriteBatch(dead_letters=letters))
         return _message(
             request,
             "Form unavailable",

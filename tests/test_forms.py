@@ -416,10 +416,16 @@ def test_rate_limit_per_address(tmp_path: Path) -> None:
             httpx.post(f"{server.url}/f/newsletter", data={"csrf": "x"}).status_code
             for _ in range(22)
         ]
+        letters = dead_letters(server)
     finally:
         server.stop()
     assert codes[:20] == [403] * 20  # refused for the bad token, but counted
     assert codes[20:] == [429, 429]
+    # The first refused post shows the flood in the dead letter; the next is not kept.
+    assert [letter["reason"] for letter in letters] == [
+        "rate limit: more than 20 posts from one address to this form in 10 minutes; "
+        "later ones in this window are not kept"
+    ]
 
 
 # -- surveys ------------------------------------------------------------------------------------

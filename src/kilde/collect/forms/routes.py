@@ -53,6 +53,7 @@ class RateLimiter:
         self.limit = limit
         self.window = window
         self._hits: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._noted: dict[tuple[str, str], float] = {}
 
     def allow(self, key: tuple[str, str]) -> bool:
         if self.limit <= 0:
@@ -64,6 +65,15 @@ class RateLimiter:
         if len(hits) >= self.limit:
             return False
         hits.append(now)
+        return True
+
+    def first_refusal(self, key: tuple[str, str]) -> bool:
+        """Whether this is the first refused post of `key` in the window (the one to keep)."""
+        now = time.monotonic()
+        last = self._noted.get(key)
+        if last is not None and now - last <= self.window:
+            return False
+        self._noted[key] = now
         return True
 
 
@@ -192,7 +202,24 @@ async def submit_form(request: Request, form_id: str) -> Response:
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     ip = client_ip(request) or "unknown"
-    if not _limiter(request).allow((ip, form.id)):
+    limiter = _limiter(request)
+    if not limiter.allow((ip, form.id)):
+        # The first refused post of a window goes to the dead letter, so a flood shows there;
+        # the rest are refused unread (keeping each would let the flood fill the store).
+        if limiter.first_refusal((ip, form.id)):
+            fields = await _read_fields(request)
+            if not isinstance(fields, Response):
+                env = Envelope(
+                    received_at=datetime.now(UTC),
+                    channel="form",
+                    ip=client_ip(request),
+                    user_agent=request.headers.get("user-agent"),
+                )
+                reason = (
+                    f"rate limit: more than {limiter.limit} posts from one address to this form "
+                    f"in {RATE_WINDOW / 60:g} minutes; later ones in this window are not kept"
+                )
+                await _dead_letter(request, form, fields, env, reason)
         return _message(
             request,
             "Too many submissions",

@@ -512,3 +512,46 @@ def test_a_submission_the_plan_refuses_stores_nothing_but_dead_letters(plan_serv
     assert ledger(plan_server, person["anonymous_id"]) == [
         ("advertising", "granted", "form:household")
     ]
+
+
+def test_a_refused_submission_is_stored_whole_once_the_plan_is_fixed(
+    plan_server: Server,
+) -> None:
+    """Runs last in this module: it changes the plan (household_size becomes a number)."""
+    visitor = "visitor-replayed-1"
+    refused = _post(
+        plan_server,
+        "household",
+        {"email": "replayed@example.com", "people": "1.5", "consent.advertising": "yes"},
+        visitor=visitor,
+    )
+    assert refused.status_code == 503
+    letters = [
+        httpx.get(f"{plan_server.url}/api/bad-events/{letter['id']}", headers=ADMIN).json()
+        for letter in dead_letters(plan_server)
+    ]
+    ids = [letter["id"] for letter in letters if visitor in json.dumps(letter.get("payload"))]
+    assert len(ids) == 3
+
+    plan = yaml.safe_load(plan_server.plan_path.read_text())
+    for trait in plan["traits"]:
+        if trait["name"] == "household_size":
+            trait["type"] = "number"
+    plan_server.plan_path.write_text(yaml.safe_dump(plan, sort_keys=False, allow_unicode=True))
+    replayed = httpx.post(
+        f"{plan_server.url}/api/bad-events/replay", json={"ids": ids}, headers=ADMIN, timeout=60
+    )
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["replayed"] == 3, replayed.json()
+
+    person = identifies_with_email(plan_server, "replayed@example.com")[0]
+    assert person["traits"]["household_size"] == 1.5
+    assert person["anonymous_id"] == visitor
+    submitted = [
+        e for e in events_of(plan_server, event="Form Submitted") if e["anonymous_id"] == visitor
+    ]
+    assert [e["properties"]["answers"] for e in submitted] == [{}]  # both fields fill traits
+    consent = [
+        e for e in events_of(plan_server, event="Consent Updated") if e["anonymous_id"] == visitor
+    ]
+    assert [e["properties"]["purposes"] for e in consent] == [{"advertising": True}]

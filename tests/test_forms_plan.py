@@ -82,6 +82,7 @@ CLUB_FORM: dict[str, Any] = {
     "privacy_notice": "We use your details for the club only. Questions: privacy@tindra.example.",
     "submit_label": "Join",
     "thank_you": "Welcome to the club!",
+    "allowed_origins": ["https://tindra.example"],
 }
 
 
@@ -418,6 +419,49 @@ def test_a_personal_link_answers_once_even_when_sent_twice_at_once(plan_server: 
         e for e in events_of(plan_server, event="Survey Answered") if e["user_id"] == "race-user-1"
     ]
     assert len(answered) == 1
+
+
+def test_a_script_on_the_company_site_gets_json_answers(plan_server: Server) -> None:
+    """The company's own form, sent by its own script with Accept: application/json."""
+    headers = {"Origin": "https://tindra.example", "Accept": "application/json"}
+    url = f"{plan_server.url}/f/club"
+    wrong = httpx.post(url, data={"email": "not-an-address", "phone": "12"}, headers=headers)
+    assert wrong.status_code == 400
+    body = wrong.json()
+    assert (body["success"], body["error"]) == (False, "invalid_fields")
+    assert body["fields"] == {
+        "email": "Enter an email address like name@example.com.",
+        "phone": "Enter a phone number with its country code, like +47 912 34 567.",
+    }
+    assert "not-an-address" not in wrong.text  # rules, never the typed values
+    assert body["fix"]
+
+    tampered = httpx.post(
+        url, data={"email": "a@example.com", "consent.advertising": "on"}, headers=headers
+    )
+    assert tampered.status_code == 400
+    assert tampered.json()["error"] == "form_not_accepted"
+    unknown = httpx.post(f"{plan_server.url}/f/nope", data={"email": "x"}, headers=headers)
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "unknown_form")
+    foreign = httpx.post(
+        url,
+        data={"email": "a@example.com"},
+        headers={**headers, "Origin": "https://elsewhere.example"},
+    )
+    assert (foreign.status_code, foreign.json()["error"]) == (403, "form_not_accepted")
+
+    ok = httpx.post(
+        url,
+        data={"email": "script.member@example.com", "consent.advertising": "yes"},
+        headers=headers,
+    )
+    assert ok.status_code == 200
+    assert ok.json() == {"success": True, "message": "Welcome to the club!"}
+    person = identifies_with_email(plan_server, "script.member@example.com")[0]
+    assert sorted(ledger(plan_server, person["anonymous_id"])) == [
+        ("advertising", "granted", "form:club"),
+        ("marketing_email", "denied", "form:club"),
+    ]
 
 
 def test_malformed_posts_get_a_page_never_a_server_error(plan_server: Server) -> None:

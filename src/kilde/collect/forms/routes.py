@@ -32,6 +32,7 @@ from kilde.pipeline.enrich import protect_ip
 from kilde.plan.forms import Form
 from kilde.signing import TokenError, TokenSigner
 from kilde.store.writer import WriteBatch
+from kilde.web.errors import JsonResponse
 
 log = logging.getLogger("kilde.forms")
 
@@ -93,7 +94,48 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
     return HTMLResponse(html, status_code=status, headers=headers)
 
 
-def _message(request: Request, heading: str, message: str, status: int) -> HTMLResponse:
+# What a script posting a form (Accept: application/json) gets instead of a page.
+PROBLEMS = {
+    "Form not found": ("unknown_form", "check the form id; `kilde forms list` shows the forms"),
+    "This link does not work": (
+        "invalid_link",
+        "use the link exactly as it was sent, or ask for a new one",
+    ),
+    "Too many submissions": ("rate_limited", "wait a few minutes before sending this form again"),
+    "Form not accepted": (
+        "form_not_accepted",
+        "send the form from its own page, or list your site in the form's allowed_origins; "
+        "send only its fields and consent.PURPOSE=yes",
+    ),
+    "Too much text": ("payload_too_large", f"send at most {MAX_BODY // 1024} KB per post"),
+    "Unreadable form": (
+        "unreadable_form",
+        "post application/x-www-form-urlencoded or multipart/form-data without files, in UTF-8",
+    ),
+    "Form unavailable": (
+        "form_unavailable",
+        "the answers are in the dead letter; fix the form in the plan and replay them",
+    ),
+}
+
+
+def _wants_json(request: Request) -> bool:
+    """A script that asks for JSON (and not for HTML) gets JSON; browsers get pages."""
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    return JsonResponse({"success": status < 400, **body}, status_code=status, headers=headers)
+
+
+def _message(request: Request, heading: str, message: str, status: int) -> Response:
+    if _wants_json(request):
+        if status < 400:
+            return _json(status, {"message": message})
+        code, fix = PROBLEMS.get(heading, ("form_error", "see the message"))
+        return _json(status, {"error": code, "message": message, "fix": fix})
     return _page(request, "message.html", status, title=heading, heading=heading, message=message)
 
 
@@ -138,7 +180,23 @@ def _render(
     sub: Submission | None = None,
     token: str | None = None,
     problem: str | None = None,
-) -> HTMLResponse:
+) -> Response:
+    if status >= 400 and _wants_json(request):
+        if problem:
+            return _json(
+                status,
+                {"error": "expired_page", "message": problem, "fix": "load the form again"},
+            )
+        return _json(
+            status,
+            {
+                "error": "invalid_fields",
+                "message": "some answers need correcting",
+                "fix": "correct the fields named in `fields` and send the form again",
+                # The rule each answer breaks, never the answer itself.
+                "fields": sub.errors if sub else {},
+            },
+        )
     csrf = _sign(request, "form-csrf", {"f": form.id}, CSRF_TTL)
     return _page(
         request,
@@ -168,7 +226,7 @@ def forms_script() -> Response:
 
 
 @router.get("/f/{form_id}")
-def show_form(request: Request, form_id: str, t: str | None = None) -> HTMLResponse:
+def show_form(request: Request, form_id: str, t: str | None = None) -> Response:
     form = _form(request, form_id)
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)

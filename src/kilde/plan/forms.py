@@ -143,6 +143,17 @@ def form_problems(data: Mapping[str, Any]) -> list[tuple[tuple[str | int, ...], 
                         "only purposes whose legal basis is consent get a consent box",
                     )
                 )
+            elif purpose.get("double_opt_in") and not any(
+                isinstance(f, Mapping) and f.get("type") == "email"
+                for f in form.get("fields") or []
+            ):
+                problems.append(
+                    (
+                        ("forms", index, "consents", c_index, "purpose"),
+                        "this purpose needs double opt-in, so the form needs a field of type "
+                        "email to send the confirmation link to",
+                    )
+                )
         for f_index, field in enumerate(form.get("fields") or []):
             if isinstance(field, Mapping) and field.get("trait") and field["trait"] not in traits:
                 problems.append(

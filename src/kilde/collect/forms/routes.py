@@ -9,6 +9,7 @@ Purposes marked `double_opt_in` become active only after the emailed link is cli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -31,6 +32,7 @@ from kilde.pipeline.enrich import protect_ip
 from kilde.plan.forms import Form
 from kilde.signing import TokenError, TokenSigner
 from kilde.store.writer import WriteBatch
+from kilde.web.errors import JsonResponse
 
 log = logging.getLogger("kilde.forms")
 
@@ -52,6 +54,7 @@ class RateLimiter:
         self.limit = limit
         self.window = window
         self._hits: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._noted: dict[tuple[str, str], float] = {}
 
     def allow(self, key: tuple[str, str]) -> bool:
         if self.limit <= 0:
@@ -63,6 +66,15 @@ class RateLimiter:
         if len(hits) >= self.limit:
             return False
         hits.append(now)
+        return True
+
+    def first_refusal(self, key: tuple[str, str]) -> bool:
+        """Whether this is the first refused post of `key` in the window (the one to keep)."""
+        now = time.monotonic()
+        last = self._noted.get(key)
+        if last is not None and now - last <= self.window:
+            return False
+        self._noted[key] = now
         return True
 
 
@@ -82,7 +94,48 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
     return HTMLResponse(html, status_code=status, headers=headers)
 
 
-def _message(request: Request, heading: str, message: str, status: int) -> HTMLResponse:
+# What a script posting a form (Accept: application/json) gets instead of a page.
+PROBLEMS = {
+    "Form not found": ("unknown_form", "check the form id; `kilde forms list` shows the forms"),
+    "This link does not work": (
+        "invalid_link",
+        "use the link exactly as it was sent, or ask for a new one",
+    ),
+    "Too many submissions": ("rate_limited", "wait a few minutes before sending this form again"),
+    "Form not accepted": (
+        "form_not_accepted",
+        "send the form from its own page, or list your site in the form's allowed_origins; "
+        "send only its fields and consent.PURPOSE=yes",
+    ),
+    "Too much text": ("payload_too_large", f"send at most {MAX_BODY // 1024} KB per post"),
+    "Unreadable form": (
+        "unreadable_form",
+        "post application/x-www-form-urlencoded or multipart/form-data without files, in UTF-8",
+    ),
+    "Form unavailable": (
+        "form_unavailable",
+        "the answers are in the dead letter; fix the form in the plan and replay them",
+    ),
+}
+
+
+def _wants_json(request: Request) -> bool:
+    """A script that asks for JSON (and not for HTML) gets JSON; browsers get pages."""
+    accept = request.headers.get("accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    headers = {"Cache-Control": "no-store"}
+    return JsonResponse({"success": status < 400, **body}, status_code=status, headers=headers)
+
+
+def _message(request: Request, heading: str, message: str, status: int) -> Response:
+    if _wants_json(request):
+        if status < 400:
+            return _json(status, {"message": message})
+        code, fix = PROBLEMS.get(heading, ("form_error", "see the message"))
+        return _json(status, {"error": code, "message": message, "fix": fix})
     return _page(request, "message.html", status, title=heading, heading=heading, message=message)
 
 
@@ -127,7 +180,23 @@ def _render(
     sub: Submission | None = None,
     token: str | None = None,
     problem: str | None = None,
-) -> HTMLResponse:
+) -> Response:
+    if status >= 400 and _wants_json(request):
+        if problem:
+            return _json(
+                status,
+                {"error": "expired_page", "message": problem, "fix": "load the form again"},
+            )
+        return _json(
+            status,
+            {
+                "error": "invalid_fields",
+                "message": "some answers need correcting",
+                "fix": "correct the fields named in `fields` and send the form again",
+                # The rule each answer breaks, never the answer itself.
+                "fields": sub.errors if sub else {},
+            },
+        )
     csrf = _sign(request, "form-csrf", {"f": form.id}, CSRF_TTL)
     return _page(
         request,
@@ -157,7 +226,7 @@ def forms_script() -> Response:
 
 
 @router.get("/f/{form_id}")
-def show_form(request: Request, form_id: str, t: str | None = None) -> HTMLResponse:
+def show_form(request: Request, form_id: str, t: str | None = None) -> Response:
     form = _form(request, form_id)
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
@@ -191,24 +260,33 @@ async def submit_form(request: Request, form_id: str) -> Response:
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     ip = client_ip(request) or "unknown"
-    if not _limiter(request).allow((ip, form.id)):
+    limiter = _limiter(request)
+    if not limiter.allow((ip, form.id)):
+        # The first refused post of a window goes to the dead letter, so a flood shows there;
+        # the rest are refused unread (keeping each would let the flood fill the store).
+        if limiter.first_refusal((ip, form.id)):
+            fields = await _read_fields(request)
+            if not isinstance(fields, Response):
+                env = Envelope(
+                    received_at=datetime.now(UTC),
+                    channel="form",
+                    ip=client_ip(request),
+                    user_agent=request.headers.get("user-agent"),
+                )
+                reason = (
+                    f"rate limit: more than {limiter.limit} posts from one address to this form "
+                    f"in {RATE_WINDOW / 60:g} minutes; later ones in this window are not kept"
+                )
+                await _dead_letter(request, form, fields, env, reason)
         return _message(
             request,
             "Too many submissions",
             "This address has sent this form too often. Please wait a few minutes.",
             429,
         )
-    length = int(request.headers.get("content-length") or 0)
-    if length > MAX_BODY:
-        return _message(request, "Too much text", "The answers are too long to accept.", 413)
-    try:
-        data = await request.form(max_files=0, max_fields=200, max_part_size=MAX_BODY)
-    except Exception:
-        return _message(request, "Unreadable form", "The submission could not be read.", 400)
-    fields: dict[str, list[str]] = defaultdict(list)
-    for key, value in data.multi_items():
-        if isinstance(value, str):
-            fields[key].append(value)
+    fields = await _read_fields(request)
+    if isinstance(fields, Response):
+        return fields
     env = Envelope(
         received_at=datetime.now(UTC),
         channel="form",
@@ -219,6 +297,18 @@ async def submit_form(request: Request, form_id: str) -> Response:
 
     csrf = next(iter(fields.get("csrf") or []), None)
     origin = request.headers.get("origin")
+    # A browser says where a post comes from (Sec-Fetch-Site). The hosted page, also inside an
+    # iframe, posts from its own origin; another site may post only when the plan allows it,
+    # even with a valid token copied from the page (a forged post in someone's browser).
+    site = request.headers.get("sec-fetch-site")
+    if site in ("cross-site", "same-site") and origin not in form.allowed_origins:
+        await _dead_letter(request, form, fields, env, "cross-site post from a site not allowed")
+        return _message(
+            request,
+            "Form not accepted",
+            "This form must be sent from its own page or from a site the plan allows.",
+            403,
+        )
     if csrf is not None:
         try:
             claims = _verify(request, "form-csrf", csrf)
@@ -233,6 +323,10 @@ async def submit_form(request: Request, form_id: str) -> Response:
                 problem="This page has expired. Please fill in the form again.",
             )
     elif origin is None or origin not in form.allowed_origins:
+        reason = "post without the page's token " + (
+            "and without an Origin" if origin is None else "from a site not allowed"
+        )
+        await _dead_letter(request, form, fields, env, reason)
         return _message(
             request,
             "Form not accepted",
@@ -261,7 +355,71 @@ async def submit_form(request: Request, form_id: str) -> Response:
             return _message(request, "This link does not work", str(exc), 400)
     if sub.errors:
         return _render(request, form, status=400, sub=sub, token=token)
-    return await _store(request, form, sub, env, invite)
+    if invite is None:
+        return await _store(request, form, sub, env, invite)
+    # A link answers once: while one answer with it is being stored, a second (a double
+    # click, a replay) is refused; after that the store says the invitation is used.
+    answering = _answering(request)
+    if invite["id"] in answering:
+        return _message(
+            request,
+            "This link does not work",
+            "This survey is being answered with this link right now.",
+            409,
+        )
+    answering.add(invite["id"])
+    try:
+        return await _store(request, form, sub, env, invite)
+    finally:
+        answering.discard(invite["id"])
+
+
+def _answering(request: Request) -> set[str]:
+    """Invitations whose answers are being stored right now (in this process)."""
+    state = request.app.state
+    answering: set[str] | None = getattr(state, "form_invites_answering", None)
+    if answering is None:
+        answering = state.form_invites_answering = set()
+    return answering
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request body, or None when it is larger than MAX_BODY (declared or streamed)."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return None
+    return bytes(body)
+
+
+async def _read_fields(request: Request) -> dict[str, list[str]] | Response:
+    """The posted fields (urlencoded or multipart without files), or the page saying why not."""
+    body = await _read_body(request)
+    if body is None:
+        return _message(request, "Too much text", "The answers are too long to accept.", 413)
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        data = await Request(request.scope, replay).form(
+            max_files=0, max_fields=200, max_part_size=MAX_BODY
+        )
+    except Exception:
+        return _message(request, "Unreadable form", "The submission could not be read.", 400)
+    fields: dict[str, list[str]] = defaultdict(list)
+    for key, value in data.multi_items():
+        if isinstance(value, str):
+            fields[key].append(value)
+    return fields
 
 
 async def _dead_letter(
@@ -319,10 +477,12 @@ async def _store(
     properties: dict[str, Any] = {"form_id": form.id, "answers": answers}
     if awaiting:
         properties["consents_awaiting_confirmation"] = awaiting
+    submitted_id = f"form-{uuid.uuid4()}"
     records.append(
         {
             "type": "track",
             "event": form.event_name,
+            "messageId": submitted_id,
             "properties": properties,
             "timestamp": now,
             "context": context,
@@ -335,10 +495,27 @@ async def _store(
     batch, outcomes = pipeline.batch_for(records, source, env)
     rejected = [o for o in outcomes if o.status == "dead_lettered"]
     if rejected:
-        # Nothing half-stored: keep the whole submission as dead letters, store none of it.
-        batch.events.clear()
+        # Nothing half-stored: keep the whole submission as dead letters (to replay once the
+        # plan is fixed) and store none of it: no event, no trait and no consent ledger row.
+        kept = dataclasses.replace(env, ip=protect_ip(env.ip, plan.privacy.ip))
+        letters = list(batch.dead_letters)
+        for outcome in outcomes:
+            if outcome.status in ("stored", "flagged"):
+                letters.append(
+                    dead_letter_row(
+                        records[outcome.index],
+                        source=source.name,
+                        env=kept,
+                        code="form_rejected",
+                        reason="kept with the rest of its form submission, which does not fit "
+                        f"the plan: {rejected[0].reason}",
+                        path=None,
+                        message_type=None,
+                        ip_policy=plan.privacy.ip,
+                    )
+                )
         log.warning("form %s does not fit the plan: %s", form.id, rejected[0].reason)
-        await pipeline.writer.write(batch)
+        await pipeline.writer.write(WriteBatch(dead_letters=letters))
         return _message(
             request,
             "Form unavailable",
@@ -356,8 +533,20 @@ async def _store(
     await pipeline.writer.write(batch)
     email = next((v for n, v in sub.values.items() if by_name[n].type == "email"), None)
     suppressed = any(o.status == "suppressed" for o in outcomes)
-    if awaiting and email and not suppressed:  # never mail someone who was erased
-        await _send_confirmation(request, form, email, ids, awaiting)
+    # Never mail someone who was erased; say so when no mail could go out.
+    if (
+        awaiting
+        and email
+        and not suppressed
+        and not await _send_confirmation(request, form, email, submitted_id, awaiting)
+    ):
+        return _message(
+            request,
+            form.title,
+            "Thank you. We could not send the confirmation mail just now, so your "
+            "subscription is not active yet. Please try again later.",
+            200,
+        )
     return _message(request, form.title, form.thank_you, 200)
 
 
@@ -385,16 +574,22 @@ def consent_record(
 
 
 async def _send_confirmation(
-    request: Request, form: Form, email: str, ids: dict[str, str], purposes: list[str]
-) -> None:
+    request: Request, form: Form, email: str, submitted_id: str, purposes: list[str]
+) -> bool:
+    """Mail the confirmation link; False when no mail could be sent.
+
+    The link names the stored submission (its event's message id), not the person: who
+    confirms is read from that event when the button is pressed, so no identifier of the
+    person is in the link, and a submission erased meanwhile cannot be confirmed.
+    """
     smtp = SmtpSettings.from_env()
     if smtp is None:
         log.warning("double opt-in for form %s, but KILDE_SMTP_HOST is not set", form.id)
-        return
+        return False
     token = _sign(
         request,
         "form-confirm",
-        {"f": form.id, "u": ids.get("userId"), "a": ids["anonymousId"], "c": purposes},
+        {"f": form.id, "m": submitted_id, "c": purposes},
         CONFIRM_TTL,
     )
     base = str(getattr(request.app.state, "public_url", None) or request.base_url).rstrip("/")
@@ -408,17 +603,76 @@ async def _send_confirmation(
         await run_in_threadpool(send_mail, smtp, email, f"Please confirm: {form.title}", text, html)
     except OSError as exc:
         log.error("confirmation mail for form %s failed: %s", form.id, type(exc).__name__)
+        return False
+    return True
+
+
+def _confirming(request: Request, form: Form, claims: dict[str, Any]) -> dict[str, str] | None:
+    """Who confirms: the ids of the submission the link was sent for, if it is still stored."""
+    if "m" not in claims:  # links mailed before they named the submission carried the ids
+        user = {"userId": claims["u"]} if claims.get("u") else {}
+        return {"anonymousId": claims["a"], **user}
+    rows = request.app.state.store.query(
+        "SELECT user_id, anonymous_id FROM events WHERE message_id = ? AND source = ? "
+        "AND type = 'track' AND event = ? LIMIT 1",
+        [claims["m"], form.source, form.event_name],
+    )
+    if not rows:
+        return None
+    ids = {"anonymousId": rows[0]["anonymous_id"]} if rows[0]["anonymous_id"] else {}
+    if rows[0]["user_id"]:
+        ids["userId"] = rows[0]["user_id"]
+    return ids or None
+
+
+def _confirmation(request: Request, form: Form, token: str) -> dict[str, Any]:
+    claims = _verify(request, "form-confirm", token)
+    if claims.get("f") != form.id:
+        raise BadToken("This link is not for this form.")
+    return claims
 
 
 @router.get("/f/{form_id}/confirm")
-async def confirm(request: Request, form_id: str, t: str = "") -> Response:
+def confirm_page(request: Request, form_id: str, t: str = "") -> Response:
+    """The mailed link shows a button; only pressing it (a POST) records the consent.
+
+    Mail scanners and link previews open links by themselves: a GET never records consent.
+    """
     form = _form(request, form_id)
     if form is None:
         return _message(request, "Form not found", "There is no form at this address.", 404)
     try:
-        claims = _verify(request, "form-confirm", t)
-        if claims.get("f") != form.id:
-            raise BadToken("This link is not for this form.")
+        claims = _confirmation(request, form, t)
+    except BadToken as exc:
+        return _message(request, "This link does not work", str(exc), 400)
+    if _confirming(request, form, claims) is None:
+        return _message(
+            request,
+            "This link does not work",
+            "This request is no longer on record. Please fill in the form again.",
+            400,
+        )
+    return _page(
+        request,
+        "confirm.html",
+        title="Please confirm",
+        form=form,
+        action=f"/f/{form.id}/confirm",
+        token=t,
+    )
+
+
+@router.post("/f/{form_id}/confirm")
+async def confirm(request: Request, form_id: str) -> Response:
+    form = _form(request, form_id)
+    if form is None:
+        return _message(request, "Form not found", "There is no form at this address.", 404)
+    fields = await _read_fields(request)
+    if isinstance(fields, Response):
+        return fields
+    t = next(iter(fields.get("t") or []), "")
+    try:
+        claims = _confirmation(request, form, t)
     except BadToken as exc:
         return _message(request, "This link does not work", str(exc), 400)
     pipeline: Pipeline = request.app.state.pipeline
@@ -431,7 +685,14 @@ async def confirm(request: Request, form_id: str, t: str = "") -> Response:
         ip=client_ip(request),
         user_agent=request.headers.get("user-agent"),
     )
-    ids = {"anonymousId": claims["a"], **({"userId": claims["u"]} if claims.get("u") else {})}
+    ids = _confirming(request, form, claims)
+    if ids is None:
+        return _message(
+            request,
+            "This link does not work",
+            "This request is no longer on record. Please fill in the form again.",
+            400,
+        )
     record = consent_record(
         form,
         dict.fromkeys(claims["c"], True),

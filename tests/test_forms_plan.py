@@ -599,3 +599,5 @@ def test_a_refused_submission_is_stored_whole_once_the_plan_is_fixed(
         e for e in events_of(plan_server, event="Consent Updated") if e["anonymous_id"] == visitor
     ]
     assert [e["properties"]["purposes"] for e in consent] == [{"advertising": True}]
+    # and the choice is in the consent ledger, as it would have been without the detour
+    assert ledger(plan_server, visitor) == [("advertising", "granted", "form:household")]

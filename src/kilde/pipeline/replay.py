@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from kilde.pipeline.consent import ledger_statements
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.ingest import Pipeline
 from kilde.pipeline.normalize import Envelope, batch_items
@@ -68,6 +69,14 @@ def replay(pipeline: Pipeline, letters: list[dict[str, Any]]) -> ReplayReport:
                     reason = (first.message, first.path)
                 else:
                     batch.events.extend(prepared.rows)
+                    # What ingesting them would have written beside them: consent ledger rows
+                    # (idempotent per message) and the privacy screen's counts.
+                    batch.statements.extend(
+                        ledger_statements(prepared.rows, pipeline.plan, env.channel)
+                    )
+                    batch.statements.extend(
+                        pipeline.privacy.statements(prepared.privacy, source.name, env)
+                    )
                     # Items of a whole-body letter that still fail get letters of their own.
                     for index, rejection in prepared.rejections:
                         batch.dead_letters.append(

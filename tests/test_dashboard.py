@@ -216,6 +216,7 @@ def test_search_a_profile_by_email_and_open_it(admin: Page, shop: Server) -> Non
         expect(preferences).to_contain_text(str(value))
     expect(admin.locator("#timeline details").first).to_be_visible()
     admin.locator("#timeline details summary").first.click()
+    admin.evaluate("window.scrollTo(0, 0)")  # the docs show the profile's top: who, what value
     _shot(admin, "profile")
     assert email not in shop.log_text()
 
@@ -341,6 +342,40 @@ def test_viewer_sees_aggregates_only(browser: Browser, shop: Server) -> None:
     expect(page.locator("[data-preview-count]")).to_be_visible()
     expect(page.locator("#preview table")).to_have_count(0)  # a count, not who
     expect(page.get_by_role("button", name="Save segment")).to_have_count(0)
+    # Hand-made posts with the viewer's valid CSRF token change nothing either.
+    csrf = page.locator("body").get_attribute("data-csrf") or ""
+    with _admin_api(shop) as api:
+        pending = api.get("/api/bad-events").json()["total"]
+        segments = len(api.get("/api/segments").json()["segments"])
+    for path, form in (
+        ("/quality", {"action": "replay"}),
+        (
+            "/segments",
+            {
+                "action": "save",
+                "name": "Viewer's own",
+                "c0_kind": "computed",
+                "c0_name": "orders",
+                "c0_op": "gte",
+                "c0_value": "1",
+            },
+        ),
+        ("/segments/high-value-at-risk", {}),
+        ("/privacy", {"action": "new_request", "kind": "access", "law": "gdpr"}),
+    ):
+        answer = page.request.post(
+            f"{shop.url}{path}", form={"csrf_token": csrf, **form}, headers={"Origin": shop.url}
+        )
+        refused = answer.status == 403 or "cannot save segments" in answer.text()
+        assert refused, path
+    with _admin_api(shop) as api:
+        assert api.get("/api/bad-events").json()["total"] == pending
+        assert len(api.get("/api/segments").json()["segments"]) == segments
+    page.goto(f"{shop.url}/segments/high-value-at-risk")  # how many, over time; not who
+    expect(page.get_by_role("heading", name="Membership over time")).to_be_visible()
+    expect(page.locator("a[href^='/profiles/']")).to_have_count(0)
+    page.goto(f"{shop.url}/insights?tab=clv")
+    expect(page.locator("a[href^='/profiles/']")).to_have_count(0)
     _shot(page, "viewer-overview")
     page.context.close()
 
@@ -452,6 +487,16 @@ def test_the_questions_of_the_issue_by_clicking(admin: Page, shop: Server) -> No
     admin.get_by_label("Model").select_option("first_touch")
     admin.get_by_role("button", name="Show").click()
     expect(admin).to_have_url(re.compile("model=first_touch"))
+    # What do we hold on this person: the menu, a search, the profile.
+    email, _ = _a_customer(shop)
+    admin.get_by_role("navigation", name="Dashboard").get_by_role("link", name="Profiles").click()
+    admin.get_by_label("Identifier or text").fill(email)
+    admin.get_by_role("button", name="Search").click()
+    admin.locator("a[href^='/profiles/p_']").first.click()
+    for heading in ("Identities", "Consents", "Traits", "Preferences", "Timeline"):
+        expect(admin.get_by_role("heading", name=re.compile(f"^{heading}"))).to_be_visible()
+    identities = admin.locator("section", has=admin.get_by_role("heading", name="Identities"))
+    expect(identities).to_contain_text(email)
 
 
 def test_run_a_destination_from_the_page(admin: Page, shop: Server) -> None:

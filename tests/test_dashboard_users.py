@@ -297,3 +297,27 @@ def test_sessions_end_after_idle_hours_and_at_their_age_limit(tmp_path: Path) ->
                 assert (page.status_code == 303) == (status == 401), name
     finally:
         again.stop()
+
+
+def test_login_goes_back_only_to_a_page_of_this_site(server: Server) -> None:
+    for given, expected in (
+        ("/profiles", "/profiles"),
+        ("//evil.example/x", "/"),
+        ("/\\evil.example", "/"),
+        ("https://evil.example/", "/"),
+        ("/privacy?identifier=someone@example.com", "/privacy"),  # no query kept
+    ):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            form = client.get("/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+            assert token
+            answer = client.post(
+                "/login",
+                data={
+                    "username": "analyst1",
+                    "password": PASSWORD,
+                    "csrf_token": token.group(1),
+                    "next": given,
+                },
+            )
+        assert answer.status_code == 303 and answer.headers["location"] == expected, given

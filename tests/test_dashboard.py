@@ -166,6 +166,7 @@ def test_wrong_password_is_refused(browser: Browser, shop: Server) -> None:
     page.get_by_label("Password").fill("not-the-password")
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("alert")).to_contain_text("wrong")
+    assert _axe_violations(page) == []  # the login form and its error, for screen readers too
     assert not [c for c in context.cookies() if c["name"] == "kilde_session"]
     page.goto(f"{shop.url}/profiles")
     assert "/login" in page.url
@@ -240,6 +241,7 @@ def test_build_preview_and_save_a_segment(admin: Page, shop: Server) -> None:
         ).json()["count"]
     assert previewed == expected > 0
     expect(admin.locator("#preview table tbody tr").first).to_be_visible()  # the sample
+    assert _axe_violations(admin) == []  # the preview put in place by htmx
     name = f"Repeat buyers {uuid.uuid4().hex[:6]}"
     admin.get_by_label("Segment name").fill(name)
     admin.get_by_role("button", name="Save segment").click()

@@ -579,7 +579,8 @@ def test_a_wide_table_on_a_phone_is_reachable_by_keyboard(browser: Browser, shop
     audit.focus()
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
-    assert audit.evaluate("e => e.scrollLeft") > 0  # the hidden columns come into view
+    # the hidden columns come into view (the browser may scroll smoothly: wait for it)
+    page.wait_for_function("e => e.scrollLeft > 0", arg=audit.element_handle(), timeout=10_000)
     page.context.close()
 
 

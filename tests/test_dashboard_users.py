@@ -186,6 +186,15 @@ def test_roles_on_the_admin_api_with_a_session(server: Server) -> None:
         answer = viewer.get(path)
         assert answer.status_code == 403 and answer.json()["error"] == "forbidden_for_role", path
         assert analyst.get(path).status_code in (200, 404), path
+    for path in (  # who is in a segment, the most valuable customers, requests, the audit log
+        "/api/segments/high-value-at-risk/members",
+        "/api/insights/clv",
+        "/api/privacy/requests",
+        "/api/privacy/audit",
+    ):
+        answer = viewer.get(path)
+        assert answer.status_code == 403 and answer.json()["error"] == "forbidden_for_role", path
+        assert analyst.get(path).status_code != 403, path
     lookup = {"email": "someone@example.com"}
     assert (
         viewer.post(
@@ -255,3 +264,60 @@ def test_first_admin_with_a_generated_password(server: Server) -> None:
     assert password is not None
     client = login(server, "second", password.group(1))
     assert client.get("/api/users").status_code == 200
+
+
+def test_sessions_end_after_idle_hours_and_at_their_age_limit(tmp_path: Path) -> None:
+    """Sessions are kept on the server: one left idle for over two hours and one older than
+    twelve hours stop working, a fresh one goes on (the store's clock is moved, not Kilde's)."""
+    import duckdb
+
+    data = tmp_path / "data"
+    first = start_server(data)
+    try:
+        _api_add(first, "sleepy", "viewer")
+        clients = {name: login(first, "sleepy", PASSWORD) for name in ("idle", "old", "fresh")}
+        for client in clients.values():
+            assert client.get("/api/stats").status_code == 200
+        tokens = {name: dict(client.cookies)["kilde_session"] for name, client in clients.items()}
+    finally:
+        first.stop()
+    with duckdb.connect(str(data / "kilde.duckdb")) as db:
+        for name, column, hours in (("idle", "last_seen_at", 3), ("old", "expires_at", 1)):
+            db.execute(
+                f"UPDATE dashboard_sessions SET {column} = now() - INTERVAL {hours} HOUR "
+                "WHERE id = ?",
+                [auth._digest(tokens[name])],
+            )
+    again = start_server(data)
+    try:
+        for name, status in (("idle", 401), ("old", 401), ("fresh", 200)):
+            with httpx.Client(base_url=again.url, cookies={"kilde_session": tokens[name]}) as c:
+                assert c.get("/api/stats").status_code == status, name
+                page = c.get("/", follow_redirects=False)
+                assert (page.status_code == 303) == (status == 401), name
+    finally:
+        again.stop()
+
+
+def test_login_goes_back_only_to_a_page_of_this_site(server: Server) -> None:
+    for given, expected in (
+        ("/profiles", "/profiles"),
+        ("//evil.example/x", "/"),
+        ("/\\evil.example", "/"),
+        ("https://evil.example/", "/"),
+        ("/privacy?identifier=someone@example.com", "/privacy"),  # no query kept
+    ):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            form = client.get("/login")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+            assert token
+            answer = client.post(
+                "/login",
+                data={
+                    "username": "analyst1",
+                    "password": PASSWORD,
+                    "csrf_token": token.group(1),
+                    "next": given,
+                },
+            )
+        assert answer.status_code == 303 and answer.headers["location"] == expected, given

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -148,7 +149,17 @@ def fmt_ago(value: Any) -> str:
 def _json_pretty(value: Any) -> str:
     import orjson
 
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    return orjson.dumps(
+        value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str
+    ).decode()
+
+
+def _json_compact(value: Any) -> str:
+    """A value on one line as JSON; dates, decimals and the like as text (Jinja's `tojson`
+    fails on them, and an erasure report or a trait holds them)."""
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
 
 
 templates = Environment(
@@ -158,7 +169,13 @@ templates = Environment(
     lstrip_blocks=True,
 )
 templates.filters.update(
-    num=fmt_num, pct=fmt_pct, dt=fmt_dt, ago=fmt_ago, pretty=_json_pretty, urlq=quote
+    num=fmt_num,
+    pct=fmt_pct,
+    dt=fmt_dt,
+    ago=fmt_ago,
+    pretty=_json_pretty,
+    json=_json_compact,
+    urlq=quote,
 )
 templates.globals["static_version"] = _static_version()
 
@@ -299,6 +316,15 @@ def page_route(
                 response = error_page(
                     request, session, 422, "That did not work", exc.message, exc.fix or ""
                 )
+            except ValidationError as exc:  # a form field the API's model refuses (too long, ...)
+                response = error_page(
+                    request,
+                    session,
+                    400,
+                    "That did not work",
+                    invalid_fields(exc),
+                    "Correct the named field and send the form again.",
+                )
             except Exception as exc:  # a page, not a JSON body; the text may quote data
                 log.error("page %s failed: %s", path, type(exc).__name__)
                 response = error_page(
@@ -324,6 +350,15 @@ def page_route(
         return handler
 
     return register
+
+
+def invalid_fields(exc: ValidationError) -> str:
+    """What was wrong with each refused field, without the values (they may be personal)."""
+    parts = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'form'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    return "; ".join(parts[:5]) or "a field of the form was refused"
 
 
 def audit(request: Request, status: int, *, personal: bool) -> None:

@@ -80,8 +80,41 @@
     });
   }
 
+  // A box that scrolls (a wide table on a phone, a long rule) must be reachable with
+  // the keyboard, or its hidden part cannot be read without a mouse (WCAG 2.1.1): such boxes get
+  // a tab stop and a name taken from their heading.
+  function markScrollables() {
+    var boxes = document.querySelectorAll("main .card, main pre, .top nav");
+    for (var i = 0; i < boxes.length; i++) {
+      var box = boxes[i];
+      var scrolls = box.scrollWidth > box.clientWidth + 1 || box.scrollHeight > box.clientHeight + 1;
+      if (scrolls && !box.hasAttribute("tabindex")) {
+        box.setAttribute("tabindex", "0");
+        box.setAttribute("data-scroll-stop", "");
+        if (!box.hasAttribute("aria-label") && !box.hasAttribute("aria-labelledby")) {
+          var heading = box.querySelector("h2, h3");
+          var name = heading ? heading.textContent.trim() : "";
+          box.setAttribute("aria-label", (name || "Wide content") + " (scrolls)");
+          if (!box.hasAttribute("role") && box.tagName !== "SECTION" && box.tagName !== "NAV") {
+            box.setAttribute("role", "region");
+          }
+        }
+      } else if (!scrolls && box.hasAttribute("data-scroll-stop")) {
+        box.removeAttribute("tabindex");
+        box.removeAttribute("data-scroll-stop");
+      }
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     var forms = document.querySelectorAll("form[data-upload]");
     for (var i = 0; i < forms.length; i++) { setupUpload(forms[i]); }
+    markScrollables();
+  });
+  document.addEventListener("htmx:afterSettle", markScrollables);
+  var resizing = 0;
+  window.addEventListener("resize", function () {
+    window.clearTimeout(resizing);
+    resizing = window.setTimeout(markScrollables, 150);
   });
 })();

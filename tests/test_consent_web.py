@@ -20,7 +20,7 @@ import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, Request
 
 from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
-from tests.site import chromium, events, ledger, serve_site, wait_for
+from tests.site import chromium, events, ledger, relay, serve_site, wait_for
 
 GPC_SCRIPT = "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
 
@@ -70,15 +70,20 @@ class Watched:
 
 
 def ready(page: Page) -> None:
+    """Wait until k.js is set up (its settings read, the visitor's id settled)."""
     page.wait_for_function("window.kilde && window.kilde.live === true")
+    page.evaluate("new Promise(r => kilde.ready(r))")
 
 
 def test_nothing_is_stored_or_sent_before_the_banner_is_accepted(
     consent_server: Server, browser: Browser
 ) -> None:
     context = browser.new_context()
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        watched = Watched(context, collector)
         page = watched.page
         page.goto(site.page("/"))
         ready(page)
@@ -86,6 +91,9 @@ def test_nothing_is_stored_or_sent_before_the_banner_is_accepted(
         page.click("#spa-tent")
         page.click("#view-tent")
         time.sleep(2)  # give k.js every chance to misbehave
+        # On the wire (the relay sees keepalive fetches and beacons, which Playwright does not):
+        # the script and its settings, nothing else.
+        assert wire.paths() == ["/k.js", "/v1/settings"]
         assert watched.requests == ["/k.js", "/v1/settings"]
         assert context.cookies() == []
         assert page.evaluate("localStorage.length") == 0
@@ -133,8 +141,11 @@ def test_declining_stores_only_the_choice_and_sends_only_the_choice(
     consent_server: Server, browser: Browser
 ) -> None:
     context = browser.new_context()
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        watched = Watched(context, collector)
         page = watched.page
         page.goto(site.page("/"))
         ready(page)
@@ -148,7 +159,14 @@ def test_declining_stores_only_the_choice_and_sends_only_the_choice(
         assert context.cookies() == []
         keys = page.evaluate("Object.keys(localStorage)")
         assert keys == ["kilde_consent"]
+        with page.expect_navigation():
+            page.click("#about")  # leaving the page sends nothing either (no beacon)
+        ready(page)
+        time.sleep(1)
     context.close()
+    # Only the choice went over the wire.
+    sent = [(m["type"], m.get("event")) for batch in wire.batches() for m in batch]
+    assert sent == [("track", "Consent Updated")]
     stored = events(consent_server, anonymous_id=visitor)
     assert [(e["type"], e["event"]) for e in stored] == [("track", "Consent Updated")]
     assert ledger(consent_server, anonymous_id=visitor)["current"] == {

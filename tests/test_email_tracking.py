@@ -430,14 +430,14 @@ def test_unsubscribe_link_and_one_click_record_an_opt_out(server: Server) -> Non
     assert [e["properties"]["method"] for e in second] == ["one_click"]
     assert report(server, campaign)["unsubscribes"] == 2
 
-    consent = httpx.get(
-        f"{server.url}/api/consent", params={"user_id": people[0]["user_id"]}, headers=server.admin
-    )
-    if consent.status_code != 404:  # the consent ledger (when built) records the withdrawal
+    # Both are opt-outs of the marketing purpose in the consent ledger.
+    for person in ({"user_id": people[0]["user_id"]}, {"anonymous_id": anonymous}):
+        consent = httpx.get(f"{server.url}/api/consent", params=person, headers=server.admin)
         assert consent.status_code == 200, consent.text
         assert consent.json()["current"] == {"marketing_email": "withdrawn"}
         (row,) = consent.json()["records"]
         assert (row["source"], row["channel"]) == ("email", "email")
+        assert row["evidence"] == f"email unsubscribe, campaign {campaign}"
 
     tampered = link[:-2] + ("AA" if not link.endswith("AA") else "BB")
     refused = httpx.post(tampered, data={"List-Unsubscribe": "One-Click"})

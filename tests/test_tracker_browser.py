@@ -11,17 +11,18 @@ from __future__ import annotations
 import gzip
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page
+from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 from kilde.collect.tracker import snippet
 from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
-from tests.site import chromium, events, serve_site, wait_for
+from tests.site import SITE, chromium, events, relay, serve_site, wait_for
 
 YEAR = 365 * 24 * 3600
 
@@ -97,6 +98,24 @@ def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campa
     assert pages[0]["browser"] == "HeadlessChrome" or pages[0]["browser"]
 
 
+def admin_get(server: Server, path: str, **params: str) -> dict[str, Any]:
+    answer = httpx.get(f"{server.url}{path}", params=params, headers=server.admin, timeout=60)
+    answer.raise_for_status()
+    found: dict[str, Any] = answer.json()
+    return found
+
+
+def profile_of(server: Server, **ids: str) -> dict[str, Any]:
+    """The one profile holding `ids`, once identity resolution has processed what is stored."""
+    refreshed = httpx.post(f"{server.url}/api/profiles/refresh", headers=server.admin, timeout=90)
+    assert refreshed.status_code == 200, refreshed.text
+    found = httpx.post(
+        f"{server.url}/api/profiles/lookup", json=ids, headers=server.admin, timeout=60
+    ).json()["profiles"]
+    assert len(found) == 1, found
+    return admin_get(server, f"/api/profiles/{found[0]['profile_id']}")
+
+
 def test_identify_after_browsing_ties_the_anonymous_visit_to_the_user(
     kilde_server: Server, context: BrowserContext
 ) -> None:
@@ -122,6 +141,18 @@ def test_identify_after_browsing_ties_the_anonymous_visit_to_the_user(
     assert after["user_id"] == "browser-user-1"
     # Everything the visitor did, before and after signing in, shares one anonymous id.
     assert {e["anonymous_id"] for e in stored} == {anonymous_id}
+
+    # The person's profile holds the page views made before signing in.
+    profile = profile_of(kilde_server, user_id="browser-user-1")
+    assert {"type": "anonymous_id", "value": anonymous_id} in [
+        {"type": i["type"], "value": i["value"]} for i in profile["identities"]
+    ]
+    timeline = admin_get(
+        kilde_server, f"/api/profiles/{profile['profile_id']}/events", limit="1000"
+    )["events"]
+    assert {e["message_id"] for e in stored} <= {e["message_id"] for e in timeline}
+    anonymous_views = [e for e in timeline if e["type"] == "page" and e["user_id"] is None]
+    assert len(anonymous_views) == 2
 
 
 def test_reset_on_sign_out_starts_a_new_anonymous_id(
@@ -172,8 +203,15 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
     shutil.copy(DEMO_PLAN, plan)
     server = start_server(tmp_path / "data", plan)
     port = int(server.url.rsplit(":", 1)[1])
+
+    def queued() -> int:
+        length: int = page.evaluate(
+            "JSON.parse(localStorage.getItem('kilde_queue') || '[]').length"
+        )
+        return length
+
     try:
-        with serve_site(server.url) as site:
+        with relay(server.url) as (collector, wire), serve_site(collector) as site:
             page = context.new_page()
             page.goto(site.page("/"))
             anonymous_id = ready(page)
@@ -183,34 +221,62 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
             page.click("#spa-tent")
             page.click("#view-tent")
             # Kept in localStorage while the collector cannot be reached.
-            wait_for(
-                lambda: (
-                    page.evaluate("JSON.parse(localStorage.getItem('kilde_queue')||'[]').length")
-                    >= 2
-                ),
-                what="the offline queue",
-            )
+            wait_for(lambda: queued() >= 2, what="the offline queue")
+            wait_for(lambda: wire.failed >= 1, what="a send that failed")
+            # The visitor goes on to another page while the collector is still down: the
+            # queue survives the page load (k.js comes from the browser's cache).
+            with page.expect_navigation():
+                page.click("#about")
+            ready(page)
+            wait_for(lambda: queued() >= 3, what="the offline queue on the next page")
             server = start_server(tmp_path / "data", plan, port=port)
             stored = wait_for(
                 lambda: (
                     (found := events(server, anonymous_id=anonymous_id))
-                    and len(found) >= 3
+                    and len(found) >= 4
                     and found
                 ),
                 timeout=90,
                 what="the queued events after the restart",
             )
-            wait_for(
-                lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
-                what="the queue to empty",
-            )
+            wait_for(lambda: queued() == 0, what="the queue to empty")
     finally:
         server.stop()
     assert [(e["type"], e["event"] or e["page_path"]) for e in stored] == [
         ("page", "/"),
         ("page", "/products/tent"),
         ("track", "Product Viewed"),
+        ("page", "/about.html"),
     ]
+
+
+def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_them(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with relay(kilde_server.url) as (collector, wire), serve_site(collector) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        wire.busy = 2  # the next two sends meet an overloaded collector (503)
+        page.evaluate(
+            "kilde.track('Product Viewed', {product_id: 'a'});"
+            "kilde.track('Product Viewed', {product_id: 'b'});"
+            "kilde.track('Product Viewed', {product_id: 'c'})"
+        )
+        stored = arrived(kilde_server, 4, anonymous_id=anonymous_id)
+        wait_for(
+            lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+            what="the queue to empty",
+        )
+    sent = [[m["messageId"] for m in batch] for batch in wire.batches()]
+    # The page view went alone; the three events made at once went in one request (a batch),
+    # refused twice and sent again with the same messages, then stored once each.
+    assert len(sent) == 4 and len(sent[0]) == 1
+    assert len(sent[1]) == 3 and sent[1] == sent[2] == sent[3]
+    tracked = [e for e in stored if e["type"] == "track"]
+    assert sorted(e["properties"]["product_id"] for e in tracked) == ["a", "b", "c"]
+    assert sorted(e["message_id"] for e in tracked) == sorted(sent[1])
 
 
 def test_script_is_small_cached_versioned_and_cross_origin(kilde_server: Server) -> None:
@@ -387,3 +453,65 @@ def test_tracking_works_when_local_storage_is_blocked(
     assert cookie["value"] == anonymous_id
     assert {e["type"] for e in stored} == {"page", "track"}
     assert errors == []
+
+
+@pytest.mark.parametrize("signal", ["navigator", "header"])
+def test_global_privacy_control_is_recorded_on_the_visitors_profile(
+    kilde_server: Server, browser: Browser, signal: str
+) -> None:
+    if signal == "navigator":
+        context = browser.new_context()
+        context.add_init_script(
+            "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+        )
+    else:
+        context = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
+    user = f"gpc-{signal}-{uuid.uuid4().hex[:8]}"
+    try:
+        with serve_site(kilde_server.url) as site:
+            page = context.new_page()
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            page.evaluate(f"kilde.identify('{user}')")
+            stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+    finally:
+        context.close()
+    assert all(e["context"].get("gpc") is True for e in stored)
+    profile = profile_of(kilde_server, user_id=user)
+    # The demo plan's sale-or-sharing purpose is advertising: GPC is a denial of it.
+    assert profile["consents"]["advertising"]["state"] == "denied"
+    status = httpx.post(
+        f"{kilde_server.url}/api/privacy/do-not-sell/status",
+        json={"user_id": user},
+        headers=kilde_server.admin,
+    ).json()
+    assert status["do_not_sell"] is True and status["evidence"] == "gpc"
+
+
+def test_the_cookie_is_secure_on_an_https_site(kilde_server: Server, browser: Browser) -> None:
+    """An https shop (Playwright answers for it; its collector requests go to the real Kilde)."""
+    shop, collector = "https://www.fjordfell.example", "https://collect.fjordfell.example"
+    context = browser.new_context()
+    head = snippet(collector, WEB_KEY)
+    html = (SITE / "index.html").read_text().replace("<!--KILDE-SNIPPET-->", head)
+    context.route(f"{shop}/**", lambda route: route.fulfill(body=html, content_type="text/html"))
+
+    def to_kilde(route: Route) -> None:
+        answer = route.fetch(url=route.request.url.replace(collector, kilde_server.url))
+        route.fulfill(response=answer)
+
+    context.route(f"{collector}/**", to_kilde)
+    try:
+        page = context.new_page()
+        page.goto(f"{shop}/")
+        anonymous_id = ready(page)
+        cookie = next(
+            c
+            for c in context.cookies(shop)
+            if c["name"] == "kilde_aid" and c["domain"].endswith("www.fjordfell.example")
+        )
+    finally:
+        context.close()
+    assert cookie["value"] == anonymous_id
+    assert cookie["secure"] is True and cookie["sameSite"] == "Lax"
+    assert YEAR - 3600 < cookie["expires"] - time.time() <= YEAR + 60

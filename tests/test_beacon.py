@@ -186,3 +186,25 @@ def test_gpc_header_on_a_beacon_is_recorded_as_an_opt_out(kilde_server: Server) 
     assert [(r["purpose"], r["state"], r["evidence"], r["channel"]) for r in records] == [
         ("advertising", "denied", "gpc", "beacon")
     ]
+
+
+def test_bots_get_the_gif_and_are_stored_as_bots_and_head_records_nothing(
+    kilde_server: Server,
+) -> None:
+    visitor = f"beacon-bot-{uuid.uuid4()}"
+    googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    answer = hit(kilde_server, k=WEB_KEY, a=visitor, headers={"User-Agent": googlebot})
+    assert answer.headers["x-kilde-result"] == "stored"
+    (stored,) = events(kilde_server, anonymous_id=visitor)
+    assert stored["device"] == "bot"  # reports can leave crawlers out
+
+    # Link checkers and prefetchers ask with HEAD: the GIF's headers, nothing recorded.
+    for path, params in (
+        ("/v1/b.gif", {"k": WEB_KEY, "a": visitor, "m": "head-1"}),
+        ("/v1/pixel/page", {"data": base64.b64encode(b'{"anonymousId": "x"}').decode()}),
+    ):
+        head = httpx.head(f"{kilde_server.url}{path}", params=params)
+        assert head.status_code == 200 and head.headers["content-type"] == "image/gif"
+        assert "no-store" in head.headers["cache-control"]
+        assert head.headers["x-kilde-result"] == "not_recorded"
+    assert len(events(kilde_server, anonymous_id=visitor)) == 1

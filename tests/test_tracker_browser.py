@@ -430,6 +430,27 @@ def test_events_made_just_before_leaving_are_sent_with_send_beacon(
     assert "transport" not in stored[0]["context"]  # the page view went by fetch
 
 
+def test_events_are_sent_with_send_beacon_when_the_page_is_hidden(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        # The visitor switches to another tab: the page is hidden but not left. (Headless pages
+        # stay visible, so the hiding is emulated; k.js's own listener does the rest.)
+        page.evaluate(
+            "kilde.track('Signed In');"
+            "Object.defineProperty(document, 'visibilityState', {get: () => 'hidden'});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+        assert page.evaluate("localStorage.getItem('kilde_queue')") == "[]"
+    assert stored[-1]["event"] == "Signed In"
+    assert stored[-1]["context"]["transport"] == "beacon"
+
+
 def test_tracking_works_when_local_storage_is_blocked(
     kilde_server: Server, browser: Browser
 ) -> None:

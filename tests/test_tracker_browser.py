@@ -430,6 +430,38 @@ def test_events_made_just_before_leaving_are_sent_with_send_beacon(
     assert "transport" not in stored[0]["context"]  # the page view went by fetch
 
 
+def test_an_oversized_event_goes_to_the_dead_letter_and_does_not_block_the_others(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        # 70 KB of text: over the browsers' 64 KB limit for requests that outlive the page,
+        # and over the collector's 32 KB per event.
+        page.evaluate(
+            "kilde.track('Product Viewed', {product_id: 'big', note: 'x'.repeat(70000)});"
+            "kilde.track('Signed In')"
+        )
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+        wait_for(
+            lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+            what="the queue to empty",
+        )
+    assert [e["event"] for e in stored if e["type"] == "track"] == ["Signed In"]
+    letters = httpx.get(
+        f"{kilde_server.url}/api/bad-events",
+        params={"source": "web", "limit": "1000"},
+        headers=kilde_server.admin,
+    ).json()["dead_letters"]
+    found = [
+        httpx.get(f"{kilde_server.url}/api/bad-events/{d['id']}", headers=kilde_server.admin)
+        for d in letters
+    ]
+    assert any(anonymous_id in letter.text and "big" in letter.text for letter in found)
+
+
 def test_events_are_sent_with_send_beacon_when_the_page_is_hidden(
     kilde_server: Server, context: BrowserContext
 ) -> None:

@@ -175,6 +175,52 @@ def test_declining_stores_only_the_choice_and_sends_only_the_choice(
     }
 
 
+def test_an_event_for_a_purpose_without_consent_is_sent_only_once_that_purpose_is_granted(
+    consent_server: Server, browser: Browser
+) -> None:
+    context = browser.new_context()
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        page = context.new_page()
+        page.goto(site.page("/"))
+        ready(page)
+        page.click("#consent-accept")  # analytics yes, advertising left unticked
+        visitor = wait_for(lambda: page.evaluate("kilde.anonymousId()"), what="an id")
+        page.click("#join-ads")  # serves advertising only: not sent
+        page.click("#view-tent")
+        wait_for(
+            lambda: any(
+                e["event"] == "Product Viewed" for e in events(consent_server, anonymous_id=visitor)
+            ),
+            what="the product view",
+        )
+        # Later, on the site's privacy settings page, the visitor allows advertising.
+        page.evaluate("kilde.consent({advertising: true}, {version: 'settings-page-1'})")
+        page.click("#join-ads")
+        stored = wait_for(
+            lambda: (
+                (found := events(consent_server, anonymous_id=visitor))
+                and any(e["event"] == "Ad Audience Joined" for e in found)
+                and found
+            ),
+            what="the advertising event",
+        )
+    context.close()
+    sent = [m.get("event") or m["type"] for batch in wire.batches() for m in batch]
+    assert sent.count("Ad Audience Joined") == 1  # the click before the grant never left
+    choices = [at for at, name in enumerate(sent) if name == "Consent Updated"]
+    assert len(choices) == 2 and sent.index("Ad Audience Joined") > choices[1]
+    assert [e["event"] for e in stored].count("Ad Audience Joined") == 1
+    advertising = [
+        (r["state"], r["evidence"])
+        for r in ledger(consent_server, anonymous_id=visitor)["records"]
+        if r["purpose"] == "advertising"
+    ]
+    assert advertising == [("denied", "banner-2026-11"), ("granted", "settings-page-1")]
+
+
 def test_withdrawing_consent_deletes_the_cookie_and_is_recorded(
     consent_server: Server, browser: Browser
 ) -> None:

@@ -54,14 +54,24 @@ def arrived(server: Server, count: int, **params: str) -> list[dict[str, Any]]:
     )
 
 
+LANDING = (
+    "/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&utm_term=tent"
+    "&utm_content=hero&gclid=g-1&fbclid=fb-1"
+)
+
+
 def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campaign(
-    kilde_server: Server, context: BrowserContext
+    kilde_server: Server, browser: Browser
 ) -> None:
+    context = browser.new_context(
+        locale="nb-NO",
+        timezone_id="Europe/Oslo",
+        viewport={"width": 1280, "height": 800},
+        device_scale_factor=2,
+    )
     with serve_site(kilde_server.url) as site:
         page = context.new_page()
-        page.goto(
-            site.page("/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1")
-        )
+        page.goto(site.page(LANDING), referer="https://search.example/?q=tent")
         anonymous_id = ready(page)
 
         cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
@@ -74,12 +84,11 @@ def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campa
         page.click("#spa-tent")  # History API navigation, no page load
         page.click("#view-tent")
         stored = arrived(kilde_server, 3, anonymous_id=anonymous_id)
+    context.close()
 
     pages = [e for e in stored if e["type"] == "page"]
-    assert [e["page_url"].removeprefix(site.url) for e in pages] == [
-        "/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1",
-        "/products/tent",
-    ]
+    assert [e["page_url"].removeprefix(site.url) for e in pages] == [LANDING, "/products/tent"]
+    assert pages[0]["properties"]["referrer"] == "https://search.example/?q=tent"
     assert pages[1]["properties"]["referrer"] == pages[0]["page_url"]  # SPA: previous address
     assert pages[1]["properties"]["title"] == "Tent - Fjord & Fell"
     first = pages[0]["context"]
@@ -87,9 +96,13 @@ def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campa
         "source": "newsletter",
         "medium": "email",
         "name": "autumn",
+        "term": "tent",
+        "content": "hero",
         "gclid": "g-1",
+        "fbclid": "fb-1",
     }
-    assert first["screen"]["width"] > 0 and first["locale"]
+    assert first["screen"] == {"width": 1280, "height": 800, "density": 2}
+    assert first["locale"] == "nb-NO" and first["timezone"] == "Europe/Oslo"
     assert first["library"]["name"] == "kilde.js"
     track = next(e for e in stored if e["type"] == "track")
     assert track["event"] == "Product Viewed"

@@ -217,7 +217,11 @@ def test_bots_get_the_gif_and_are_stored_as_bots_and_head_records_nothing(
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
 JSON_VALUE = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
     max_leaves=8,
 )

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 from kilde.collect.tracker import snippet
@@ -581,3 +582,40 @@ def test_the_cookie_is_secure_on_an_https_site(kilde_server: Server, browser: Br
     assert cookie["value"] == anonymous_id
     assert cookie["secure"] is True and cookie["sameSite"] == "Lax"
     assert YEAR - 3600 < cookie["expires"] - time.time() <= YEAR + 60
+
+
+def test_the_plan_sets_the_cookie_domain_or_turns_the_server_cookie_off(
+    own_server: Server, browser: Browser
+) -> None:
+    def with_web(**web: Any) -> Server:
+        plan = yaml.safe_load(own_server.plan_path.read_text())
+        plan["web"] = {**plan["web"], **web}
+        own_server.plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        return start_server(own_server.data_dir, own_server.plan_path)
+
+    own_server.stop()
+    server = with_web(cookie_domain="fjordfell.example")
+    try:
+        shared = httpx.post(f"{server.url}/v1/cookie", json={"writeKey": WEB_KEY})
+    finally:
+        server.stop()
+    # www.fjordfell.example and collect.fjordfell.example share it.
+    assert "domain=fjordfell.example" in shared.headers["set-cookie"].lower()
+
+    server = with_web(server_cookie=False, cookie_domain=None)
+    context = browser.new_context()
+    try:
+        refused = httpx.post(f"{server.url}/v1/cookie", json={"writeKey": WEB_KEY})
+        with relay(server.url) as (collector, wire), serve_site(collector) as site:
+            page = context.new_page()
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            arrived(server, 1, anonymous_id=anonymous_id)
+            cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
+    finally:
+        context.close()
+        server.stop()
+    assert refused.status_code == 404 and refused.json()["error"] == "server_cookie_off"
+    assert "set-cookie" not in refused.headers
+    assert "/v1/cookie" not in wire.paths()  # k.js does not ask for it
+    assert cookie["value"] == anonymous_id  # the script's own cookie is still there

@@ -264,9 +264,11 @@ def test_global_privacy_control_opts_out_of_sharing_and_is_recorded(
         context.add_init_script(GPC_SCRIPT)
     else:
         context = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
-        page = watched.page
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        page = context.new_page()
         page.goto(site.page("/"))
         ready(page)
         page.check("#consent-ads")  # the visitor ticks "show me your ads" ...
@@ -284,6 +286,8 @@ def test_global_privacy_control_opts_out_of_sharing_and_is_recorded(
         )
     context.close()
     assert "Ad Audience Joined" not in {e["event"] for e in stored}
+    sent = {m.get("event") for batch in wire.batches() for m in batch}
+    assert "Consent Updated" in sent and "Ad Audience Joined" not in sent  # never left
     assert all(e["context"].get("gpc") is True for e in stored)
     choice = next(e for e in stored if e["event"] == "Consent Updated")
     assert choice["properties"]["purposes"] == {"analytics": True, "advertising": False}

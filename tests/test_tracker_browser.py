@@ -293,6 +293,27 @@ def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_t
     assert sorted(e["message_id"] for e in tracked) == sorted(sent[1])
 
 
+def test_without_automatic_page_views_only_the_sites_own_calls_are_sent(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    """The snippet of `kilde snippet --no-auto-page`: the site calls kilde.page() itself."""
+    with (
+        relay(kilde_server.url) as (collector, wire),
+        serve_site(collector, auto_page=False) as site,
+    ):
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        page.click("#spa-tent")  # a History API navigation: no automatic page view either
+        page.evaluate("kilde.page('Tent', {section: 'tents'})")
+        stored = arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        time.sleep(1)
+    sent = [(m["type"], m.get("name")) for batch in wire.batches() for m in batch]
+    assert sent == [("page", "Tent")]
+    assert stored[0]["page_path"] == "/products/tent"
+    assert stored[0]["properties"]["section"] == "tents"
+
+
 def test_script_is_small_cached_versioned_and_cross_origin(kilde_server: Server) -> None:
     plain = httpx.get(f"{kilde_server.url}/k.js")
     assert plain.status_code == 200

@@ -57,8 +57,10 @@ class Site:
 
 
 @contextmanager
-def serve_site(kilde_url: str, write_key: str = WEB_KEY, *, banner: bool = False) -> Iterator[Site]:
-    head = snippet(kilde_url, write_key)
+def serve_site(
+    kilde_url: str, write_key: str = WEB_KEY, *, banner: bool = False, auto_page: bool = True
+) -> Iterator[Site]:
+    head = snippet(kilde_url, write_key, auto_page=auto_page)
     body = docs_banner() if banner else ""
 
     class Handler(BaseHTTPRequestHandler):

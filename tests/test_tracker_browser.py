@@ -236,7 +236,9 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
             page.click("#view-tent")
             # Kept in localStorage while the collector cannot be reached.
             wait_for(lambda: queued() >= 2, what="the offline queue")
-            wait_for(lambda: wire.failed >= 1, what="a send that failed")
+            # A second attempt shows k.js has seen the first fail (and now keeps the queue for
+            # later instead of handing it to sendBeacon when the page is left).
+            wait_for(lambda: wire.failed >= 2, what="a retry of a send that failed")
             # The visitor goes on to another page while the collector is still down: the
             # queue survives the page load (k.js comes from the browser's cache).
             with page.expect_navigation():

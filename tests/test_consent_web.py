@@ -274,6 +274,9 @@ def test_global_privacy_control_opts_out_of_sharing_and_is_recorded(
         page.check("#consent-ads")  # the visitor ticks "show me your ads" ...
         page.click("#consent-accept")
         visitor = wait_for(lambda: page.evaluate("kilde.anonymousId()"), what="an id")
+        # The choice is recorded first (else a later event's GPC signal may be, and the choice
+        # repeats the denial: two rows saying the same).
+        wait_for(lambda: ledger(consent_server, anonymous_id=visitor)["records"], what="choice")
         page.click("#join-ads")  # ... but an event serving only advertising is not sent
         page.click("#view-tent")
         stored = wait_for(

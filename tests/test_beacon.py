@@ -11,8 +11,11 @@ import base64
 import json
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kilde.collect.beacon import GIF
 from tests.conftest import WEB_KEY, Server
@@ -186,3 +189,114 @@ def test_gpc_header_on_a_beacon_is_recorded_as_an_opt_out(kilde_server: Server) 
     assert [(r["purpose"], r["state"], r["evidence"], r["channel"]) for r in records] == [
         ("advertising", "denied", "gpc", "beacon")
     ]
+
+
+def test_bots_get_the_gif_and_are_stored_as_bots_and_head_records_nothing(
+    kilde_server: Server,
+) -> None:
+    visitor = f"beacon-bot-{uuid.uuid4()}"
+    googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    answer = hit(kilde_server, k=WEB_KEY, a=visitor, headers={"User-Agent": googlebot})
+    assert answer.headers["x-kilde-result"] == "stored"
+    (stored,) = events(kilde_server, anonymous_id=visitor)
+    assert stored["device"] == "bot"  # reports can leave crawlers out
+
+    # Link checkers and prefetchers ask with HEAD: the GIF's headers, nothing recorded.
+    for path, params in (
+        ("/v1/b.gif", {"k": WEB_KEY, "a": visitor, "m": "head-1"}),
+        ("/v1/pixel/page", {"data": base64.b64encode(b'{"anonymousId": "x"}').decode()}),
+    ):
+        head = httpx.head(f"{kilde_server.url}{path}", params=params)
+        assert head.status_code == 200 and head.headers["content-type"] == "image/gif"
+        assert "no-store" in head.headers["cache-control"]
+        assert head.headers["x-kilde-result"] == "not_recorded"
+    assert len(events(kilde_server, anonymous_id=visitor)) == 1
+
+
+# -- whatever arrives: the website's and the mails' endpoints never fail ------------------------
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=80)
+JSON_VALUE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+PARAMS = st.dictionaries(
+    st.sampled_from(
+        ["k", "t", "e", "u", "a", "m", "url", "path", "r", "title", "ts", "props", "p.x", "gclid"]
+    )
+    | TEXT,
+    TEXT | JSON_VALUE.map(json.dumps),
+    max_size=8,
+)
+
+
+def _pixel_data(message: Any, how: str) -> str:
+    raw = json.dumps(message).encode()
+    return (base64.urlsafe_b64encode(raw) if how == "urlsafe" else base64.b64encode(raw)).decode()
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    params=PARAMS,
+    key=st.sampled_from([WEB_KEY, "not-a-key", None]),
+    message=JSON_VALUE
+    | st.fixed_dictionaries(
+        {"writeKey": st.just(WEB_KEY)},
+        optional={
+            "anonymousId": JSON_VALUE,
+            "event": JSON_VALUE,
+            "properties": JSON_VALUE,
+            "context": JSON_VALUE,
+            "timestamp": JSON_VALUE,
+        },
+    ),
+    kind=st.sampled_from(["page", "track", "identify", "alias", "batch", "x"]),
+    how=st.sampled_from(["standard", "urlsafe"]),
+    token=TEXT,
+    cookie=TEXT,
+)
+def test_no_beacon_pixel_or_mail_link_makes_the_server_fail(
+    kilde_server: Server,
+    params: dict[str, str],
+    key: str | None,
+    message: Any,
+    kind: str,
+    how: str,
+    token: str,
+    cookie: str,
+) -> None:
+    if key is not None:
+        params = {**params, "k": key}
+    url = kilde_server.url
+    beacon = httpx.get(f"{url}/v1/b.gif", params=params, timeout=30)
+    assert beacon.status_code == 200 and beacon.content == GIF
+    pixel = httpx.get(
+        f"{url}/v1/pixel/{kind}", params={"data": _pixel_data(message, how)}, timeout=30
+    )
+    assert pixel.status_code == 200 and pixel.content == GIF
+    quoted = quote(token, safe="")
+    opened = httpx.get(f"{url}/e/o/{quoted}.gif", timeout=30)
+    assert opened.status_code == 200 and opened.headers["content-type"] == "image/gif"
+    clicked = httpx.get(f"{url}/e/c/{quoted}", timeout=30)
+    assert clicked.status_code == 400 and "location" not in clicked.headers
+    made = httpx.post(
+        f"{url}/v1/cookie",
+        content=json.dumps({"writeKey": WEB_KEY, "anonymousId": message}).encode(),
+        headers={"Cookie": f"kilde_aid={quote(cookie, safe='')}"},
+        timeout=30,
+    )
+    assert made.status_code == 200 and made.json()["success"] is True
+
+
+def test_the_fuzzing_of_beacons_left_no_crash_in_the_log(kilde_server: Server) -> None:
+    log = kilde_server.log_text()
+    assert "Traceback" not in log and "unhandled" not in log

@@ -20,7 +20,7 @@ import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, Request
 
 from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
-from tests.site import chromium, events, ledger, serve_site, wait_for
+from tests.site import chromium, events, ledger, relay, serve_site, wait_for
 
 GPC_SCRIPT = "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
 
@@ -70,15 +70,20 @@ class Watched:
 
 
 def ready(page: Page) -> None:
+    """Wait until k.js is set up (its settings read, the visitor's id settled)."""
     page.wait_for_function("window.kilde && window.kilde.live === true")
+    page.evaluate("new Promise(r => kilde.ready(r))")
 
 
 def test_nothing_is_stored_or_sent_before_the_banner_is_accepted(
     consent_server: Server, browser: Browser
 ) -> None:
     context = browser.new_context()
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        watched = Watched(context, collector)
         page = watched.page
         page.goto(site.page("/"))
         ready(page)
@@ -86,6 +91,9 @@ def test_nothing_is_stored_or_sent_before_the_banner_is_accepted(
         page.click("#spa-tent")
         page.click("#view-tent")
         time.sleep(2)  # give k.js every chance to misbehave
+        # On the wire (the relay sees keepalive fetches and beacons, which Playwright does not):
+        # the script and its settings, nothing else.
+        assert wire.paths() == ["/k.js", "/v1/settings"]
         assert watched.requests == ["/k.js", "/v1/settings"]
         assert context.cookies() == []
         assert page.evaluate("localStorage.length") == 0
@@ -133,8 +141,11 @@ def test_declining_stores_only_the_choice_and_sends_only_the_choice(
     consent_server: Server, browser: Browser
 ) -> None:
     context = browser.new_context()
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        watched = Watched(context, collector)
         page = watched.page
         page.goto(site.page("/"))
         ready(page)
@@ -148,13 +159,66 @@ def test_declining_stores_only_the_choice_and_sends_only_the_choice(
         assert context.cookies() == []
         keys = page.evaluate("Object.keys(localStorage)")
         assert keys == ["kilde_consent"]
+        with page.expect_navigation():
+            page.click("#about")  # leaving the page sends nothing either (no beacon)
+        ready(page)
+        time.sleep(1)
     context.close()
+    # Only the choice went over the wire.
+    sent = [(m["type"], m.get("event")) for batch in wire.batches() for m in batch]
+    assert sent == [("track", "Consent Updated")]
     stored = events(consent_server, anonymous_id=visitor)
     assert [(e["type"], e["event"]) for e in stored] == [("track", "Consent Updated")]
     assert ledger(consent_server, anonymous_id=visitor)["current"] == {
         "analytics": "denied",
         "advertising": "denied",
     }
+
+
+def test_an_event_for_a_purpose_without_consent_is_sent_only_once_that_purpose_is_granted(
+    consent_server: Server, browser: Browser
+) -> None:
+    context = browser.new_context()
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        page = context.new_page()
+        page.goto(site.page("/"))
+        ready(page)
+        page.click("#consent-accept")  # analytics yes, advertising left unticked
+        visitor = wait_for(lambda: page.evaluate("kilde.anonymousId()"), what="an id")
+        page.click("#join-ads")  # serves advertising only: not sent
+        page.click("#view-tent")
+        wait_for(
+            lambda: any(
+                e["event"] == "Product Viewed" for e in events(consent_server, anonymous_id=visitor)
+            ),
+            what="the product view",
+        )
+        # Later, on the site's privacy settings page, the visitor allows advertising.
+        page.evaluate("kilde.consent({advertising: true}, {version: 'settings-page-1'})")
+        page.click("#join-ads")
+        stored = wait_for(
+            lambda: (
+                (found := events(consent_server, anonymous_id=visitor))
+                and any(e["event"] == "Ad Audience Joined" for e in found)
+                and found
+            ),
+            what="the advertising event",
+        )
+    context.close()
+    sent = [m.get("event") or m["type"] for batch in wire.batches() for m in batch]
+    assert sent.count("Ad Audience Joined") == 1  # the click before the grant never left
+    choices = [at for at, name in enumerate(sent) if name == "Consent Updated"]
+    assert len(choices) == 2 and sent.index("Ad Audience Joined") > choices[1]
+    assert [e["event"] for e in stored].count("Ad Audience Joined") == 1
+    advertising = [
+        (r["state"], r["evidence"])
+        for r in ledger(consent_server, anonymous_id=visitor)["records"]
+        if r["purpose"] == "advertising"
+    ]
+    assert advertising == [("denied", "banner-2026-11"), ("granted", "settings-page-1")]
 
 
 def test_withdrawing_consent_deletes_the_cookie_and_is_recorded(
@@ -200,14 +264,19 @@ def test_global_privacy_control_opts_out_of_sharing_and_is_recorded(
         context.add_init_script(GPC_SCRIPT)
     else:
         context = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
-    with serve_site(consent_server.url, banner=True) as site:
-        watched = Watched(context, consent_server.url)
-        page = watched.page
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
+        page = context.new_page()
         page.goto(site.page("/"))
         ready(page)
         page.check("#consent-ads")  # the visitor ticks "show me your ads" ...
         page.click("#consent-accept")
         visitor = wait_for(lambda: page.evaluate("kilde.anonymousId()"), what="an id")
+        # The choice is recorded first (else a later event's GPC signal may be, and the choice
+        # repeats the denial: two rows saying the same).
+        wait_for(lambda: ledger(consent_server, anonymous_id=visitor)["records"], what="choice")
         page.click("#join-ads")  # ... but an event serving only advertising is not sent
         page.click("#view-tent")
         stored = wait_for(
@@ -220,6 +289,8 @@ def test_global_privacy_control_opts_out_of_sharing_and_is_recorded(
         )
     context.close()
     assert "Ad Audience Joined" not in {e["event"] for e in stored}
+    sent = {m.get("event") for batch in wire.batches() for m in batch}
+    assert "Consent Updated" in sent and "Ad Audience Joined" not in sent  # never left
     assert all(e["context"].get("gpc") is True for e in stored)
     choice = next(e for e in stored if e["event"] == "Consent Updated")
     assert choice["properties"]["purposes"] == {"analytics": True, "advertising": False}

@@ -36,6 +36,7 @@ GMAIL_PROXY = (
     "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
 )
 YAHOO_PROXY = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"
+GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 NORWAY_IP = "81.167.0.1"  # a Norwegian address (Telenor), for the country lookup
 
 TEMPLATE = """<!doctype html>
@@ -243,7 +244,7 @@ def test_open_pixel_records_human_and_machine_opens_apart(server: Server) -> Non
         pixel, headers={"User-Agent": APPLE_MAIL_ON_IPHONE, "X-Forwarded-For": NORWAY_IP}
     )
     assert_gif(human)
-    for agent in (APPLE_MPP, GMAIL_PROXY, YAHOO_PROXY):
+    for agent in (APPLE_MPP, GMAIL_PROXY, YAHOO_PROXY, GOOGLEBOT):
         assert_gif(httpx.get(pixel, headers={"User-Agent": agent}))
     # A request from Apple's own network with a full Apple Mail user agent: the privacy proxy.
     assert_gif(
@@ -255,7 +256,7 @@ def test_open_pixel_records_human_and_machine_opens_apart(server: Server) -> Non
     opens = sorted(
         events_of(server, event="Email Opened", user_id=user), key=lambda e: e["timestamp"]
     )
-    assert len(opens) == 5
+    assert len(opens) == 6
     assert all(e["source"] == "email" and e["type"] == "track" for e in opens)
     first = opens[0]
     assert first["properties"]["machine_open"] is False
@@ -268,13 +269,19 @@ def test_open_pixel_records_human_and_machine_opens_apart(server: Server) -> Non
         (True, "apple_mpp"),
         (True, "gmail_proxy"),
         (True, "yahoo_proxy"),
+        (True, "bot"),
         (True, "apple_mpp"),
     ]
 
     counted = report(server, campaign)["opens"]
     assert (counted["human"], counted["unique_human"]) == (1, 1)
-    assert (counted["machine"], counted["unique_machine"]) == (4, 1)
-    assert counted["machine_by_rule"] == {"apple_mpp": 2, "gmail_proxy": 1, "yahoo_proxy": 1}
+    assert (counted["machine"], counted["unique_machine"]) == (5, 1)
+    assert counted["machine_by_rule"] == {
+        "apple_mpp": 2,
+        "gmail_proxy": 1,
+        "yahoo_proxy": 1,
+        "bot": 1,
+    }
 
 
 def test_the_pixel_answers_a_gif_whatever_is_wrong(server: Server) -> None:
@@ -329,10 +336,13 @@ def test_click_redirects_to_the_signed_url_and_records_it(server: Server) -> Non
     # A security gateway following the link first: still redirected, counted as a machine.
     scanned = httpx.head(jackets, headers={"User-Agent": "Mimecast URL scanner"})
     assert scanned.status_code == 302
+    # A crawler too: to the signed target only, counted as a machine.
+    crawled = httpx.get(jackets, headers={"User-Agent": GOOGLEBOT})
+    assert crawled.headers["location"] == "https://fjordfell.example/jackets"
 
     clicked = events_of(server, event="Email Link Clicked", user_id=user)
     by_url = sorted((e["properties"]["link_id"], e["properties"]["machine_click"]) for e in clicked)
-    assert by_url == [(0, False), (1, False), (1, True)]
+    assert by_url == [(0, False), (1, False), (1, True), (1, True)]
     hero_event = next(e for e in clicked if e["properties"]["link_id"] == 0)
     assert hero_event["properties"]["label"] == "hero"
     assert hero_event["properties"]["url"].startswith("https://fjordfell.example/sale")
@@ -340,9 +350,9 @@ def test_click_redirects_to_the_signed_url_and_records_it(server: Server) -> Non
 
     counted = report(server, campaign)
     assert counted["clicks"]["human"] == 2 and counted["clicks"]["unique_human"] == 1
-    assert counted["clicks"]["machine"] == 1
+    assert counted["clicks"]["machine"] == 2
     per_link = {link["link_id"]: link for link in counted["links"]}
-    assert per_link[0]["human_clicks"] == 1 and per_link[1]["machine_clicks"] == 1
+    assert per_link[0]["human_clicks"] == 1 and per_link[1]["machine_clicks"] == 2
 
 
 def test_tampered_expired_and_foreign_click_tokens_get_400_and_no_redirect(
@@ -430,14 +440,14 @@ def test_unsubscribe_link_and_one_click_record_an_opt_out(server: Server) -> Non
     assert [e["properties"]["method"] for e in second] == ["one_click"]
     assert report(server, campaign)["unsubscribes"] == 2
 
-    consent = httpx.get(
-        f"{server.url}/api/consent", params={"user_id": people[0]["user_id"]}, headers=server.admin
-    )
-    if consent.status_code != 404:  # the consent ledger (when built) records the withdrawal
+    # Both are opt-outs of the marketing purpose in the consent ledger.
+    for person in ({"user_id": people[0]["user_id"]}, {"anonymous_id": anonymous}):
+        consent = httpx.get(f"{server.url}/api/consent", params=person, headers=server.admin)
         assert consent.status_code == 200, consent.text
         assert consent.json()["current"] == {"marketing_email": "withdrawn"}
         (row,) = consent.json()["records"]
         assert (row["source"], row["channel"]) == ("email", "email")
+        assert row["evidence"] == f"email unsubscribe, campaign {campaign}"
 
     tampered = link[:-2] + ("AA" if not link.endswith("AA") else "BB")
     refused = httpx.post(tampered, data={"List-Unsubscribe": "One-Click"})

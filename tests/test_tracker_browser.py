@@ -11,17 +11,19 @@ from __future__ import annotations
 import gzip
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page
+import yaml
+from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 from kilde.collect.tracker import snippet
 from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
-from tests.site import chromium, events, serve_site, wait_for
+from tests.site import SITE, chromium, events, relay, serve_site, wait_for
 
 YEAR = 365 * 24 * 3600
 
@@ -53,14 +55,24 @@ def arrived(server: Server, count: int, **params: str) -> list[dict[str, Any]]:
     )
 
 
+LANDING = (
+    "/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&utm_term=tent"
+    "&utm_content=hero&gclid=g-1&fbclid=fb-1"
+)
+
+
 def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campaign(
-    kilde_server: Server, context: BrowserContext
+    kilde_server: Server, browser: Browser
 ) -> None:
+    context = browser.new_context(
+        locale="nb-NO",
+        timezone_id="Europe/Oslo",
+        viewport={"width": 1280, "height": 800},
+        device_scale_factor=2,
+    )
     with serve_site(kilde_server.url) as site:
         page = context.new_page()
-        page.goto(
-            site.page("/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1")
-        )
+        page.goto(site.page(LANDING), referer="https://search.example/?q=tent")
         anonymous_id = ready(page)
 
         cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
@@ -73,12 +85,11 @@ def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campa
         page.click("#spa-tent")  # History API navigation, no page load
         page.click("#view-tent")
         stored = arrived(kilde_server, 3, anonymous_id=anonymous_id)
+    context.close()
 
     pages = [e for e in stored if e["type"] == "page"]
-    assert [e["page_url"].removeprefix(site.url) for e in pages] == [
-        "/?utm_source=newsletter&utm_medium=email&utm_campaign=autumn&gclid=g-1",
-        "/products/tent",
-    ]
+    assert [e["page_url"].removeprefix(site.url) for e in pages] == [LANDING, "/products/tent"]
+    assert pages[0]["properties"]["referrer"] == "https://search.example/?q=tent"
     assert pages[1]["properties"]["referrer"] == pages[0]["page_url"]  # SPA: previous address
     assert pages[1]["properties"]["title"] == "Tent - Fjord & Fell"
     first = pages[0]["context"]
@@ -86,15 +97,37 @@ def test_visit_gets_a_cookie_and_page_views_arrive_with_spa_navigation_and_campa
         "source": "newsletter",
         "medium": "email",
         "name": "autumn",
+        "term": "tent",
+        "content": "hero",
         "gclid": "g-1",
+        "fbclid": "fb-1",
     }
-    assert first["screen"]["width"] > 0 and first["locale"]
+    assert first["screen"] == {"width": 1280, "height": 800, "density": 2}
+    assert first["locale"] == "nb-NO" and first["timezone"] == "Europe/Oslo"
     assert first["library"]["name"] == "kilde.js"
     track = next(e for e in stored if e["type"] == "track")
     assert track["event"] == "Product Viewed"
     assert track["properties"]["product_id"] == "tent-2p"
     assert track["plan_status"] == "ok"
     assert pages[0]["browser"] == "HeadlessChrome" or pages[0]["browser"]
+
+
+def admin_get(server: Server, path: str, **params: str) -> dict[str, Any]:
+    answer = httpx.get(f"{server.url}{path}", params=params, headers=server.admin, timeout=60)
+    answer.raise_for_status()
+    found: dict[str, Any] = answer.json()
+    return found
+
+
+def profile_of(server: Server, **ids: str) -> dict[str, Any]:
+    """The one profile holding `ids`, once identity resolution has processed what is stored."""
+    refreshed = httpx.post(f"{server.url}/api/profiles/refresh", headers=server.admin, timeout=90)
+    assert refreshed.status_code == 200, refreshed.text
+    found = httpx.post(
+        f"{server.url}/api/profiles/lookup", json=ids, headers=server.admin, timeout=60
+    ).json()["profiles"]
+    assert len(found) == 1, found
+    return admin_get(server, f"/api/profiles/{found[0]['profile_id']}")
 
 
 def test_identify_after_browsing_ties_the_anonymous_visit_to_the_user(
@@ -122,6 +155,18 @@ def test_identify_after_browsing_ties_the_anonymous_visit_to_the_user(
     assert after["user_id"] == "browser-user-1"
     # Everything the visitor did, before and after signing in, shares one anonymous id.
     assert {e["anonymous_id"] for e in stored} == {anonymous_id}
+
+    # The person's profile holds the page views made before signing in.
+    profile = profile_of(kilde_server, user_id="browser-user-1")
+    assert {"type": "anonymous_id", "value": anonymous_id} in [
+        {"type": i["type"], "value": i["value"]} for i in profile["identities"]
+    ]
+    timeline = admin_get(
+        kilde_server, f"/api/profiles/{profile['profile_id']}/events", limit="1000"
+    )["events"]
+    assert {e["message_id"] for e in stored} <= {e["message_id"] for e in timeline}
+    anonymous_views = [e for e in timeline if e["type"] == "page" and e["user_id"] is None]
+    assert len(anonymous_views) == 2
 
 
 def test_reset_on_sign_out_starts_a_new_anonymous_id(
@@ -172,8 +217,15 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
     shutil.copy(DEMO_PLAN, plan)
     server = start_server(tmp_path / "data", plan)
     port = int(server.url.rsplit(":", 1)[1])
+
+    def queued() -> int:
+        length: int = page.evaluate(
+            "JSON.parse(localStorage.getItem('kilde_queue') || '[]').length"
+        )
+        return length
+
     try:
-        with serve_site(server.url) as site:
+        with relay(server.url) as (collector, wire), serve_site(collector) as site:
             page = context.new_page()
             page.goto(site.page("/"))
             anonymous_id = ready(page)
@@ -183,34 +235,85 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
             page.click("#spa-tent")
             page.click("#view-tent")
             # Kept in localStorage while the collector cannot be reached.
-            wait_for(
-                lambda: (
-                    page.evaluate("JSON.parse(localStorage.getItem('kilde_queue')||'[]').length")
-                    >= 2
-                ),
-                what="the offline queue",
-            )
+            wait_for(lambda: queued() >= 2, what="the offline queue")
+            # A second attempt shows k.js has seen the first fail (and now keeps the queue for
+            # later instead of handing it to sendBeacon when the page is left).
+            wait_for(lambda: wire.failed >= 2, what="a retry of a send that failed")
+            # The visitor goes on to another page while the collector is still down: the
+            # queue survives the page load (k.js comes from the browser's cache).
+            with page.expect_navigation():
+                page.click("#about")
+            ready(page)
+            wait_for(lambda: queued() >= 3, what="the offline queue on the next page")
             server = start_server(tmp_path / "data", plan, port=port)
             stored = wait_for(
                 lambda: (
                     (found := events(server, anonymous_id=anonymous_id))
-                    and len(found) >= 3
+                    and len(found) >= 4
                     and found
                 ),
                 timeout=90,
                 what="the queued events after the restart",
             )
-            wait_for(
-                lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
-                what="the queue to empty",
-            )
+            wait_for(lambda: queued() == 0, what="the queue to empty")
     finally:
         server.stop()
     assert [(e["type"], e["event"] or e["page_path"]) for e in stored] == [
         ("page", "/"),
         ("page", "/products/tent"),
         ("track", "Product Viewed"),
+        ("page", "/about.html"),
     ]
+
+
+def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_them(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with relay(kilde_server.url) as (collector, wire), serve_site(collector) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        wire.busy = 2  # the next two sends meet an overloaded collector (503)
+        page.evaluate(
+            "kilde.track('Product Viewed', {product_id: 'a'});"
+            "kilde.track('Product Viewed', {product_id: 'b'});"
+            "kilde.track('Product Viewed', {product_id: 'c'})"
+        )
+        stored = arrived(kilde_server, 4, anonymous_id=anonymous_id)
+        wait_for(
+            lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+            what="the queue to empty",
+        )
+    sent = [[m["messageId"] for m in batch] for batch in wire.batches()]
+    # The page view went alone; the three events made at once went in one request (a batch),
+    # refused twice and sent again with the same messages, then stored once each.
+    assert len(sent) == 4 and len(sent[0]) == 1
+    assert len(sent[1]) == 3 and sent[1] == sent[2] == sent[3]
+    tracked = [e for e in stored if e["type"] == "track"]
+    assert sorted(e["properties"]["product_id"] for e in tracked) == ["a", "b", "c"]
+    assert sorted(e["message_id"] for e in tracked) == sorted(sent[1])
+
+
+def test_without_automatic_page_views_only_the_sites_own_calls_are_sent(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    """The snippet of `kilde snippet --no-auto-page`: the site calls kilde.page() itself."""
+    with (
+        relay(kilde_server.url) as (collector, wire),
+        serve_site(collector, auto_page=False) as site,
+    ):
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        page.click("#spa-tent")  # a History API navigation: no automatic page view either
+        page.evaluate("kilde.page('Tent', {section: 'tents'})")
+        stored = arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        time.sleep(1)
+    sent = [(m["type"], m.get("name")) for batch in wire.batches() for m in batch]
+    assert sent == [("page", "Tent")]
+    assert stored[0]["page_path"] == "/products/tent"
+    assert stored[0]["properties"]["section"] == "tents"
 
 
 def test_script_is_small_cached_versioned_and_cross_origin(kilde_server: Server) -> None:
@@ -364,6 +467,59 @@ def test_events_made_just_before_leaving_are_sent_with_send_beacon(
     assert "transport" not in stored[0]["context"]  # the page view went by fetch
 
 
+def test_an_oversized_event_goes_to_the_dead_letter_and_does_not_block_the_others(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        # 70 KB of text: over the browsers' 64 KB limit for requests that outlive the page,
+        # and over the collector's 32 KB per event.
+        page.evaluate(
+            "kilde.track('Product Viewed', {product_id: 'big', note: 'x'.repeat(70000)});"
+            "kilde.track('Signed In')"
+        )
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+        wait_for(
+            lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+            what="the queue to empty",
+        )
+    assert [e["event"] for e in stored if e["type"] == "track"] == ["Signed In"]
+    letters = httpx.get(
+        f"{kilde_server.url}/api/bad-events",
+        params={"source": "web", "limit": "1000"},
+        headers=kilde_server.admin,
+    ).json()["dead_letters"]
+    found = [
+        httpx.get(f"{kilde_server.url}/api/bad-events/{d['id']}", headers=kilde_server.admin)
+        for d in letters
+    ]
+    assert any(anonymous_id in letter.text and "big" in letter.text for letter in found)
+
+
+def test_events_are_sent_with_send_beacon_when_the_page_is_hidden(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        # The visitor switches to another tab: the page is hidden but not left. (Headless pages
+        # stay visible, so the hiding is emulated; k.js's own listener does the rest.)
+        page.evaluate(
+            "kilde.track('Signed In');"
+            "Object.defineProperty(document, 'visibilityState', {get: () => 'hidden'});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+        assert page.evaluate("localStorage.getItem('kilde_queue')") == "[]"
+    assert stored[-1]["event"] == "Signed In"
+    assert stored[-1]["context"]["transport"] == "beacon"
+
+
 def test_tracking_works_when_local_storage_is_blocked(
     kilde_server: Server, browser: Browser
 ) -> None:
@@ -387,3 +543,102 @@ def test_tracking_works_when_local_storage_is_blocked(
     assert cookie["value"] == anonymous_id
     assert {e["type"] for e in stored} == {"page", "track"}
     assert errors == []
+
+
+@pytest.mark.parametrize("signal", ["navigator", "header"])
+def test_global_privacy_control_is_recorded_on_the_visitors_profile(
+    kilde_server: Server, browser: Browser, signal: str
+) -> None:
+    if signal == "navigator":
+        context = browser.new_context()
+        context.add_init_script(
+            "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+        )
+    else:
+        context = browser.new_context(extra_http_headers={"Sec-GPC": "1"})
+    user = f"gpc-{signal}-{uuid.uuid4().hex[:8]}"
+    try:
+        with serve_site(kilde_server.url) as site:
+            page = context.new_page()
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            page.evaluate(f"kilde.identify('{user}')")
+            stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+    finally:
+        context.close()
+    assert all(e["context"].get("gpc") is True for e in stored)
+    profile = profile_of(kilde_server, user_id=user)
+    # The demo plan's sale-or-sharing purpose is advertising: GPC is a denial of it.
+    assert profile["consents"]["advertising"]["state"] == "denied"
+    status = httpx.post(
+        f"{kilde_server.url}/api/privacy/do-not-sell/status",
+        json={"user_id": user},
+        headers=kilde_server.admin,
+    ).json()
+    assert status["do_not_sell"] is True and status["evidence"] == "gpc"
+
+
+def test_the_cookie_is_secure_on_an_https_site(kilde_server: Server, browser: Browser) -> None:
+    """An https shop (Playwright answers for it; its collector requests go to the real Kilde)."""
+    shop, collector = "https://www.fjordfell.example", "https://collect.fjordfell.example"
+    context = browser.new_context()
+    head = snippet(collector, WEB_KEY)
+    html = (SITE / "index.html").read_text().replace("<!--KILDE-SNIPPET-->", head)
+    context.route(f"{shop}/**", lambda route: route.fulfill(body=html, content_type="text/html"))
+
+    def to_kilde(route: Route) -> None:
+        answer = route.fetch(url=route.request.url.replace(collector, kilde_server.url))
+        route.fulfill(response=answer)
+
+    context.route(f"{collector}/**", to_kilde)
+    try:
+        page = context.new_page()
+        page.goto(f"{shop}/")
+        anonymous_id = ready(page)
+        cookie = next(
+            c
+            for c in context.cookies(shop)
+            if c["name"] == "kilde_aid" and c["domain"].endswith("www.fjordfell.example")
+        )
+    finally:
+        context.close()
+    assert cookie["value"] == anonymous_id
+    assert cookie["secure"] is True and cookie["sameSite"] == "Lax"
+    assert YEAR - 3600 < cookie["expires"] - time.time() <= YEAR + 60
+
+
+def test_the_plan_sets_the_cookie_domain_or_turns_the_server_cookie_off(
+    own_server: Server, browser: Browser
+) -> None:
+    def with_web(**web: Any) -> Server:
+        plan = yaml.safe_load(own_server.plan_path.read_text())
+        plan["web"] = {**plan["web"], **web}
+        own_server.plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        return start_server(own_server.data_dir, own_server.plan_path)
+
+    own_server.stop()
+    server = with_web(cookie_domain="fjordfell.example")
+    try:
+        shared = httpx.post(f"{server.url}/v1/cookie", json={"writeKey": WEB_KEY})
+    finally:
+        server.stop()
+    # www.fjordfell.example and collect.fjordfell.example share it.
+    assert "domain=fjordfell.example" in shared.headers["set-cookie"].lower()
+
+    server = with_web(server_cookie=False, cookie_domain=None)
+    context = browser.new_context()
+    try:
+        refused = httpx.post(f"{server.url}/v1/cookie", json={"writeKey": WEB_KEY})
+        with relay(server.url) as (collector, wire), serve_site(collector) as site:
+            page = context.new_page()
+            page.goto(site.page("/"))
+            anonymous_id = ready(page)
+            arrived(server, 1, anonymous_id=anonymous_id)
+            cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
+    finally:
+        context.close()
+        server.stop()
+    assert refused.status_code == 404 and refused.json()["error"] == "server_cookie_off"
+    assert "set-cookie" not in refused.headers
+    assert "/v1/cookie" not in wire.paths()  # k.js does not ask for it
+    assert cookie["value"] == anonymous_id  # the script's own cookie is still there

@@ -8,6 +8,7 @@ documented banner is the one the browser clicks.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -56,8 +57,10 @@ class Site:
 
 
 @contextmanager
-def serve_site(kilde_url: str, write_key: str = WEB_KEY, *, banner: bool = False) -> Iterator[Site]:
-    head = snippet(kilde_url, write_key)
+def serve_site(
+    kilde_url: str, write_key: str = WEB_KEY, *, banner: bool = False, auto_page: bool = True
+) -> Iterator[Site]:
+    head = snippet(kilde_url, write_key, auto_page=auto_page)
     body = docs_banner() if banner else ""
 
     class Handler(BaseHTTPRequestHandler):
@@ -82,6 +85,107 @@ def serve_site(kilde_url: str, write_key: str = WEB_KEY, *, banner: bool = False
     thread.start()
     try:
         yield Site(f"http://127.0.0.1:{server.server_address[1]}", server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Relay:
+    """A reverse proxy between the browser and Kilde: sees every request the browser makes.
+
+    Playwright does not see `fetch(..., {keepalive: true})` and `sendBeacon` requests, which is
+    how k.js sends events, so tests watch the wire here. `busy` answers the next that many
+    `POST /v1/batch` with 503 (an overloaded collector); when Kilde cannot be reached the
+    relay drops the connection, as a browser sees a collector that is down (`failed` counts).
+    """
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.seen: list[tuple[str, str, bytes]] = []  # (method, path without query, body)
+        self.busy = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [path for _, path, _ in self.seen]
+
+    def batches(self) -> list[list[dict[str, Any]]]:
+        """The messages of every POST /v1/batch that reached the relay, in order."""
+        with self.lock:
+            posts = [body for method, path, body in self.seen if path == "/v1/batch"]
+        return [list(json.loads(body)["batch"]) for body in posts]
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        path = handler.path.split("?")[0]
+        with self.lock:
+            self.seen.append((handler.command, path, body))
+            refuse = handler.command == "POST" and path == "/v1/batch" and self.busy > 0
+            if refuse:
+                self.busy -= 1
+        if refuse:
+            data = b'{"success": false, "error": "store_busy"}'
+            handler.send_response(503)
+            handler.send_header("Access-Control-Allow-Origin", "*")
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in self.HOP}
+        headers["Accept-Encoding"] = "identity"
+        try:
+            answer = httpx.request(
+                handler.command,
+                self.upstream + handler.path,
+                headers=headers,
+                content=body,
+                timeout=30,
+            )
+        except httpx.TransportError:
+            with self.lock:
+                self.failed += 1
+            handler.close_connection = True  # no answer at all: a network error in the browser
+            return
+        handler.send_response(answer.status_code)
+        for name, value in answer.headers.multi_items():
+            if name.lower() not in self.HOP:
+                handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(answer.content)))
+        handler.end_headers()
+        handler.wfile.write(answer.content)
+
+
+@contextmanager
+def relay(upstream: str) -> Iterator[tuple[str, Relay]]:
+    """A `Relay` in front of Kilde at `upstream`, on its own port: (its address, the relay)."""
+    state = Relay(upstream.rstrip("/"))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            state.handle(self)
+
+        def do_POST(self) -> None:
+            state.handle(self)
+
+        def do_OPTIONS(self) -> None:
+            state.handle(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state
     finally:
         server.shutdown()
         server.server_close()

@@ -12,7 +12,8 @@ time), `p.NAME=value` (string properties), `props` (a JSON object of properties)
 accepted too.
 
 The answer is always the GIF, never cached, whatever was sent: a beacon has nobody to read an
-error. What was wrong goes to the dead letter, and its code to the `X-Kilde-Result` header.
+error. A HEAD request (link checkers, prefetchers) gets the GIF's headers and records nothing.
+What was wrong goes to the dead letter, and its code to the `X-Kilde-Result` header.
 Query strings may carry personal data; like every address they are never logged.
 """
 
@@ -235,8 +236,11 @@ async def _guarded(
         return gif(f"rejected:{problem.code}")
 
 
-@router.get("/v1/b.gif", include_in_schema=False)
+@router.api_route("/v1/b.gif", methods=["GET", "HEAD"], include_in_schema=False)
 async def beacon(request: Request) -> Response:
+    if request.method == "HEAD":  # link checkers and prefetchers: the GIF, nothing recorded
+        return gif("not_recorded")
+
     async def work(env: Envelope) -> Response:
         params = _params(request)
         source = _source(request, params.get("k") or params.get("writeKey"))
@@ -267,9 +271,11 @@ def _decode_pixel(data: str | None) -> dict[str, Any]:
     return message
 
 
-@router.get("/v1/pixel/{kind}", include_in_schema=False)
+@router.api_route("/v1/pixel/{kind}", methods=["GET", "HEAD"], include_in_schema=False)
 async def segment_pixel(kind: str, request: Request) -> Response:
     """Segment's pixel API: the message as base64 JSON in `data`, with its writeKey."""
+    if request.method == "HEAD":
+        return gif("not_recorded")
 
     async def work(env: Envelope) -> Response:
         if kind not in PIXEL_TYPES:

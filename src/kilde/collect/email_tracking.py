@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from kilde.collect.email_campaigns import (
@@ -50,6 +51,22 @@ from kilde.signing import MAX_TOKEN_LENGTH, TokenError, app_signer, url_digest
 from kilde.store.writer import WriteBatch
 
 log = logging.getLogger("kilde.email")
+
+
+class _AnyText(Convertor[str]):
+    """Like `path`, but also across line breaks: a token with %0A in it still reaches the route
+    (and gets the GIF or the 400 page) instead of falling through to a 404."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("kilde_token", _AnyText())
 
 router = APIRouter(prefix="/e", include_in_schema=False)
 
@@ -221,7 +238,7 @@ def _gif() -> Response:
     return Response(GIF, media_type="image/gif", headers=NO_CACHE)
 
 
-@router.api_route("/o/{token:path}", methods=["GET", "HEAD"])
+@router.api_route("/o/{token:kilde_token}", methods=["GET", "HEAD"])
 async def email_open(token: str, request: Request) -> Response:
     now = datetime.now(UTC)
     token = token.removesuffix(".gif")
@@ -276,7 +293,7 @@ def _invalid_link(request: Request, refused: Refused) -> HTMLResponse:
     return _page("Link not valid", f"<p>{message}</p>", 400, request)
 
 
-@router.api_route("/c/{token:path}", methods=["GET", "HEAD"])
+@router.api_route("/c/{token:kilde_token}", methods=["GET", "HEAD"])
 async def email_click(token: str, request: Request) -> Response:
     now = datetime.now(UTC)
     try:
@@ -309,7 +326,7 @@ def _purpose_text(request: Request, purpose: str | None) -> str:
     return found.description if found else "marketing emails"
 
 
-@router.get("/u/{token:path}")
+@router.get("/u/{token:kilde_token}")
 async def email_unsubscribe_page(token: str, request: Request) -> Response:
     now = datetime.now(UTC)
     try:
@@ -328,7 +345,7 @@ async def email_unsubscribe_page(token: str, request: Request) -> Response:
     return _page("Unsubscribe", body, 200, request)
 
 
-@router.post("/u/{token:path}")
+@router.post("/u/{token:kilde_token}")
 async def email_unsubscribe(token: str, request: Request) -> Response:
     now = datetime.now(UTC)
     try:

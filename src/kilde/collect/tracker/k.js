@@ -146,9 +146,12 @@
   // -- sending: batches, retry with backoff, offline queue, beacon on hide ------------------
   function save() { if (canStore()) put("queue", queue); }
   function post(path, body, cred) {
+    var text = JSON.stringify(body);
     return fetch(host + path, {
-      method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "text/plain" },
-      credentials: cred ? "include" : "omit", keepalive: !cred, mode: "cors"
+      method: "POST", body: text, headers: { "Content-Type": "text/plain" },
+      // keepalive (the request outlives the page) allows 64 KB; a bigger body goes without it
+      credentials: cred ? "include" : "omit", keepalive: !cred && new Blob([text]).size < 60000,
+      mode: "cors"
     });
   }
   function schedule(ms) {

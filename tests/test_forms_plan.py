@@ -19,10 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from tests.conftest import ADMIN_TOKEN, DEMO_PLAN, Server, start_server
-from tests.test_forms import CHROMIUM, CHROMIUM_ARGS, csrf_of, dead_letters, events_of, ledger
+from tests.site import chromium
+from tests.test_forms import csrf_of, dead_letters, events_of, ledger
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 COMPANY = "Tindra Telt AS"
@@ -124,10 +125,8 @@ def plan_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 class OtherSite:

@@ -89,6 +89,16 @@ REFRESH_SHARE = 4.0
 # the refresh thread, right after; below it, links and profiles are written together.
 DEFER_PROFILES_AFTER = 0.3  # seconds
 SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
+# An identity_map row as the engine writes it.
+MAP_COLUMNS = (
+    "id_type",
+    "id_value",
+    "profile_id",
+    "closure_id",
+    "first_seen",
+    "last_seen",
+    "shared",
+)
 RICH_COLUMNS = (
     "source",
     "message_id",
@@ -1328,15 +1338,7 @@ def stitch_outputs(
     pq.write_table(
         run.arrow(
             "out/map",
-            lambda: identities.select(
-                "id_type",
-                "id_value",
-                "profile_id",
-                "closure_id",
-                "first_seen",
-                "last_seen",
-                "shared",
-            ),
+            lambda: identities.select(*MAP_COLUMNS),
         ),
         scratch / "map.parquet",
     )
@@ -1447,16 +1449,7 @@ def _anchored(mapped: ir.Table, salt: str) -> ir.Table:
     is_anchor = profile_id_expr(salt, mapped.id_type, mapped.id_value) == mapped.profile_id
     anchors = mapped.filter(is_anchor)
     anchors = anchors.group_by("profile_id").aggregate(anchor_type=anchors.id_type.min())
-    return mapped.join(anchors, "profile_id").select(
-        "id_type",
-        "id_value",
-        "profile_id",
-        "closure_id",
-        "first_seen",
-        "last_seen",
-        "shared",
-        "anchor_type",
-    )
+    return mapped.join(anchors, "profile_id").select(*MAP_COLUMNS, "anchor_type")
 
 
 def _write_profiles(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, Route
@@ -264,6 +265,83 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
         ("track", "Product Viewed"),
         ("page", "/about.html"),
     ]
+
+
+def test_two_tabs_offline_keep_each_others_queued_events(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    def stored_queue(page: Page) -> list[str]:
+        """What waits in the shared localStorage queue: product ids, or the message type."""
+        names: list[str] = page.evaluate(
+            "JSON.parse(localStorage.getItem('kilde_queue') || '[]')"
+            ".map(m => (m.properties && m.properties.product_id) || m.type)"
+        )
+        return names
+
+    with relay(kilde_server.url) as (collector, wire), serve_site(collector) as site:
+        first = context.new_page()
+        first.goto(site.page("/"))
+        anonymous_id = ready(first)
+        second = context.new_page()
+        second.goto(site.page("/about.html"))
+        assert ready(second) == anonymous_id  # one visitor, two tabs
+        arrived(kilde_server, 2, anonymous_id=anonymous_id)
+
+        wire.down = True  # the visitor's connection drops
+        track = "kilde.track('Product Viewed', {product_id: '%s'})"
+        first.evaluate(track % "tab-1-a")
+        wait_for(lambda: "tab-1-a" in stored_queue(first), what="the first tab's event")
+        second.evaluate(track % "tab-2")
+        wait_for(lambda: "tab-2" in stored_queue(second), what="the second tab's event")
+        wait_for(lambda: wire.failed >= 2, what="both tabs to see the collector down")
+        first.evaluate(track % "tab-1-b")
+        # Each tab wrote the shared queue last once; neither wiped out the other's event.
+        wait_for(
+            lambda: sorted(stored_queue(first)) == ["tab-1-a", "tab-1-b", "tab-2"],
+            what="all three events in the shared queue",
+        )
+        second.close()  # the second tab goes away before the connection is back
+
+        wire.down = False
+        first.evaluate("window.dispatchEvent(new Event('online'))")
+        # The first tab sends its own two; the next page sends what the closed tab left.
+        arrived(kilde_server, 4, anonymous_id=anonymous_id)
+        first.goto(site.page("/"))
+        stored = arrived(kilde_server, 6, anonymous_id=anonymous_id)
+        wait_for(lambda: stored_queue(first) == [], what="the queue to empty")
+    viewed = sorted(e["properties"]["product_id"] for e in stored if e["type"] == "track")
+    assert viewed == ["tab-1-a", "tab-1-b", "tab-2"]
+
+
+def test_a_track_call_without_a_name_is_kept_as_a_dead_letter_not_stored_as_undefined(
+    kilde_server: Server, context: BrowserContext
+) -> None:
+    with serve_site(kilde_server.url) as site:
+        page = context.new_page()
+        warnings: list[str] = []
+        page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
+        page.goto(site.page("/"))
+        anonymous_id = ready(page)
+        page.evaluate("kilde.track(); kilde.track('Signed In')")
+        stored = arrived(kilde_server, 2, anonymous_id=anonymous_id)
+        wait_for(
+            lambda: page.evaluate("localStorage.getItem('kilde_queue')") == "[]",
+            what="the queue to empty",
+        )
+    assert [e["event"] for e in stored if e["type"] == "track"] == ["Signed In"]
+    assert any("kilde.track needs an event name" in text for text in warnings)
+    letters = httpx.get(
+        f"{kilde_server.url}/api/bad-events",
+        params={"source": "web", "limit": "1000"},
+        headers=kilde_server.admin,
+    ).json()["dead_letters"]
+    found = [
+        httpx.get(f"{kilde_server.url}/api/bad-events/{d['id']}", headers=kilde_server.admin).json()
+        for d in letters
+    ]
+    mine = [d for d in found if anonymous_id in orjson.dumps(d).decode()]
+    assert len(mine) == 1 and "event" in orjson.dumps(mine[0]).decode()
+    assert not any(e["event"] == "undefined" for e in stored)
 
 
 def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_them(

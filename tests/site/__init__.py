@@ -96,7 +96,8 @@ class Relay:
     Playwright does not see `fetch(..., {keepalive: true})` and `sendBeacon` requests, which is
     how k.js sends events, so tests watch the wire here. `busy` answers the next that many
     `POST /v1/batch` with 503 (an overloaded collector); when Kilde cannot be reached the
-    relay drops the connection, as a browser sees a collector that is down (`failed` counts).
+    relay drops the connection, as a browser sees a collector that is down (`failed` counts);
+    `down` makes every `POST /v1/batch` meet that while Kilde itself goes on running.
     """
 
     HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -105,6 +106,7 @@ class Relay:
         self.upstream = upstream
         self.seen: list[tuple[str, str, bytes]] = []  # (method, path without query, body)
         self.busy = 0
+        self.down = False
         self.failed = 0
         self.lock = threading.Lock()
 
@@ -124,9 +126,16 @@ class Relay:
         path = handler.path.split("?")[0]
         with self.lock:
             self.seen.append((handler.command, path, body))
-            refuse = handler.command == "POST" and path == "/v1/batch" and self.busy > 0
+            batch = handler.command == "POST" and path == "/v1/batch"
+            refuse = batch and self.busy > 0
             if refuse:
                 self.busy -= 1
+            drop = batch and self.down
+            if drop:
+                self.failed += 1
+        if drop:
+            handler.close_connection = True
+            return
         if refuse:
             data = b'{"success": false, "error": "store_busy"}'
             handler.send_response(503)

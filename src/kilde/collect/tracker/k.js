@@ -144,7 +144,20 @@
   }
 
   // -- sending: batches, retry with backoff, offline queue, beacon on hide ------------------
-  function save() { if (canStore()) put("queue", queue); }
+  // The queue in localStorage is shared by the site's tabs: each write merges this tab's queue
+  // into what is stored (less what was just sent), so one tab never overwrites another's events.
+  function save(sent) {
+    if (!canStore()) return;
+    var stored = getJ("queue"), list = (stored instanceof Array ? stored : []).concat(queue);
+    var seen = {}, out = [], i, f;
+    for (i = 0; i < list.length; i++) {
+      f = list[i];
+      if (!f || !f.messageId || seen[f.messageId] || (sent && sent[f.messageId])) continue;
+      seen[f.messageId] = 1;
+      out.push(f);
+    }
+    put("queue", out.length > 500 ? out.slice(out.length - 500) : out);
+  }
   function post(path, body, cred) {
     var text = JSON.stringify(body);
     return fetch(host + path, {
@@ -172,7 +185,7 @@
     var ids = {};
     for (var i = 0; i < batch.length; i++) ids[batch[i].messageId] = 1;
     queue = queue.filter(function (f) { return !ids[f.messageId]; });
-    save();
+    save(ids);
   }
   function body(batch, how) {
     var b = { writeKey: key, sentAt: new Date().toISOString(), batch: batch };
@@ -214,7 +227,13 @@
       emit(f, purposesOf("page"));
     },
     track: function (event, props) {
-      emit(make("track", { event: String(event), properties: obj(props) }), purposesOf("track", event));
+      // Without a name the collector keeps the event as a dead letter (missing_event), where the
+      // site's owner sees it, instead of storing an event called "undefined".
+      if (event == null || event === "") {
+        if (w.console) console.warn("kilde.track needs an event name, such as kilde.track('Signed Up')");
+        event = undefined;
+      } else event = String(event);
+      emit(make("track", { event: event, properties: obj(props) }), purposesOf("track", event));
     },
     identify: function (userId, traits) {
       if (typeof userId == "object") { traits = userId; userId = null; }

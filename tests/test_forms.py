@@ -408,6 +408,18 @@ def test_overlong_answers_and_unknown_forms(forms_server: Server) -> None:
     assert answer.status_code == 400
     assert "Use at most 200 characters." in answer.text
     assert "Choose one of the options shown." in answer.text
+    with_nul = client.post(
+        "/f/b2b-lead",
+        data={
+            "csrf": csrf_of(client.get("/f/b2b-lead").text),
+            "name": "Nina\x00Nul",
+            "email": "n@example.com",
+            "company": "C",
+            "size": "11-50",
+        },
+    )
+    assert with_nul.status_code == 400
+    assert "Remove the invisible control characters from this answer." in with_nul.text
     assert httpx.get(f"{forms_server.url}/f/no-such-form").status_code == 404
     assert httpx.post(f"{forms_server.url}/f/no-such-form", data={"a": "b"}).status_code == 404
 

@@ -145,6 +145,14 @@ def test_sound_plan_passes_check(tmp_path: Path) -> None:
             id="schema-with-remote-ref",
         ),
         pytest.param(
+            "  name: Tiny Shop\n",
+            '  name: Tiny Shop\n  primary_color: "red; } body { display: none"\n',
+            4,
+            18,
+            ["company.primary_color", "hex colour such as #2f6f5e"],
+            id="primary-color-not-a-colour",
+        ),
+        pytest.param(
             "    retention: 13 months",
             "    retention: forever",
             23,

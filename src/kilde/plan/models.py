@@ -85,6 +85,9 @@ def retention_days(text: str) -> int:
     return int(match.group(1)) * _DAYS_PER_UNIT[match.group(2)[0]]
 
 
+_HEX_COLOR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})\Z")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,6 +97,15 @@ class Company(_Strict):
     website: str | None = None
     contact: str | None = None
     primary_color: str = "#2f6f5e"
+
+    @field_validator("primary_color")
+    @classmethod
+    def _color_shape(cls, value: str) -> str:
+        # It goes into the style of forms, mails and pages: a colour, and nothing that could
+        # end the style and start other CSS or HTML.
+        if not _HEX_COLOR.match(value):
+            raise ValueError("use a hex colour such as #2f6f5e or #363")
+        return value
 
 
 class Goal(_Strict):

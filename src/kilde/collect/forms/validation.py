@@ -6,6 +6,7 @@ or an error report.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -32,6 +33,10 @@ class Submission:
     @property
     def ok(self) -> bool:
         return not self.errors and not self.tampered
+
+
+# Characters no one types into a form: C0 controls other than tab and line breaks, and DEL.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _one(data: Mapping[str, Sequence[str]], name: str) -> str:
@@ -95,6 +100,8 @@ def _convert(f: FormField, raw: str | list[str], phone_region: str | None) -> An
         return raw
     if len(raw) > f.max_length:
         raise ValueError(f"Use at most {f.max_length} characters.")
+    if _CONTROL.search(raw):  # NUL and the like: pasted by accident or sent by a script
+        raise ValueError("Remove the invisible control characters from this answer.")
     if f.type in ("text", "textarea"):
         return raw
     if f.type == "email":

@@ -371,8 +371,7 @@ def test_viewer_sees_aggregates_only(browser: Browser, shop: Server) -> None:
         answer = page.request.post(
             f"{shop.url}{path}", form={"csrf_token": csrf, **form}, headers={"Origin": shop.url}
         )
-        refused = answer.status == 403 or "cannot save segments" in answer.text()
-        assert refused, path
+        assert answer.status == 403, path
     with _admin_api(shop) as api:
         assert api.get("/api/bad-events").json()["total"] == pending
         assert len(api.get("/api/segments").json()["segments"]) == segments

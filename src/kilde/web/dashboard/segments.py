@@ -186,6 +186,8 @@ def segments_page(page: Page) -> Response:
                     return _save(page, api, rule)
                 preview = _preview(page, api, rule)
             except HttpProblem as exc:
+                if exc.status == 403:  # the role may not: refused, not a problem with the rule
+                    raise
                 problem = f"{exc.message}. {exc.fix}"
         if page.is_htmx() and action != "save":
             return page.render("segment_preview.html", preview=preview, problem=problem, rule=rule)

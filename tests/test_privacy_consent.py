@@ -132,6 +132,24 @@ def test_bought_data_carries_the_brokers_consent_until_the_person_refuses(
     assert withheld(strict_server)[("advertising", "trait")] == 3  # the three broker traits
 
 
+def test_an_opt_out_sent_before_the_person_is_known_holds_for_the_file_that_brings_them(
+    strict_server: Server, tmp_path: Path
+) -> None:
+    p = Person()  # never seen: no profile, no user id, no anonymous id
+    opted = privacy(strict_server, "do-not-sell", {"email": p.email, "evidence": "letter 31"})
+    assert opted["do_not_sell"] is True
+    status = privacy(strict_server, "do-not-sell/status", {"email": p.email})
+    assert status["do_not_sell"] is True and status["evidence"] == "letter 31"
+    # A data broker's file brings the person later: the opt-out holds for it.
+    mapping = ["-m", str(SAMPLES / "broker.mapping.yaml")]
+    strict_server.kilde(
+        "import", "broker", str(broker_csv(tmp_path / "a.csv", p)), "-s", "databroker", *mapping
+    )
+    (bought,) = events(strict_server, source="databroker")
+    assert bought["traits"]["email"] == p.email and "household_size" not in bought["traits"]
+    assert withheld(strict_server)[("advertising", "trait")] == 3  # the three broker traits
+
+
 def test_gpc_and_the_admin_set_do_not_sell_and_uses_are_checked(kilde_server: Server) -> None:
     shopper, caller, banner = Person(), Person(), Person()
     # the browser API: kilde.consent({advertising: false}) sends this from the banner

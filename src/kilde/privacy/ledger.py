@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kilde.collect.importers.base import email_anonymous_id
 from kilde.plan.models import Source
 from kilde.privacy.subjects import Subject
 from kilde.store.database import Store
@@ -238,8 +239,14 @@ def _merge(people: dict[_Key, _Person], keys: list[_Key]) -> _Person | None:
 
 
 def person_ids(subject: Subject) -> tuple[list[str], list[str]]:
-    """The user ids and anonymous ids the ledger knows the person by."""
-    return subject.values("user_id"), subject.values("anonymous_id")
+    """The user ids and anonymous ids the ledger knows the person by.
+
+    An import gives a person it knows only by email an anonymous id made from the address
+    (`email_anonymous_id`), so a choice of a person Kilde has not met yet (an opt-out sent
+    in advance) is recorded under that id and holds for the files that bring them later.
+    """
+    made = {email_anonymous_id(email) for email in subject.values("email")}
+    return subject.values("user_id"), sorted(set(subject.values("anonymous_id")) | made)
 
 
 def history(store: Store, subject: Subject) -> list[dict[str, Any]]:

@@ -335,9 +335,9 @@ async def _record_consent(
         raise HttpProblem(
             409,
             "no_ledger_id",
-            "the consent ledger records choices by user id or anonymous id, and this person "
-            "has neither",
-            "name the person by their user id, or record the choice where they have one",
+            "the consent ledger records choices by user id, anonymous id or email address, and "
+            "this person has none of them",
+            "name the person by their email address or user id",
         )
     message = ledger.consent_message(
         dict(choices),

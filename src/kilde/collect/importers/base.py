@@ -20,6 +20,12 @@ Tier = Literal["first_party", "broker"]
 NAMESPACE = uuid.UUID("6b1f3c9e-2a47-5d0c-9e1b-4f6a8d2c7e30")
 
 
+def email_anonymous_id(email: str) -> str:
+    """The anonymous id of a person known only by this email address: every import of the
+    address lands on it, and so do the consent choices of such a person (kilde.privacy.ledger)."""
+    return str(uuid.uuid5(NAMESPACE, "email:" + email.strip().lower()))
+
+
 class ImportFailed(KildeError):
     """The file as a whole cannot be imported (unreadable, no usable columns, ...)."""
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from kilde.collect.importers import values
-from kilde.collect.importers.base import NAMESPACE, Kind, Row, RowError, Tier
+from kilde.collect.importers.base import Kind, Row, RowError, Tier, email_anonymous_id
 from kilde.collect.importers.mapping import MappingFile, Resolved
 from kilde.plan.models import Plan, TraitSpec
 
@@ -127,7 +126,7 @@ def identity(row: Row, ctx: Context) -> tuple[dict[str, Any], list[dict[str, Any
     if anonymous_id is not None:
         ids["anonymousId"] = anonymous_id
     if not ids and email is not None:
-        ids["anonymousId"] = str(uuid.uuid5(NAMESPACE, "email:" + email_key(email)))
+        ids["anonymousId"] = email_anonymous_id(email)
     if not ids:
         mapped = [ctx.resolved.fields[f] for f in ("user_id", "email") if f in ctx.resolved.fields]
         raise RowProblem(

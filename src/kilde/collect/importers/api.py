@@ -241,7 +241,8 @@ async def columns(request: Request) -> Response:
             if isinstance(info.get("provenance"), dict)
             else {},
         }
-    except (pa.ArrowException, ValueError, KeyError, orjson.JSONDecodeError):
+    # OSError: a stream cut short within a message body (pyarrow's IOError, not ArrowException)
+    except (pa.ArrowException, OSError, ValueError, KeyError, orjson.JSONDecodeError):
         raise HttpProblem(
             400,
             "invalid_chunk",

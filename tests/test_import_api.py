@@ -49,6 +49,24 @@ def test_bad_chunks_get_a_4xx_with_the_fix(kilde_server: Server) -> None:
     assert broken.status_code == 400 and broken.json()["error"] == "malformed_json"
 
 
+def test_a_bad_column_chunk_gets_a_400_with_the_fix(kilde_server: Server) -> None:
+    """The columnar path's endpoint: a body that is not an Arrow stream of import records."""
+    import pyarrow as pa
+
+    url = f"{kilde_server.url}/api/imports/columns"
+    headers = {**kilde_server.admin, "Content-Type": "application/vnd.apache.arrow.stream"}
+    out = pa.BufferOutputStream()
+    table = pa.table({"line": pa.array([2], pa.int64())})
+    with pa.ipc.new_stream(out, table.schema) as stream:  # no import information, one column
+        stream.write_table(table)
+    unlabelled = out.getvalue().to_pybytes()
+    # garbage; a stream without import information; one cut short within its message body
+    for body in (b"not arrow at all", unlabelled, unlabelled[:-12]):
+        answer = post(url, content=body, headers=headers)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == "invalid_chunk" and answer.json()["fix"]
+
+
 def test_an_uploaded_file_is_imported_in_the_background(kilde_server: Server) -> None:
     prefix = f"u{uuid.uuid4().hex[:6]}"
     text = (SAMPLES / "orders.csv").read_text().replace("o-10", f"{prefix}-")

@@ -211,20 +211,20 @@ async def columns(request: Request) -> Response:
 
     from kilde.collect.importers.columnar_ingest import ingest_columns
 
-    size = 0
-    parts: list[bytes] = []
+    # The body grows in place as it arrives: no list of pieces joined into a second copy.
+    body = bytearray()
     async for part in request.stream():
-        size += len(part)
-        if size > MAX_COLUMN_BYTES:
+        if len(body) + len(part) > MAX_COLUMN_BYTES:
             raise HttpProblem(
                 413, "payload_too_large", "the body is larger than 256 MB", "send smaller chunks"
             )
-        parts.append(part)
-    body = b"".join(parts)
-    parts.clear()  # the pieces are not kept beside the body while the records are stored
+        body += part
     try:
-        with pa.ipc.open_stream(body) as stream:
-            table = stream.read_all()
+        with pa.ipc.open_stream(pa.py_buffer(body)) as stream:
+            # One chunk (as the writer hands it to DuckDB), copied out of the body, so the body
+            # is not kept beside the records while they are stored.
+            table = stream.read_all().combine_chunks()
+        del body
         info = orjson.loads((table.schema.metadata or {}).get(b"kilde", b"null"))
         if not isinstance(info, dict) or not isinstance(info.get("source"), str):
             raise ValueError("no import information")
@@ -241,7 +241,8 @@ async def columns(request: Request) -> Response:
             if isinstance(info.get("provenance"), dict)
             else {},
         }
-    except (pa.ArrowException, ValueError, KeyError, orjson.JSONDecodeError):
+    # OSError: a stream cut short within a message body (pyarrow's IOError, not ArrowException)
+    except (pa.ArrowException, OSError, ValueError, KeyError, orjson.JSONDecodeError):
         raise HttpProblem(
             400,
             "invalid_chunk",

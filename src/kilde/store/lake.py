@@ -52,6 +52,7 @@ from kilde.store.writer import (
     Writer,
     WriteResult,
     _Item,
+    recent_key,
 )
 
 log = logging.getLogger("kilde.lake")
@@ -232,14 +233,14 @@ class LakeWriter(Writer):
         events: list[dict[str, Any]] = []
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
-        added: list[tuple[str, str]] = []
+        added: list[str] = []
         for item in items:
             batch = item.batch
             if self.screen is not None:
                 self.screen(batch)
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             for row in batch.events:
-                key = (row["source"], row["message_id"])
+                key = recent_key(row["source"], row["message_id"])
                 if key in self.recent:
                     result.duplicates += 1
                     continue

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import uuid
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from kilde.collect.importers.base import NAMESPACE, Reader, Row, RowError
+from kilde.collect.importers.base import NAMESPACE, Reader, Row, RowError, email_anonymous_id
 from kilde.collect.importers.convert import Context
 from kilde.collect.importers.csv_files import CsvReader, unique_names
 from kilde.collect.importers.transactions import (
@@ -548,7 +547,7 @@ class ColumnarOrders:
     def _anonymous(self, email: str) -> str:
         found = self.anonymous.get(email)
         if found is None:
-            found = str(uuid.uuid5(NAMESPACE, "email:" + email))
+            found = email_anonymous_id(email)
             if len(self.anonymous) > 100_000:
                 self.anonymous.clear()
             self.anonymous[email] = found

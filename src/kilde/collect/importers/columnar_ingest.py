@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from itertools import repeat
 from typing import Any
 
 import orjson
@@ -34,7 +33,7 @@ import pyarrow.compute as pc
 from kilde.collect.importers.engine import ChunkResult
 from kilde.collect.importers.runs import CHANNEL, Services, ingest_chunk, source_for
 from kilde.pipeline.normalize import EARLIEST, FUTURE_SLACK, MAX_ID_LENGTH
-from kilde.store.writer import WriteBatch
+from kilde.store.writer import WriteBatch, recent_keys
 
 EVENT = "Order Completed"
 _ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "examples", "default"}
@@ -287,7 +286,7 @@ def ingest_columns(
     # 1. Already stored: the writer remembers recent ids; older ones are in the store.
     ids = table.column("message_id").to_pylist()
     recent = writer.recent
-    keys = list(zip(repeat(source.name), ids))
+    keys = recent_keys(pa.scalar(source.name), table.column("message_id"))
     stored = [False] * n if recent.none_of(keys) else [key in recent for key in keys]
     any_stored = any(stored)
     if writer.recent.capacity and store.scalar("SELECT count(*) FROM events") >= (

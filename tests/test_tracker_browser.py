@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 import yaml
 from playwright.sync_api import Browser, BrowserContext, Page, Route
@@ -54,6 +53,20 @@ def arrived(server: Server, count: int, **params: str) -> list[dict[str, Any]]:
         lambda: (found := events(server, **params)) and len(found) >= count and found,
         what=f"{count} events for {params}",
     )
+
+
+def dead_letters_of(server: Server, anonymous_id: str) -> list[str]:
+    """The web source's dead letters of this visitor, each as the text of its detail."""
+    letters = httpx.get(
+        f"{server.url}/api/bad-events",
+        params={"source": "web", "limit": "1000"},
+        headers=server.admin,
+    ).json()["dead_letters"]
+    details = [
+        httpx.get(f"{server.url}/api/bad-events/{d['id']}", headers=server.admin).text
+        for d in letters
+    ]
+    return [text for text in details if anonymous_id in text]
 
 
 LANDING = (
@@ -330,18 +343,8 @@ def test_a_track_call_without_a_name_is_kept_as_a_dead_letter_not_stored_as_unde
         )
     assert [e["event"] for e in stored if e["type"] == "track"] == ["Signed In"]
     assert any("kilde.track needs an event name" in text for text in warnings)
-    letters = httpx.get(
-        f"{kilde_server.url}/api/bad-events",
-        params={"source": "web", "limit": "1000"},
-        headers=kilde_server.admin,
-    ).json()["dead_letters"]
-    found = [
-        httpx.get(f"{kilde_server.url}/api/bad-events/{d['id']}", headers=kilde_server.admin).json()
-        for d in letters
-    ]
-    mine = [d for d in found if anonymous_id in orjson.dumps(d).decode()]
-    assert len(mine) == 1 and "event" in orjson.dumps(mine[0]).decode()
-    assert not any(e["event"] == "undefined" for e in stored)
+    (letter,) = dead_letters_of(kilde_server, anonymous_id)
+    assert "a track message needs an event name" in letter and "missing_event" in letter
 
 
 def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_them(
@@ -565,16 +568,7 @@ def test_an_oversized_event_goes_to_the_dead_letter_and_does_not_block_the_other
             what="the queue to empty",
         )
     assert [e["event"] for e in stored if e["type"] == "track"] == ["Signed In"]
-    letters = httpx.get(
-        f"{kilde_server.url}/api/bad-events",
-        params={"source": "web", "limit": "1000"},
-        headers=kilde_server.admin,
-    ).json()["dead_letters"]
-    found = [
-        httpx.get(f"{kilde_server.url}/api/bad-events/{d['id']}", headers=kilde_server.admin)
-        for d in letters
-    ]
-    assert any(anonymous_id in letter.text and "big" in letter.text for letter in found)
+    assert any("big" in letter for letter in dead_letters_of(kilde_server, anonymous_id))
 
 
 def test_events_are_sent_with_send_beacon_when_the_page_is_hidden(

@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route
 
 from kilde.collect.tracker import snippet
 from tests.conftest import DEMO_PLAN, WEB_KEY, Server, start_server
-from tests.site import SITE, chromium, events, relay, serve_site, wait_for
+from tests.site import SITE, Site, chromium, events, relay, serve_site, wait_for
 
 YEAR = 365 * 24 * 3600
 
@@ -53,6 +53,15 @@ def arrived(server: Server, count: int, **params: str) -> list[dict[str, Any]]:
         lambda: (found := events(server, **params)) and len(found) >= count and found,
         what=f"{count} events for {params}",
     )
+
+
+def visit(context: BrowserContext, site: Site, server: Server) -> tuple[Page, str]:
+    """Open the shop's home page and wait for its page view: (the page, the visitor's id)."""
+    page = context.new_page()
+    page.goto(site.page("/"))
+    anonymous_id = ready(page)
+    arrived(server, 1, anonymous_id=anonymous_id)
+    return page, anonymous_id
 
 
 def dead_letters_of(server: Server, anonymous_id: str) -> list[str]:
@@ -240,10 +249,7 @@ def test_events_made_while_the_collector_is_down_arrive_when_it_is_back(
 
     try:
         with relay(server.url) as (collector, wire), serve_site(collector) as site:
-            page = context.new_page()
-            page.goto(site.page("/"))
-            anonymous_id = ready(page)
-            arrived(server, 1, anonymous_id=anonymous_id)
+            page, anonymous_id = visit(context, site, server)
 
             server.stop()
             page.click("#spa-tent")
@@ -351,10 +357,7 @@ def test_events_are_batched_and_retried_with_backoff_until_the_collector_takes_t
     kilde_server: Server, context: BrowserContext
 ) -> None:
     with relay(kilde_server.url) as (collector, wire), serve_site(collector) as site:
-        page = context.new_page()
-        page.goto(site.page("/"))
-        anonymous_id = ready(page)
-        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        page, anonymous_id = visit(context, site, kilde_server)
         wire.busy = 2  # the next two sends meet an overloaded collector (503)
         page.evaluate(
             "kilde.track('Product Viewed', {product_id: 'a'});"
@@ -535,10 +538,7 @@ def test_events_made_just_before_leaving_are_sent_with_send_beacon(
     kilde_server: Server, context: BrowserContext
 ) -> None:
     with serve_site(kilde_server.url) as site:
-        page = context.new_page()
-        page.goto(site.page("/"))
-        anonymous_id = ready(page)
-        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        page, anonymous_id = visit(context, site, kilde_server)
         # Leave for another site at once: no later page of this site can send it.
         page.evaluate("kilde.track('Signed In'); location.href = 'about:blank'")
         page.wait_for_url("about:blank")
@@ -552,10 +552,7 @@ def test_an_oversized_event_goes_to_the_dead_letter_and_does_not_block_the_other
     kilde_server: Server, context: BrowserContext
 ) -> None:
     with serve_site(kilde_server.url) as site:
-        page = context.new_page()
-        page.goto(site.page("/"))
-        anonymous_id = ready(page)
-        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        page, anonymous_id = visit(context, site, kilde_server)
         # 70 KB of text: over the browsers' 64 KB limit for requests that outlive the page,
         # and over the collector's 32 KB per event.
         page.evaluate(
@@ -575,10 +572,7 @@ def test_events_are_sent_with_send_beacon_when_the_page_is_hidden(
     kilde_server: Server, context: BrowserContext
 ) -> None:
     with serve_site(kilde_server.url) as site:
-        page = context.new_page()
-        page.goto(site.page("/"))
-        anonymous_id = ready(page)
-        arrived(kilde_server, 1, anonymous_id=anonymous_id)
+        page, anonymous_id = visit(context, site, kilde_server)
         # The visitor switches to another tab: the page is hidden but not left. (Headless pages
         # stay visible, so the hiding is emulated; k.js's own listener does the rest.)
         page.evaluate(
@@ -702,10 +696,7 @@ def test_the_plan_sets_the_cookie_domain_or_turns_the_server_cookie_off(
     try:
         refused = httpx.post(f"{server.url}/v1/cookie", json={"writeKey": WEB_KEY})
         with relay(server.url) as (collector, wire), serve_site(collector) as site:
-            page = context.new_page()
-            page.goto(site.page("/"))
-            anonymous_id = ready(page)
-            arrived(server, 1, anonymous_id=anonymous_id)
+            _, anonymous_id = visit(context, site, server)
             cookie = next(c for c in context.cookies() if c["name"] == "kilde_aid")
     finally:
         context.close()

@@ -180,14 +180,19 @@ def segments_page(page: Page) -> Response:
     if page.form is not None:
         rule, problem = rule_from_form(page)
         action = page.field("action")
+        if action == "save" and not page.user.can("change"):
+            raise HttpProblem(
+                403,
+                "forbidden_for_role",
+                f"the role {page.user.role} cannot save segments",
+                "ask an analyst or an admin",
+            )
         if rule is not None:
             try:
                 if action == "save":
                     return _save(page, api, rule)
                 preview = _preview(page, api, rule)
             except HttpProblem as exc:
-                if exc.status == 403:  # the role may not: refused, not a problem with the rule
-                    raise
                 problem = f"{exc.message}. {exc.fix}"
         if page.is_htmx() and action != "save":
             return page.render("segment_preview.html", preview=preview, problem=problem, rule=rule)
@@ -210,13 +215,6 @@ def segments_page(page: Page) -> Response:
 
 
 def _save(page: Page, api: Any, rule: dict[str, Any]) -> Response:
-    if not page.user.can("change"):
-        raise HttpProblem(
-            403,
-            "forbidden_for_role",
-            f"the role {page.user.role} cannot save segments",
-            "ask an analyst or an admin",
-        )
     name = page.field("name")
     if not name:
         raise HttpProblem(400, "missing_name", "a segment needs a name", "give it a name")

@@ -283,7 +283,9 @@ def ingest_columns(
     result = ChunkResult()
     if n == 0:
         return result
-    # 1. Already stored: the writer remembers recent ids; older ones are in the store.
+    # 1. Already stored: the writer remembers recent ids; older ones are in the store. Read
+    # the commit number first: commits after it may store some of these ids meanwhile.
+    checked_at_seq = writer.write_seq
     ids = table.column("message_id").to_pylist()
     recent = writer.recent
     keys = recent_keys(pa.scalar(source.name), table.column("message_id"))
@@ -359,7 +361,7 @@ def ingest_columns(
     moments = pc.strptime(
         table.column("timestamp"), format="%Y-%m-%dT%H:%M:%S.000Z", unit="us", error_is_null=True
     )
-    moments = pc.assume_timezone(moments, "UTC")
+    moments = moments.cast(pa.timestamp("us", tz="UTC"))  # the text said UTC (Z)
     in_range = pc.and_kleene(
         pc.greater_equal(moments, pa.scalar(EARLIEST, pa.timestamp("us", tz="UTC"))),
         pc.less_equal(moments, pa.scalar(now + FUTURE_SLACK, pa.timestamp("us", tz="UTC"))),
@@ -391,6 +393,8 @@ def ingest_columns(
                 arrow_select=_events_select(info, now),
                 statements=screen.statements(tally, source.name, _env(now)),
                 screened_at=tally.epoch,
+                # Step 1 looked at every id; the writer looks again only if it must.
+                checked_at_seq=checked_at_seq if len(set(ids)) == n else None,
             )
         )
         result.stored += written.stored

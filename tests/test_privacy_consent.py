@@ -325,3 +325,37 @@ def test_a_forms_unticked_sharing_box_sets_do_not_sell(tmp_path: Path) -> None:
         assert verdict["allowed"] is False
     finally:
         server.stop()
+
+
+def test_an_opt_out_sent_before_the_person_is_known_holds_when_they_sign_up_on_the_web(
+    own_server: Server,
+) -> None:
+    p = Person()  # never seen; refuses marketing email by letter before signing up
+    privacy(own_server, "consent", {"email": p.email, "purposes": {"marketing_email": False}})
+    # Signing up on the website names the email address once; later records only the ids.
+    signed_up = send(
+        own_server,
+        {
+            "type": "identify",
+            "userId": p.user_id,
+            "anonymousId": p.anonymous_id,
+            "traits": {"email": p.email},
+        },
+    )
+    assert signed_up["stored"] == 1
+    assert send(own_server, opened(p))["stored"] == 0
+    assert withheld(own_server)[("marketing_email", "event")] == 1
+    refresh_profiles(own_server)
+    checked = privacy(own_server, "check", {"email": p.email, "purpose": "marketing_email"})
+    (verdict,) = checked["profiles"].values()
+    assert verdict["allowed"] is False
+
+    # After a restart the gate reads the refusal back through the profile's email address.
+    own_server.stop()
+    again = start_server(own_server.data_dir, own_server.plan_path)
+    try:
+        cookie_only = {**opened(p), "userId": None, "anonymousId": p.anonymous_id}
+        assert send(again, opened(p), cookie_only)["stored"] == 0
+        assert withheld(again)[("marketing_email", "event")] == 3
+    finally:
+        again.stop()

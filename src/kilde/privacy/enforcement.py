@@ -153,9 +153,7 @@ class CollectionScreen:
             self._note_consent(row, channel)
         if not rules.active:
             return []
-        user_id, anonymous_id = row["user_id"], row["anonymous_id"]
-        if user_id and anonymous_id:
-            self.consent.link(user_id, anonymous_id)
+        self.consent.link(row["user_id"], row["anonymous_id"], _email_of(row))
         broker = _broker_purpose(context)
         if row["type"] in ("track", "page", "screen"):
             purposes = rules.event_purposes(row["type"], row["event"])
@@ -266,6 +264,24 @@ class CollectionScreen:
                     )
         except Exception as exc:  # never break a commit; the erasure sweeps again if needed
             log.error("screening a batch failed: %s", type(exc).__name__)
+
+
+def _email_of(row: dict[str, Any]) -> str | None:
+    """The email address a record names its person by (traits, context.traits or an external
+    id of type email, as imports send it), if any."""
+    context = row["context"]
+    for traits in (row["traits"] if row["type"] == "identify" else None, context.get("traits")):
+        if isinstance(traits, dict):
+            email = traits.get("email")
+            if isinstance(email, str) and "@" in email:
+                return email
+    external = context.get("externalIds")
+    for entry in external if isinstance(external, list) else ():
+        if isinstance(entry, dict) and entry.get("type") == "email":
+            email = entry.get("id")
+            if isinstance(email, str) and "@" in email:
+                return email
+    return None
 
 
 def _ledger_of(params: list[Any], dropped: set[tuple[str | None, str | None]]) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kilde.collect.importers.base import email_anonymous_id
+from kilde.collect.importers.base import email_anonymous_id, with_email_anonymous_id
 from kilde.plan.models import Source
 from kilde.privacy.subjects import Subject
 from kilde.store.database import Store
@@ -46,6 +46,8 @@ _LATEST_BY_PROFILE = """
 WITH ids AS (
     SELECT id_type, id_value, profile_id FROM identity_map
     WHERE id_type IN ('user_id', 'anonymous_id') AND NOT shared {only}
+    UNION ALL
+    SELECT 'anonymous_id', email_anonymous_id, profile_id FROM ({emails})
 ), decisions AS (
     SELECT coalesce(u.profile_id, a.profile_id) AS profile_id, l.purpose, l.state,
            l.decided_at, l.seq
@@ -58,6 +60,12 @@ SELECT profile_id, purpose, state FROM decisions WHERE profile_id IS NOT NULL
 QUALIFY row_number() OVER (
     PARTITION BY profile_id, purpose ORDER BY decided_at DESC, seq DESC) = 1
 """
+# A choice made for an email address before Kilde met the person is on the ledger under the
+# address's anonymous id (`person_ids`); the profile that has the address has it too.
+_PROFILE_EMAILS = with_email_anonymous_id(
+    "SELECT id_value, profile_id FROM identity_map WHERE id_type = 'email' AND NOT shared {only}",
+    "id_value",
+)
 
 
 def latest_by_profile(
@@ -65,10 +73,13 @@ def latest_by_profile(
 ) -> dict[tuple[str, str], str]:
     """{(profile id, purpose): latest state}, for every profile or only `profile_ids`."""
     if profile_ids is None:
-        sql, params = _LATEST_BY_PROFILE.format(only=""), [list(purposes)]
+        emails = _PROFILE_EMAILS.format(only="")
+        sql, params = _LATEST_BY_PROFILE.format(only="", emails=emails), [list(purposes)]
     else:
         only = "AND list_contains(?, profile_id)"
-        sql, params = _LATEST_BY_PROFILE.format(only=only), [list(profile_ids), list(purposes)]
+        emails = _PROFILE_EMAILS.format(only=only)
+        sql = _LATEST_BY_PROFILE.format(only=only, emails=emails)
+        params = [list(profile_ids), list(profile_ids), list(purposes)]
     return {(r["profile_id"], r["purpose"]): r["state"] for r in store.query(sql, params)}
 
 
@@ -141,13 +152,18 @@ class ConsentState:
                 person.keys.add(key)
         person.take(purpose, state, at)
 
-    def link(self, user_id: str | None, anonymous_id: str | None) -> None:
-        """One record carried both ids: they are one person (only matters if one is known)."""
-        if not user_id or not anonymous_id:
-            return
+    def link(self, user_id: str | None, anonymous_id: str | None, email: str | None = None) -> None:
+        """One record carried these ids: they are one person (only matters if one is known).
+        An email address counts by its anonymous id, under which a choice made for the address
+        before the person was met is recorded (`person_ids`)."""
         keys = _keys(user_id, anonymous_id)
+        if email:
+            keys.append(("a", email_anonymous_id(email)))
+        if len(keys) < 2:
+            return
         people = self._people
-        if people.get(keys[0]) is people.get(keys[1]):
+        first = people.get(keys[0])
+        if all(people.get(key) is first for key in keys[1:]):
             return
         with self._lock:
             person = _merge(people, keys)
@@ -182,23 +198,18 @@ class ConsentState:
             self._journal = []
         people: dict[_Key, _Person] = {}
         try:
-            links = store.query(
-                "WITH touched AS (SELECT DISTINCT m.profile_id FROM consent_ledger l "
-                " JOIN identity_map m ON NOT m.shared AND ("
-                "  (m.id_type = 'user_id' AND m.id_value = trim(l.user_id)) OR "
-                "  (m.id_type = 'anonymous_id' AND m.id_value = trim(l.anonymous_id)))) "
-                "SELECT m.profile_id, m.id_type, m.id_value FROM identity_map m "
-                "JOIN touched USING (profile_id) "
-                "WHERE m.id_type IN ('user_id', 'anonymous_id') AND NOT m.shared"
-            )
+            links = store.query(_LINKS.format(emails=_PROFILE_EMAILS.format(only="")))
             by_profile: dict[str, list[_Key]] = {}
             for row in links:
                 key = ("u" if row["id_type"] == "user_id" else "a", row["id_value"])
                 by_profile.setdefault(row["profile_id"], []).append(key)
             for keys in by_profile.values():
-                person = _Person(keys=set(keys))
+                # Profiles sharing an id (an email address's anonymous id is on the profile
+                # of the choice made for the address and on the person's own) are one person.
+                person = _merge(people, keys) or _Person()
                 for key in keys:
                     people[key] = person
+                    person.keys.add(key)
             for row in store.query(
                 "SELECT user_id, anonymous_id, purpose, state, decided_at FROM consent_ledger "
                 "ORDER BY decided_at, seq"
@@ -212,6 +223,23 @@ class ConsentState:
                 for user_id, anonymous_id, purpose, state, at in journal:
                     self._note(people, _keys(user_id, anonymous_id), purpose, state, at)
                 self._people = people
+
+
+# The user and anonymous ids of every profile the ledger speaks of, for `ConsentState.load`;
+# an email address counts by its anonymous id (see _PROFILE_EMAILS).
+_LINKS = """
+WITH ids AS (
+    SELECT profile_id, id_type, id_value FROM identity_map
+    WHERE id_type IN ('user_id', 'anonymous_id') AND NOT shared
+    UNION ALL
+    SELECT profile_id, 'anonymous_id', email_anonymous_id FROM ({emails})
+), touched AS (
+    SELECT DISTINCT m.profile_id FROM consent_ledger l JOIN ids m ON
+        (m.id_type = 'user_id' AND m.id_value = trim(l.user_id)) OR
+        (m.id_type = 'anonymous_id' AND m.id_value = trim(l.anonymous_id))
+)
+SELECT DISTINCT profile_id, id_type, id_value FROM ids JOIN touched USING (profile_id)
+"""
 
 
 def _merge(people: dict[_Key, _Person], keys: list[_Key]) -> _Person | None:

@@ -26,6 +26,25 @@ def email_anonymous_id(email: str) -> str:
     return str(uuid.uuid5(NAMESPACE, "email:" + email.strip().lower()))
 
 
+_NAMESPACE_SQL = "'" + "".join(f"\\x{b:02x}" for b in NAMESPACE.bytes) + "'::BLOB"
+
+
+def with_email_anonymous_id(relation: str, column: str) -> str:
+    """SQL: the rows of `relation` (a query) with `email_anonymous_id` of their `column` (of
+    normalised addresses, trimmed and lower-case, as identity_map keeps them) as
+    `email_anonymous_id`."""
+    digest = f"sha1({_NAMESPACE_SQL} || encode('email:' || {column}))"
+    uuid = (
+        "substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-5' || substr(h, 14, 3) || '-' || "
+        "substr('89ab', (('0x' || substr(h, 17, 1))::INTEGER & 3) + 1, 1) || substr(h, 18, 3) "
+        "|| '-' || substr(h, 21, 12)"
+    )
+    return (
+        f"SELECT * EXCLUDE (h), {uuid} AS email_anonymous_id "
+        f"FROM (SELECT *, {digest} AS h FROM ({relation}))"
+    )
+
+
 class ImportFailed(KildeError):
     """The file as a whole cannot be imported (unreadable, no usable columns, ...)."""
 

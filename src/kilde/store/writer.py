@@ -146,7 +146,10 @@ class RecentIds:
         return self._size
 
     def __contains__(self, key: str) -> bool:
-        return any(key in generation for generation in self._generations)
+        for generation in self._generations:  # a loop, not any(): once per event collected
+            if key in generation:
+                return True
+        return False
 
     def add(self, key: str) -> None:
         """Remember `key`, not remembered yet."""

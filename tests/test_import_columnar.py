@@ -12,6 +12,7 @@ truncated last line are all crossed.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +193,33 @@ def test_an_order_whose_lines_straddle_two_blocks_stays_one_order(
     assert [p["product_id"] for p in order["properties"]["products"]] == ["FF-1", "FF-2"]
     got = sorted(_event(e) for e in events(own_server, source="shop-orders"))
     assert got == sorted(_event(e) for e in events(own_server, source="crm"))
+
+
+def test_two_imports_of_one_file_at_the_same_time_store_each_order_once(
+    own_server: Server, tmp_path: Path
+) -> None:
+    rows = [
+        f"t-{n:05},cust-{n % 50},,2026-06-0{1 + n % 9}T10:00:00Z,FF-{n % 7},Item,misc,10,1,10,NOK,"
+        for n in range(3000)
+    ]
+    file = write(tmp_path / "orders.csv", "\n".join([HEADER, *rows]) + "\n")
+    # Small blocks in small groups: the two imports' writes interleave many times, so each
+    # finds the other's orders stored between its own check and its write.
+    small = {"KILDE_IMPORT_BLOCK_BYTES": "6000", "KILDE_IMPORT_SEND_ROWS": "40"}
+    columnar = dataclasses.replace(own_server, env={**own_server.env, **small})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(
+            pool.map(
+                lambda _: kilde_import(columnar, "transactions", file, "--source", "shop-orders"),
+                range(2),
+            )
+        )
+    summaries = [summary for _, summary, _ in runs]
+    assert all(s is not None and s["read"] == "columnar" for s in summaries), runs[0][2].stderr
+    assert sum(s["stored"] for s in summaries if s) == 3000
+    assert sum(s["duplicates"] for s in summaries if s) == 3000
+    stats = httpx.get(f"{own_server.url}/api/stats", headers=own_server.admin, timeout=60).json()
+    stored = sum(
+        row["events"] for row in stats["by_source_and_type"] if row["source"] == "shop-orders"
+    )
+    assert stored == 3000

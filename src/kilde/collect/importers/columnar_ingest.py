@@ -286,7 +286,6 @@ def ingest_columns(
     # 1. Already stored: the writer remembers recent ids; older ones are in the store. Read
     # the commit number first: commits after it may store some of these ids meanwhile.
     checked_at_seq = writer.write_seq
-    ids = table.column("message_id").to_pylist()
     recent = writer.recent
     keys = recent_keys(pa.scalar(source.name), table.column("message_id"))
     stored = [False] * n if recent.none_of(keys) else [key in recent for key in keys]
@@ -312,6 +311,7 @@ def ingest_columns(
         finally:
             cur.close()
         if found:
+            ids = table.column("message_id").to_pylist()
             stored = [s or i in found for i, s in zip(ids, stored, strict=True)]
             any_stored = True
     duplicate = pa.array(stored, pa.bool_()) if any_stored else _all(n, False)
@@ -394,7 +394,8 @@ def ingest_columns(
                 statements=screen.statements(tally, source.name, _env(now)),
                 screened_at=tally.epoch,
                 # Step 1 looked at every id; the writer looks again only if it must.
-                checked_at_seq=checked_at_seq if len(set(ids)) == n else None,
+                checked_at_seq=checked_at_seq if len(set(keys)) == n else None,
+                arrow_keys=keys if everyone else None,
             )
         )
         result.stored += written.stored

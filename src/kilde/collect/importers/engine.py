@@ -507,6 +507,7 @@ def _pump_columnar(
     summary.read = "columnar"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kilde-import") as executor:
         line = 2
+        first = True
         handle = path.open("rb")
         try:
             while True:
@@ -544,8 +545,10 @@ def _pump_columnar(
                 pending_rows += result.columns.num_rows
                 # Records of the row path (or rejects) end a group, so that everything still
                 # reaches the server in the order it did block by block.
-                if result.records or reject_rows:
+                if result.records or reject_rows or first:
                     flush()
+                # The first block goes alone, so the server starts while the next are read.
+                first = False
                 # A group of clean blocks is cut at exactly SEND_ROWS records (the rest of the
                 # last block starts the next group): whole row groups for DuckDB.
                 while pending_rows >= SEND_ROWS:

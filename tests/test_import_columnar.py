@@ -160,13 +160,19 @@ def test_columnar_import_matches_the_row_path(
     assert again["duplicates"] == fast["stored"] + fast["duplicates"]
 
 
+def plain_orders(prefix: str, count: int) -> list[str]:
+    """`count` clean one-line orders of 50 customers, ids `prefix-00000` on."""
+    return [
+        f"{prefix}-{n:05},cust-{n % 50},,2026-06-0{1 + n % 9}T10:00:00Z,FF-{n % 7},Item,misc,"
+        "10,1,10,NOK,"
+        for n in range(count)
+    ]
+
+
 def test_an_order_whose_lines_straddle_two_blocks_stays_one_order(
     own_server: Server, tmp_path: Path
 ) -> None:
-    single = [
-        f"s-{n:03},cust-{n},,2026-06-0{1 + n % 9}T10:00:00Z,FF-{n},Item,misc,10,1,10,NOK,"
-        for n in range(8)
-    ]
+    single = plain_orders("s", 8)
     lines = [
         "m-001,cust-9,,2026-06-09T10:00:00Z,FF-1,Tent,tents,100,1,150,NOK,",
         "m-001,cust-9,,2026-06-09T10:00:00Z,FF-2,Pegs,tents,50,1,150,NOK,",
@@ -198,11 +204,7 @@ def test_an_order_whose_lines_straddle_two_blocks_stays_one_order(
 def test_two_imports_of_one_file_at_the_same_time_store_each_order_once(
     own_server: Server, tmp_path: Path
 ) -> None:
-    rows = [
-        f"t-{n:05},cust-{n % 50},,2026-06-0{1 + n % 9}T10:00:00Z,FF-{n % 7},Item,misc,10,1,10,NOK,"
-        for n in range(3000)
-    ]
-    file = write(tmp_path / "orders.csv", "\n".join([HEADER, *rows]) + "\n")
+    file = write(tmp_path / "orders.csv", "\n".join([HEADER, *plain_orders("t", 3000)]) + "\n")
     # Small blocks in small groups: the two imports' writes interleave many times, so each
     # finds the other's orders stored between its own check and its write.
     small = {"KILDE_IMPORT_BLOCK_BYTES": "6000", "KILDE_IMPORT_SEND_ROWS": "40"}

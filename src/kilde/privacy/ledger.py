@@ -14,7 +14,6 @@ that in memory for the consent gate at collection; reads for people go to the st
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,13 +94,6 @@ class _Person:
             self.choices[purpose] = (state, at)
 
 
-@functools.lru_cache(maxsize=100_000)
-def _email_key(email: str) -> str:
-    """`email_anonymous_id`, remembered: records of a person name their address again and
-    again, and the gate links it for each of them."""
-    return email_anonymous_id(email)
-
-
 def _keys(user_id: str | None, anonymous_id: str | None) -> list[_Key]:
     keys = []
     if user_id:
@@ -166,7 +158,7 @@ class ConsentState:
         before the person was met is recorded (`person_ids`)."""
         keys = _keys(user_id, anonymous_id)
         if email:
-            keys.append(("a", _email_key(email)))
+            keys.append(("a", email_anonymous_id(email)))
         if len(keys) < 2:
             return
         people = self._people

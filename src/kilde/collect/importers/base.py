@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ Tier = Literal["first_party", "broker"]
 NAMESPACE = uuid.UUID("6b1f3c9e-2a47-5d0c-9e1b-4f6a8d2c7e30")
 
 
+@functools.lru_cache(maxsize=100_000)
 def email_anonymous_id(email: str) -> str:
     """The anonymous id of a person known only by this email address: every import of the
-    address lands on it, and so do the consent choices of such a person (kilde.privacy.ledger)."""
+    address lands on it, and so do the consent choices of such a person (kilde.privacy.ledger).
+    Remembered: imports and the consent gate ask for the same addresses again and again."""
     return str(uuid.uuid5(NAMESPACE, "email:" + email.strip().lower()))
 
 

@@ -268,7 +268,6 @@ class ColumnarOrders:
         self.previous_order: str | None = None
         self.refund_words = pa.array(sorted(converter.refund_words), pa.string())
         self.default_currency = converter.default_currency
-        self.anonymous: dict[str, str] = {}
 
     # -- column checks ------------------------------------------------------------------------
 
@@ -540,15 +539,6 @@ class ColumnarOrders:
                 anonymous = taken["anonymous_id"].to_pylist()
                 emails = taken["email"].to_pylist()
                 for i in pc.indices_nonzero(nobody).to_pylist():
-                    anonymous[i] = self._anonymous(emails[i])
+                    anonymous[i] = email_anonymous_id(emails[i])
                 taken["anonymous_id"] = pa.array(anonymous, pa.string())
         return pa.table([taken[n] for n in RECORD_SCHEMA.names], schema=RECORD_SCHEMA)
-
-    def _anonymous(self, email: str) -> str:
-        found = self.anonymous.get(email)
-        if found is None:
-            found = email_anonymous_id(email)
-            if len(self.anonymous) > 100_000:
-                self.anonymous.clear()
-            self.anonymous[email] = found
-        return found

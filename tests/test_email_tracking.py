@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import html.parser
+import string
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -369,10 +370,16 @@ def test_tampered_expired_and_foreign_click_tokens_get_400_and_no_redirect(
     past = datetime.now(UTC) - timedelta(seconds=5)
     later = datetime.now(UTC) + timedelta(days=1)
     ids = {"c": campaign, "r": recipient}
-    flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    middle = len(signature) // 2
+    flipped = signature[:middle] + ("A" if signature[middle] != "A" else "B")
+    flipped += signature[middle + 1 :]
+    # the last character's spare bits: another spelling of the very same signature bytes
+    respelled = signature[:-1] + alphabet[alphabet.index(signature[-1]) ^ 1]
     cases = {
         # someone edits the token to point elsewhere: the signature no longer matches
         "tampered_token": f"{server.url}/e/c/{payload}.{flipped}",
+        "tampered_token  ": f"{server.url}/e/c/{payload}.{respelled}",
         # a real token from an old mail
         "expired_token": f"{server.url}/e/c/"
         + signer.sign(CLICK, {**ids, "l": 0, "h": url_digest(sale)}, expires_at=past),

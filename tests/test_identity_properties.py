@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -283,6 +284,44 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
         assert engine.wait_idle()
         identifiers = incremental.store.scalar("SELECT identifiers FROM profiles")
         assert identifiers == 3, "the profile holds u1, a1 and the linked a9"
+        assert incremental.snapshot() == rebuilt.snapshot()
+
+
+def test_wait_idle_waits_for_a_refresh_started_while_it_waited_for_the_lock() -> None:
+    """A report asks for fresh profiles (`wait_idle`) just as the background thread hands the
+    held quiet rows (here: an order of a known buyer) to its refresh thread. `wait_idle` must
+    not return before that refresh has written the order into the profile."""
+    first = [
+        {"type": "identify", "userId": "u1", "timestamp": "2026-01-01T10:00"},
+    ]
+    order = [
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Order Completed",
+            "properties": {"order_id": "o1", "revenue": 900.0, "currency": "NOK"},
+            "timestamp": "2026-01-02T10:00",
+        },
+    ]
+    for index, msg in enumerate(first + order):
+        msg["messageId"] = f"w{index}"
+    with rebuilt_and_incremental(first + order) as (rebuilt, incremental):
+        engine = incremental.engine
+        incremental.send(first)
+        engine.step()
+        incremental.send(order)
+        engine.step(defer_quiet=True)  # the order's profile refresh is held
+        finished = threading.Event()
+        with engine.lock:
+            waiter = threading.Thread(target=lambda: engine.wait_idle() and finished.set())
+            waiter.start()  # it finds no refresh running and queues for the lock
+            time.sleep(0.5)
+            engine.step(defer_quiet=True)  # nothing new: the held refresh starts
+            time.sleep(1.0)  # the refresh has read the events and queues to write
+        waiter.join(60)
+        assert finished.is_set()
+        orders = incremental.store.scalar("SELECT orders FROM profiles")
+        assert orders == 1, "the report would show the buyer without the order"
         assert incremental.snapshot() == rebuilt.snapshot()
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from kilde.errors import ConfigError, KildeError
 
@@ -155,6 +156,11 @@ class TokenSigner:
             )
         try:
             payload = self._serializer(purpose).loads(token)
+            # base64 ignores the spare low bits of the last character, so several spellings
+            # decode to one signature; only the one Kilde wrote is the token.
+            signature = token.rsplit(".", 1)[1]
+            if base64_encode(base64_decode(signature)).decode() != signature:
+                raise BadSignature("the signature is not spelled the way Kilde writes it")
         except BadSignature:
             raise TokenError(
                 "tampered",

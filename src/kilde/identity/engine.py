@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,9 +403,7 @@ class IdentityEngine:
 
         `defer_quiet` (the background thread): hold the refresh of quiet profiles for up to
         REFRESH_EVERY (see _hold_quiet); otherwise everything read is done on return."""
-        if not defer_quiet:
-            self._finish_refresh()
-        with self.lock:
+        with self.lock if defer_quiet else self._lock_with_no_refresh():
             # new rules, or a store whose events were read before write_seq existed
             if self._state("rules") != self.rules_hash() or self._state("write_seq") is None:
                 if not self.store.scalar("SELECT count(*) FROM events"):
@@ -576,7 +574,7 @@ class IdentityEngine:
     def _start_refresh(self, quiet: bool) -> None:
         """Hand the pending closures (and with `quiet` the held quiet rows) to a refresh
         thread, unless one runs: then they go with the next."""
-        if self._refreshing is not None and self._refreshing.is_alive():
+        if self._refresh_running():
             return
         closures, self._pending = self._pending, set()
         rows: list[dict[str, Any]] = []
@@ -598,6 +596,21 @@ class IdentityEngine:
         thread = self._refreshing
         if thread is not None:
             thread.join()
+
+    def _refresh_running(self) -> bool:
+        return self._refreshing is not None and self._refreshing.is_alive()
+
+    @contextlib.contextmanager
+    def _lock_with_no_refresh(self) -> Iterator[None]:
+        """The lock, once no refresh thread runs. Joining first is not enough: the background
+        thread can start a refresh between the join and the lock, and a step that then finds
+        nothing left would report everything done while that refresh still writes."""
+        while True:
+            self._finish_refresh()  # outside the lock: the refresh takes it to write
+            with self.lock:
+                if not self._refresh_running():
+                    yield
+                    return
 
     def _refresh_beside(
         self, rows: list[dict[str, Any]], closures: set[str], seq: int, epoch: int, key: str
@@ -707,7 +720,7 @@ class IdentityEngine:
                 columns=["id_type", "id_value", "profile_id", "closure_id", "first_seen"],
             )
         )
-        if self._refreshing is not None and self._refreshing.is_alive():
+        if self._refresh_running():
             for closure in closures:
                 self._stitched_at[closure] = self._stitch_seq
         return closures

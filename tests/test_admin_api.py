@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, APP_KEY, BACKEND_KEY, WEB_KEY, Server
+from tests.conftest import ADMIN_TOKEN, APP_KEY, BACKEND_KEY, WEB_KEY, Server, start_server
 
 
 def get(
@@ -301,3 +303,26 @@ def test_pagination_keeps_same_message_id_from_two_sources(kilde_server: Server)
     batch(kilde_server, BACKEND_KEY, [message])
     pages = all_pages(kilde_server, 1, user_id=user)
     assert sorted(e["source"] for page in pages for e in page) == ["backend", "web"]
+
+
+def test_stats_show_the_duckdb_settings_an_operator_chose(tmp_path: Path) -> None:
+    """KILDE_DUCKDB_THREADS and KILDE_DUCKDB_MEMORY_LIMIT reach the store's DuckDB, and the
+    stats say so; a thread count that is not a positive whole number is ignored with a warning
+    that names the variable."""
+    tuned = start_server(
+        tmp_path / "tuned" / "data", KILDE_DUCKDB_THREADS="1", KILDE_DUCKDB_MEMORY_LIMIT="200MB"
+    )
+    try:
+        store = get(tuned, "/api/stats").json()["store"]
+    finally:
+        tuned.stop()
+    assert store["duckdb_threads"] == 1
+    assert store["duckdb_memory_limit"] == "190.7 MiB"  # DuckDB's spelling of 200 MB
+    wrong = start_server(tmp_path / "wrong" / "data", KILDE_DUCKDB_THREADS="two")
+    try:
+        threads = get(wrong, "/api/stats").json()["store"]["duckdb_threads"]
+    finally:
+        wrong.stop()
+    default = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()
+    assert default is not None and threads == default[0], "DuckDB's own default"
+    assert "KILDE_DUCKDB_THREADS must be a positive whole number" in wrong.log_text()

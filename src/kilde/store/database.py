@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from kilde.config import duckdb_checkpoint_threshold, duckdb_memory_limit
+from kilde.config import duckdb_checkpoint_threshold, duckdb_memory_limit, duckdb_threads
 from kilde.errors import KildeError
 from kilde.store.migrations import MIGRATIONS
 
@@ -44,13 +44,14 @@ class Store:
         self.migrate()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
-        return duckdb.connect(
-            str(self.path),
-            config={
-                "memory_limit": self.memory_limit,
-                "checkpoint_threshold": duckdb_checkpoint_threshold(),
-            },
-        )
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": self.memory_limit,
+            "checkpoint_threshold": duckdb_checkpoint_threshold(),
+        }
+        threads = duckdb_threads()
+        if threads is not None:
+            config["threads"] = threads
+        return duckdb.connect(str(self.path), config=config)
 
     def migrate(self) -> list[int]:
         """Apply migrations not yet applied; return the versions applied now."""

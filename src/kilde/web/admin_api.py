@@ -75,12 +75,21 @@ def stats(request: Request) -> dict[str, Any]:
         "FROM dead_letters GROUP BY ALL ORDER BY source, status"
     )
     flagged = store.scalar("SELECT count(*) FROM events WHERE plan_status = 'warn'")
+    # what DuckDB runs with (KILDE_DUCKDB_THREADS, KILDE_DUCKDB_MEMORY_LIMIT), as it says it
+    engine = store.query(
+        "SELECT current_setting('threads') AS threads, "
+        "current_setting('memory_limit') AS memory_limit"
+    )[0]
     return {
         "events": sum(r["events"] for r in by_type),
         "flagged": flagged,
         "dead_letters_pending": sum(r["dead_letters"] for r in dead if r["status"] == "pending"),
         "by_source_and_type": by_type,
         "dead_letters": dead,
+        "store": {
+            "duckdb_threads": engine["threads"],
+            "duckdb_memory_limit": engine["memory_limit"],
+        },
     }
 
 

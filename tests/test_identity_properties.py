@@ -67,6 +67,17 @@ def records(draw: st.DrawFn) -> dict[str, Any]:
     return msg
 
 
+def order_of_u1(when: str, order_id: str = "o", revenue: float = 5.0) -> dict[str, Any]:
+    """An order of user u1 (a record that links nothing new once u1 is known)."""
+    return {
+        "type": "track",
+        "userId": "u1",
+        "event": "Order Completed",
+        "properties": {"order_id": order_id, "revenue": revenue, "currency": "NOK"},
+        "timestamp": when,
+    }
+
+
 class Shop:
     """A store, writer, pipeline and identity engine in a temporary directory."""
 
@@ -127,6 +138,20 @@ def rebuilt_and_incremental(records: list[dict[str, Any]]) -> Iterator[tuple[Sho
     finally:
         rebuilt.close()
         incremental.close()
+
+
+@contextlib.contextmanager
+def after_first(
+    first: list[dict[str, Any]], rest: list[dict[str, Any]], prefix: str
+) -> Iterator[tuple[Shop, Shop]]:
+    """`rebuilt_and_incremental` over `first` and `rest` (message ids `prefix`0, 1, ...), with
+    `first` sent to the incremental shop and read by one tick."""
+    for index, msg in enumerate(first + rest):
+        msg["messageId"] = f"{prefix}{index}"
+    with rebuilt_and_incremental(first + rest) as (rebuilt, incremental):
+        incremental.send(first)
+        incremental.engine.step()
+        yield rebuilt, incremental
 
 
 @pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
@@ -195,19 +220,9 @@ def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None
             "traits": {"city": "Oslo"},
             "timestamp": "2026-01-04T10:00",
         },
-        {
-            "type": "track",
-            "userId": "u1",
-            "event": "Order Completed",
-            "properties": {"order_id": "o", "revenue": 5.0, "currency": "NOK"},
-            "timestamp": "2026-01-05T10:00",
-        },
+        order_of_u1("2026-01-05T10:00"),
     ]
-    for index, msg in enumerate(first + later):
-        msg["messageId"] = f"q{index}"
-    with rebuilt_and_incremental(first + later) as (rebuilt, incremental):
-        incremental.send(first)
-        incremental.engine.step()
+    with after_first(first, later, "q") as (rebuilt, incremental):
         incremental.send(later)
         report = incremental.engine.step()
         assert report is not None and report.rounds == 0, "nothing needed stitching"
@@ -224,22 +239,12 @@ def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> N
     ]
     quiet = [
         {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2026-01-02T10:00"},
-        {
-            "type": "track",
-            "userId": "u1",
-            "event": "Order Completed",
-            "properties": {"order_id": "o", "revenue": 5.0, "currency": "NOK"},
-            "timestamp": "2026-01-03T10:00",
-        },
+        order_of_u1("2026-01-03T10:00"),
     ]
     link = [
         {"type": "identify", "anonymousId": "a9", "userId": "u1", "timestamp": "2026-01-04T10:00"},
     ]
-    for index, msg in enumerate(first + quiet + link):
-        msg["messageId"] = f"h{index}"
-    with rebuilt_and_incremental(first + quiet + link) as (rebuilt, incremental):
-        incremental.send(first)
-        incremental.engine.step()
+    with after_first(first, [*quiet, *link], "h") as (rebuilt, incremental):
         incremental.send(quiet)
         incremental.engine.step(defer_quiet=True)
         orders = "SELECT orders FROM profiles"
@@ -268,12 +273,8 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
     link = [
         {"type": "identify", "anonymousId": "a9", "userId": "u1", "timestamp": "2026-01-04T10:00"},
     ]
-    for index, msg in enumerate(first + quiet + link):
-        msg["messageId"] = f"b{index}"
-    with rebuilt_and_incremental(first + quiet + link) as (rebuilt, incremental):
+    with after_first(first, [*quiet, *link], "b") as (rebuilt, incremental):
         engine = incremental.engine
-        incremental.send(first)
-        engine.step()
         incremental.send(quiet)
         engine.step(defer_quiet=True)  # held
         with engine.lock:  # the refresh computes now but writes only after the link below
@@ -295,20 +296,10 @@ def test_wait_idle_waits_for_a_refresh_started_while_it_waited_for_the_lock() ->
         {"type": "identify", "userId": "u1", "timestamp": "2026-01-01T10:00"},
     ]
     order = [
-        {
-            "type": "track",
-            "userId": "u1",
-            "event": "Order Completed",
-            "properties": {"order_id": "o1", "revenue": 900.0, "currency": "NOK"},
-            "timestamp": "2026-01-02T10:00",
-        },
+        order_of_u1("2026-01-02T10:00", order_id="o1", revenue=900.0),
     ]
-    for index, msg in enumerate(first + order):
-        msg["messageId"] = f"w{index}"
-    with rebuilt_and_incremental(first + order) as (rebuilt, incremental):
+    with after_first(first, order, "w") as (rebuilt, incremental):
         engine = incremental.engine
-        incremental.send(first)
-        engine.step()
         incremental.send(order)
         engine.step(defer_quiet=True)  # the order's profile refresh is held
         finished = threading.Event()
@@ -331,13 +322,7 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
     monkeypatch.setattr(engine_module, "DEFER_PROFILES_AFTER", -1.0)  # "slow" from the start
     first = [
         {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-01-01T10:00"},
-        {
-            "type": "track",
-            "userId": "u1",
-            "event": "Order Completed",
-            "properties": {"order_id": "o", "revenue": 5.0, "currency": "NOK"},
-            "timestamp": "2026-01-02T10:00",
-        },
+        order_of_u1("2026-01-02T10:00"),
     ]
     later = [
         {
@@ -354,12 +339,8 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
             "timestamp": "2026-01-04T11:00",
         },
     ]
-    for index, msg in enumerate(first + later):
-        msg["messageId"] = f"d{index}"
-    with rebuilt_and_incremental(first + later) as (rebuilt, incremental):
+    with after_first(first, later, "d") as (rebuilt, incremental):
         engine = incremental.engine
-        incremental.send(first)
-        engine.step()
         incremental.send(later)
         with engine.lock:  # the refresh thread cannot write before the checks below
             engine.step(defer_quiet=True)

@@ -85,6 +85,9 @@ def test_demo_through_the_running_server(own_server: Server) -> None:
     assert {("web", "page"), ("web", "track"), ("web", "identify"), ("backend", "track")} <= types
     table = own_server.kilde("stats").stdout
     assert f"{stats['events']} events" in table
+    store = stats["store"]
+    assert f"DuckDB with {store['duckdb_threads']} threads" in table
+    assert f"memory limit {store['duckdb_memory_limit']}" in table
 
     orders = orjson.loads(
         own_server.kilde(

@@ -244,6 +244,12 @@ def stats(
         table.add_column(column)
     for row in result["by_source_and_type"]:
         table.add_row(row["source"], row["type"], str(row["events"]), str(row["last_received"]))
+    store = result.get("store")
+    if store:
+        table.caption = (
+            f"store: DuckDB with {store['duckdb_threads']} threads, "
+            f"memory limit {store['duckdb_memory_limit']}"
+        )
     console.print(table)
 
 

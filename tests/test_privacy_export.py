@@ -6,6 +6,7 @@ import csv
 import io
 import re
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -226,10 +227,13 @@ def test_a_consent_withdrawal_racing_an_export_is_in_it_whole_or_not_at_all(
     refresh_profiles(own_server)
     stop = threading.Event()
     sent: list[str] = []
+    exports: list[dict[str, Any]] = []
 
     def choose() -> None:  # grant, withdraw, grant, ... as fast as the server takes them
         n = 0
-        while not stop.is_set() and n < 400:
+        # 400 choices, and on until three exports raced them (a busy machine slows exports)
+        deadline = time.monotonic() + 180
+        while not stop.is_set() and (n < 400 or len(exports) < 3) and time.monotonic() < deadline:
             n += 1
             message = {
                 "type": "track",
@@ -243,7 +247,6 @@ def test_a_consent_withdrawal_racing_an_export_is_in_it_whole_or_not_at_all(
 
     chooser = threading.Thread(target=choose)
     chooser.start()
-    exports = []
     try:
         until(lambda: len(sent) > 3, "the first choices")
         while len(exports) < 12 and chooser.is_alive():

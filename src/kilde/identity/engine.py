@@ -255,6 +255,7 @@ class IdentityEngine:
         # the background thread's refresh of quiet profiles runs beside the ticks (see
         # _start_refresh); closures stitched meanwhile are kept out of its result
         self._refreshing: threading.Thread | None = None
+        self._finishers = 0  # steps waiting to finish everything (see _lock_with_no_refresh)
         self._refresh_runner: Runner | None = None
         self._refresh_runner_key = ""
         self._stitch_seq = 0
@@ -574,7 +575,7 @@ class IdentityEngine:
     def _start_refresh(self, quiet: bool) -> None:
         """Hand the pending closures (and with `quiet` the held quiet rows) to a refresh
         thread, unless one runs: then they go with the next."""
-        if self._refresh_running():
+        if self._refresh_running() or self._finishers:
             return
         closures, self._pending = self._pending, set()
         rows: list[dict[str, Any]] = []
@@ -604,13 +605,21 @@ class IdentityEngine:
     def _lock_with_no_refresh(self) -> Iterator[None]:
         """The lock, once no refresh thread runs. Joining first is not enough: the background
         thread can start a refresh between the join and the lock, and a step that then finds
-        nothing left would report everything done while that refresh still writes."""
-        while True:
-            self._finish_refresh()  # outside the lock: the refresh takes it to write
+        nothing left would report everything done while that refresh still writes. While a
+        step waits here the background thread starts no new refresh (so a steady stream of
+        them cannot keep it waiting): the held rows stay for this step to refresh itself."""
+        with self.lock:
+            self._finishers += 1
+        try:
+            while True:
+                self._finish_refresh()  # outside the lock: the refresh takes it to write
+                with self.lock:
+                    if not self._refresh_running():
+                        yield
+                        return
+        finally:
             with self.lock:
-                if not self._refresh_running():
-                    yield
-                    return
+                self._finishers -= 1
 
     def _refresh_beside(
         self, rows: list[dict[str, Any]], closures: set[str], seq: int, epoch: int, key: str

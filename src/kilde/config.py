@@ -24,6 +24,18 @@ def duckdb_checkpoint_threshold() -> str:
     return os.environ.get("KILDE_DUCKDB_CHECKPOINT") or DEFAULT_DUCKDB_CHECKPOINT
 
 
+def positive_whole_number(name: str, fallback: str, log: logging.Logger) -> int | None:
+    """Environment variable `name` as a positive whole number; None when it is not set, and
+    when it is something else, with a warning that says `fallback` is used instead."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    log.warning("%s must be a positive whole number; using %s", name, fallback)
+    return None
+
+
 def duckdb_threads() -> int | None:
     """The store's DuckDB threads (KILDE_DUCKDB_THREADS); None: DuckDB's default, one per core.
 
@@ -31,15 +43,9 @@ def duckdb_threads() -> int | None:
     took 15 % more events/s under a batched load with identity resolution on, and made a
     rebuild about a third slower and a big import about an eighth slower
     (docs/throughput-and-durability.md)."""
-    raw = os.environ.get("KILDE_DUCKDB_THREADS", "").strip()
-    if not raw:
-        return None
-    if raw.isdigit() and int(raw) > 0:
-        return int(raw)
-    logging.getLogger("kilde.config").warning(
-        "KILDE_DUCKDB_THREADS must be a positive whole number; using DuckDB's default"
+    return positive_whole_number(
+        "KILDE_DUCKDB_THREADS", "DuckDB's default", logging.getLogger("kilde.config")
     )
-    return None
 
 
 def duckdb_memory_limit() -> str:

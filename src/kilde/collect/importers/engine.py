@@ -38,6 +38,7 @@ from kilde.collect.importers.mapping import MappingFile, Resolved, resolve
 from kilde.collect.importers.readers import open_reader
 from kilde.collect.importers.social_login import SocialLoginConverter
 from kilde.collect.importers.transactions import TransactionConverter
+from kilde.config import positive_whole_number
 from kilde.plan.models import Plan
 
 CHUNK_ROWS = 5000
@@ -49,21 +50,12 @@ MAX_CHUNK_RECORDS = 10_000
 # ends early (rows for the row path) holds at most SEND_MAX_ROWS when it can (below the
 # writer's queue bound of 200,000 rows). KILDE_IMPORT_SEND_ROWS: small groups in tests.
 ROW_GROUP = 122_880
-
-
-def _send_rows() -> int:
-    raw = os.environ.get("KILDE_IMPORT_SEND_ROWS") or ""
-    if not raw:
-        return ROW_GROUP
-    if raw.isdigit() and int(raw) > 0:
-        return int(raw)
-    logging.getLogger("kilde.import").warning(
-        "KILDE_IMPORT_SEND_ROWS must be a positive whole number; using %d", ROW_GROUP
+SEND_ROWS = (
+    positive_whole_number(
+        "KILDE_IMPORT_SEND_ROWS", str(ROW_GROUP), logging.getLogger("kilde.import")
     )
-    return ROW_GROUP
-
-
-SEND_ROWS = _send_rows()
+    or ROW_GROUP
+)
 SEND_MAX_ROWS = max(SEND_ROWS, 180_000)
 REJECT_COLUMNS = ["line", "end_line", "column", "error", "reason", "fix"]
 

@@ -25,6 +25,7 @@ from kilde.identity import engine as engine_module
 from kilde.identity.engine import IdentityEngine
 from kilde.pipeline import Envelope, Pipeline
 from kilde.plan import load_plan
+from kilde.plan.models import Plan
 from kilde.store import Store, Writer
 from kilde.store.writer import WriteBatch
 from tests.conftest import DEMO_PLAN
@@ -81,12 +82,12 @@ def order_of_u1(when: str, order_id: str = "o", revenue: float = 5.0) -> dict[st
 class Shop:
     """A store, writer, pipeline and identity engine in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, plan: Plan = PLAN) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kilde-prop-"))
         self.store = Store(self.dir)
         self.writer = Writer(self.store)
-        self.pipeline = Pipeline(PLAN, self.writer)
-        self.engine = IdentityEngine(self.store, self.writer, lambda: PLAN, self.dir)
+        self.pipeline = Pipeline(plan, self.writer)
+        self.engine = IdentityEngine(self.store, self.writer, lambda: plan, self.dir)
         self.writer.write_sync(
             WriteBatch(statements=[("INSERT INTO identity_state VALUES ('salt', 'fixed')", [])])
         )
@@ -127,10 +128,12 @@ class Shop:
 
 
 @contextlib.contextmanager
-def rebuilt_and_incremental(records: list[dict[str, Any]]) -> Iterator[tuple[Shop, Shop]]:
+def rebuilt_and_incremental(
+    records: list[dict[str, Any]], plan: Plan = PLAN
+) -> Iterator[tuple[Shop, Shop]]:
     """Two shops: one that holds `records` and rebuilt everything from them, and an empty one
     for the test to feed increments to; both are closed afterwards."""
-    rebuilt, incremental = Shop(), Shop()
+    rebuilt, incremental = Shop(plan), Shop(plan)
     try:
         rebuilt.send(records)
         rebuilt.engine.rebuild()
@@ -142,13 +145,13 @@ def rebuilt_and_incremental(records: list[dict[str, Any]]) -> Iterator[tuple[Sho
 
 @contextlib.contextmanager
 def after_first(
-    first: list[dict[str, Any]], rest: list[dict[str, Any]], prefix: str
+    first: list[dict[str, Any]], rest: list[dict[str, Any]], prefix: str, plan: Plan = PLAN
 ) -> Iterator[tuple[Shop, Shop]]:
     """`rebuilt_and_incremental` over `first` and `rest` (message ids `prefix`0, 1, ...), with
     `first` sent to the incremental shop and read by one tick."""
     for index, msg in enumerate(first + rest):
         msg["messageId"] = f"{prefix}{index}"
-    with rebuilt_and_incremental(first + rest) as (rebuilt, incremental):
+    with rebuilt_and_incremental(first + rest, plan) as (rebuilt, incremental):
         incremental.send(first)
         incremental.engine.step()
         yield rebuilt, incremental
@@ -270,8 +273,14 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
     quiet = [
         {"type": "page", "anonymousId": "a1", "name": "Home", "timestamp": "2026-01-02T10:00"},
     ]
-    link = [
-        {"type": "identify", "anonymousId": "a9", "userId": "u1", "timestamp": "2026-01-04T10:00"},
+    link = [  # two new identifiers: stitched (one alone would be attached, see below)
+        {
+            "type": "identify",
+            "anonymousId": "a9",
+            "userId": "u1",
+            "traits": {"email": "kari@example.com"},
+            "timestamp": "2026-01-04T10:00",
+        },
     ]
     with after_first(first, [*quiet, *link], "b") as (rebuilt, incremental):
         engine = incremental.engine
@@ -281,10 +290,11 @@ def test_a_refresh_beside_a_new_link_leaves_the_linked_profile_to_the_stitch() -
             engine.step(defer_quiet=True)  # nothing new: the held refresh starts
             time.sleep(1.0)  # let it read the profile as it was before the link
             incremental.send(link)
-            engine.step(defer_quiet=True)
+            report = engine.step(defer_quiet=True)
+            assert report is not None and report.rounds > 0, "the link was stitched"
         assert engine.wait_idle()
         identifiers = incremental.store.scalar("SELECT identifiers FROM profiles")
-        assert identifiers == 3, "the profile holds u1, a1 and the linked a9"
+        assert identifiers == 5, "u1, a1 and the linked a9, email and email hash"
         assert incremental.snapshot() == rebuilt.snapshot()
 
 
@@ -352,6 +362,121 @@ def test_links_show_before_their_profiles_on_a_large_store(monkeypatch: pytest.M
             assert incremental.store.scalar(emails) == 0, "the profiles follow"
         assert engine.wait_idle()
         assert incremental.store.scalar(emails) == 2
+        assert incremental.snapshot() == rebuilt.snapshot()
+
+
+def sign_in(anon: str, when: str, user: str = "u1") -> dict[str, Any]:
+    """An identify of a user on a device."""
+    return {"type": "identify", "anonymousId": anon, "userId": user, "timestamp": when}
+
+
+def page_of(anon: str, when: str) -> dict[str, Any]:
+    return {"type": "page", "anonymousId": anon, "name": "Home", "timestamp": when}
+
+
+# At most two devices per profile, so a third is refused
+TWO_DEVICES = PLAN.model_copy(
+    update={"identity": PLAN.identity.model_copy(update={"limits": {"anonymous_id": 2}})}
+)
+
+
+def test_a_known_person_on_a_new_device_is_attached_without_a_stitch() -> None:
+    """The most common new link: a known user signs in on a new device. The device joins the
+    profile in the tick that reads it without its closure being stitched again, its page views
+    in the same tick come along, and the result equals a rebuild."""
+    first = [sign_in("a1", "2026-01-01T10:00"), order_of_u1("2026-01-01T11:00")]
+    later = [
+        page_of("a2", "2026-01-02T09:00"),
+        sign_in("a2", "2026-01-02T10:00"),
+        page_of("a2", "2026-01-02T11:00"),
+    ]
+    with after_first(first, later, "n") as (rebuilt, incremental):
+        incremental.send(later)
+        report = incremental.engine.step()
+        assert report is not None and report.attached == 1 and report.rounds == 0
+        seen = incremental.store.query(
+            "SELECT first_seen, last_seen FROM identity_map WHERE id_value = 'a2'"
+        )
+        assert [(r["first_seen"].hour, r["last_seen"].hour) for r in seen] == [(9, 11)]
+        assert incremental.snapshot() == rebuilt.snapshot()
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "conflicts"),
+    [
+        # the profile has its two devices already: the third is refused
+        (
+            [sign_in("a1", "2026-01-01T10:00"), sign_in("a2", "2026-01-01T11:00")],
+            [sign_in("a3", "2026-01-02T10:00")],
+            1,
+        ),
+        # room for one more device, two arrive in one tick: the earlier one gets it
+        (
+            [sign_in("a1", "2026-01-01T10:00")],
+            [sign_in("a3", "2026-01-02T11:00"), sign_in("a2", "2026-01-02T10:00")],
+            1,
+        ),
+        # a device seen before the user: it may anchor the profile
+        ([sign_in("a1", "2026-01-02T10:00")], [sign_in("a0", "2026-01-01T10:00")], 0),
+        # a device two users signed in on in one tick
+        (
+            [sign_in("a1", "2026-01-01T10:00"), sign_in("b1", "2026-01-01T10:00", user="u2")],
+            [sign_in("a5", "2026-01-02T10:00"), sign_in("a5", "2026-01-02T11:00", user="u2")],
+            1,
+        ),
+    ],
+)
+def test_new_devices_the_profile_has_no_room_for_are_stitched_like_a_rebuild(
+    first: list[dict[str, Any]], later: list[dict[str, Any]], conflicts: int
+) -> None:
+    with after_first(first, later, "r", TWO_DEVICES) as (rebuilt, incremental):
+        incremental.send(later)
+        report = incremental.engine.step()
+        assert report is not None and report.attached == 0
+        assert incremental.snapshot() == rebuilt.snapshot()
+        assert len(rebuilt.snapshot()["conflicts"]) == conflicts
+
+
+@st.composite
+def device_records(draw: st.DrawFn) -> dict[str, Any]:
+    """Records of known people on devices the store has not seen yet (mostly), at any time."""
+    at = (BASE + timedelta(minutes=draw(st.integers(-60, 500)))).isoformat()
+    device = draw(st.sampled_from(["d1", "d2", "d3", "a1"]))
+    kind = draw(st.sampled_from(["sign_in", "sign_in", "page", "other"]))
+    if kind == "sign_in":
+        return sign_in(device, at, user=draw(st.sampled_from(["u1", "u2", "u3"])))
+    if kind == "page":
+        return page_of(device, at)
+    msg: dict[str, Any] = draw(records())
+    return msg
+
+
+@pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    later=st.lists(device_records(), min_size=1, max_size=10),
+    cuts=st.lists(st.integers(1, 10), max_size=2),
+    two_devices=st.booleans(),
+)
+def test_new_devices_of_known_people_equal_a_rebuild_for_any_order(
+    later: list[dict[str, Any]], cuts: list[int], two_devices: bool
+) -> None:
+    """Known people on new devices, mostly added without a stitch: in every order and with
+    any limit, the result is a rebuild's."""
+    first = [sign_in("a1", BASE.isoformat()), sign_in("a2", BASE.isoformat(), user="u2")]
+    first.append(sign_in("a3", BASE.isoformat(), user="u3"))
+    plan = TWO_DEVICES if two_devices else PLAN
+    with after_first(first, later, "p", plan) as (rebuilt, incremental):
+        start = 0
+        for cut in [*sorted(set(cuts)), len(later)]:
+            if start < cut:
+                incremental.send(later[start:cut])
+                incremental.engine.step()
+                start = cut
         assert incremental.snapshot() == rebuilt.snapshot()
 
 

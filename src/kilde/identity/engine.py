@@ -34,7 +34,7 @@ from kilde.errors import KildeError
 from kilde.identity import extract, keyed
 from kilde.identity.conflicts import CONFLICT_COLUMNS
 from kilde.identity.identifiers import Identifier, Normaliser
-from kilde.identity.known import Key, KnownIdentities, Pair
+from kilde.identity.known import Attach, Key, KnownIdentities, Pair
 from kilde.identity.runner import Runner
 from kilde.identity.stitching import (
     SCOPE_SCHEMA,
@@ -43,7 +43,7 @@ from kilde.identity.stitching import (
     profile_id_expr,
     stitch,
 )
-from kilde.plan.models import IDENTIFIER_TYPES, Plan
+from kilde.plan.models import IDENTIFIER_TYPES, IdentityRules, Plan
 from kilde.profiles.build import computed_traits, keyed_profile_events, trait_rows
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
@@ -89,6 +89,18 @@ REFRESH_SHARE = 4.0
 # the refresh thread, right after; below it, links and profiles are written together.
 DEFER_PROFILES_AFTER = 0.3  # seconds
 SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
+# identity_map rows of identifiers added without a stitch (see KnownIdentities.classify)
+ATTACHED_SCHEMA = pa.schema(
+    [
+        ("id_type", pa.string()),
+        ("id_value", pa.string()),
+        ("profile_id", pa.string()),
+        ("closure_id", pa.string()),
+        ("first_seen", UTC_US),
+        ("last_seen", UTC_US),
+        ("shared", pa.bool_()),
+    ]
+)
 # An identity_map row as the engine writes it.
 MAP_COLUMNS = (
     "id_type",
@@ -217,6 +229,7 @@ class RunReport:
     conflicts: int = 0
     dirty_closures: int = 0
     rounds: int = 0
+    attached: int = 0  # new identifiers added to known profiles without a stitch
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -451,14 +464,27 @@ class IdentityEngine:
             run.put("k_new_obs", observations)
             rules = self.plan().identity
             strong = frozenset(t for t in IDENTIFIER_TYPES if rules.limit(t) == 1)
-            classified = self.known.classify(
-                observations, strong, self._load_homes, self._load_partners
+            answer = self.known.classify(
+                observations, strong, self._load_homes, self._load_partners, self._attach(rules)
             )
+            classified = answer.rows
             seeds = {Identifier(r["id_type"], r["id_value"]) for r in classified if r["linking"]}
             statements: list[tuple[str, list[Any]]] = []
-            report = RunReport(mode="incremental")
+            report = RunReport(mode="incremental", attached=len(answer.attached))
             report.timings["read"] = found.read_seconds
             report.timings["classify"] = time.perf_counter() - t0
+            if answer.attached:
+                # written with the records, so a stitch of the same closures reads them
+                pq.write_table(
+                    pa.Table.from_pylist(answer.attached, schema=ATTACHED_SCHEMA),
+                    scratch / "attached.parquet",
+                )
+                insert_records.append(
+                    (
+                        "INSERT INTO identity_map BY NAME SELECT * FROM read_parquet(?)",
+                        [str(scratch / "attached.parquet")],
+                    )
+                )
             # 2. The records themselves: before a stitch (which reads them) in a transaction
             # of their own; else with the tick's last one.
             if seeds:
@@ -513,6 +539,10 @@ class IdentityEngine:
             report.events_read = found.count
             report.seconds = time.perf_counter() - started
             return report
+        except BaseException:
+            # classify remembered this tick's pairs and new identifiers: the tick is read again
+            self.known.clear()
+            raise
         finally:
             self.runner.drop_temps()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -726,7 +756,7 @@ class IdentityEngine:
         self.known.remember(
             pq.read_table(
                 stitch_dir / "map.parquet",
-                columns=["id_type", "id_value", "profile_id", "closure_id", "first_seen"],
+                columns=["id_type", "id_value", "profile_id", "closure_id", "first_seen", "shared"],
             )
         )
         if self._refresh_running():
@@ -749,8 +779,48 @@ class IdentityEngine:
         )
         return run.arrow(
             "known/homes",
-            lambda: homes.select("id_type", "id_value", "profile_id", "closure_id", "first_seen"),
+            lambda: homes.select(
+                "id_type", "id_value", "profile_id", "closure_id", "first_seen", "shared"
+            ),
         )
+
+    def _attach(self, rules: IdentityRules) -> Attach:
+        """What `KnownIdentities.classify` needs to add new identifiers without a stitch."""
+
+        def separated() -> frozenset[Key]:
+            return frozenset(
+                (i.type, i.value) for s in self.separations() for i in (*s.keep, *s.split)
+            )
+
+        return Attach(
+            limits={t: rules.limit(t) for t in IDENTIFIER_TYPES},
+            shared_after={t: rules.shared_threshold(t) for t in IDENTIFIER_TYPES},
+            separated=separated,
+            previous_values=self._previous_values,
+            load_counts=self._load_counts,
+        )
+
+    def _load_counts(self, closures: set[str]) -> list[tuple[str, str, str, int]]:
+        """(closure_id, profile_id, id_type, identifiers) of every profile of these closures."""
+        run = self.runner
+        run.put("k_kn_closures", pa.table({"closure_id": pa.array(sorted(closures), pa.string())}))
+        members = keyed.lookup(
+            run,
+            "k_kn_members",
+            run.source("identity_map"),
+            "closure_id",
+            run.temp("k_kn_closures"),
+            ["closure_id"],
+        )
+
+        def counts_expr() -> ir.Table:
+            return members.group_by("closure_id", "profile_id", "id_type").aggregate(
+                n=members.count()
+            )
+
+        table = run.arrow("known/counts", counts_expr)
+        columns = ("closure_id", "profile_id", "id_type", "n")
+        return list(zip(*(table.column(c).to_pylist() for c in columns), strict=True))
 
     def _load_partners(self, keys: set[Key]) -> list[Pair]:
         """(strong, other) pairs of the stored records carrying these identifiers, except the

@@ -22,6 +22,7 @@ from kilde.pipeline import Envelope, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row, payload_field
 from kilde.plan.models import Source
 from kilde.store import Store, WriteBatch, Writer
+from kilde.store.writer import recent_key
 
 CHANNEL = "import"
 _PREVIEW_COLUMNS = (
@@ -286,7 +287,7 @@ def _stored_message_ids(services: Services, source: str, records: list[Any]) -> 
     back than that, so the rest are looked up in the store.
     """
     recent = getattr(services.writer, "recent", None)
-    unknown = [i for i in _ids(records) if recent is None or (source, i) not in recent]
+    unknown = [i for i in _ids(records) if recent is None or recent_key(source, i) not in recent]
     if not unknown:
         return set()
     capacity = getattr(recent, "capacity", 0)

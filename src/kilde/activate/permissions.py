@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kilde.pipeline  # noqa: F401  (before kilde.privacy: the two import each other)
+from kilde.identity.keyed import ONE_IDENTIFIER
 from kilde.plan.models import Plan
 from kilde.privacy.do_not_sell import flagged_profiles, sale_purposes
 from kilde.privacy.ledger import REFUSED, latest_by_profile
@@ -98,8 +99,8 @@ def profile_of(store: Store, user_id: str | None, anonymous_id: str | None) -> s
     for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id)):
         if value:
             found = store.scalar(
-                "SELECT profile_id FROM identity_map WHERE id_type = ? AND id_value = ? LIMIT 1",
-                [kind, value],
+                f"{ONE_IDENTIFIER}SELECT profile_id FROM held WHERE id_type = ? LIMIT 1",
+                [value, kind],
             )
             if found:
                 return str(found)

@@ -341,14 +341,15 @@ class IdentityEngine:
 
     # -- reading new events ---------------------------------------------------------------------
 
-    def _read_mark(self) -> int:
-        """Every event up to this write_seq has been read."""
-        return int(self._state("write_seq") or 0)
+    def _states(self) -> dict[str, str]:
+        """All of identity_state, in one read (a tick's first step)."""
+        rows = self.store.query("SELECT key, value FROM identity_state")
+        return {str(r["key"]): str(r["value"]) for r in rows if r["value"] is not None}
 
-    def _read_new(self, normaliser: Normaliser) -> Extracted:
-        """Identifiers of up to TICK_BATCH events not read yet (set-based where simple)."""
+    def _read_new(self, normaliser: Normaliser, mark: int) -> Extracted:
+        """Identifiers of up to TICK_BATCH events not read yet (set-based where simple); every
+        event up to write_seq `mark` has been read."""
         run = self.runner
-        mark = self._read_mark()
         run.put("k_since", pa.table({"since": pa.array([mark], pa.int64())}))
 
         def unread_expr() -> ir.Table:
@@ -400,14 +401,10 @@ class IdentityEngine:
                 found.upto = min(found.upto or last, last - 1)
         return found
 
-    def backlog(self) -> int:
-        if self._state("write_seq") is None:
-            return int(self.store.scalar("SELECT count(*) FROM events") or 0)
+    def backlog(self, mark: int) -> int:
+        """Events not read yet, when every event up to write_seq `mark` has been."""
         return int(
-            self.store.scalar(
-                "SELECT count(*) FROM events WHERE write_seq > ?", [self._read_mark()]
-            )
-            or 0
+            self.store.scalar("SELECT count(*) FROM events WHERE write_seq > ?", [mark]) or 0
         )
 
     # -- one incremental step -----------------------------------------------------------------
@@ -418,17 +415,20 @@ class IdentityEngine:
         `defer_quiet` (the background thread): hold the refresh of quiet profiles for up to
         REFRESH_EVERY (see _hold_quiet); otherwise everything read is done on return."""
         with self.lock if defer_quiet else self._lock_with_no_refresh():
+            state = self._states()
             # new rules, or a store whose events were read before write_seq existed
-            if self._state("rules") != self.rules_hash() or self._state("write_seq") is None:
+            if state.get("rules") != self.rules_hash() or "write_seq" not in state:
                 if not self.store.scalar("SELECT count(*) FROM events"):
                     # nothing to rebuild from: just remember the rules
-                    self.writer.write_sync(WriteBatch(statements=self._state_statements(None)))
+                    statements = self._state_statements(None, state.get("write_seq"))
+                    self.writer.write_sync(WriteBatch(statements=statements))
                     return None
                 return self.rebuild()
-            if self.backlog() > REBUILD_BACKLOG:
+            mark = int(state["write_seq"])
+            if self.backlog(mark) > REBUILD_BACKLOG:
                 return self.rebuild()
             started = time.perf_counter()
-            found = self._read_new(Normaliser(self.plan().identity))
+            found = self._read_new(Normaliser(self.plan().identity), mark)
             found.read_seconds = time.perf_counter() - started
             if not found.count:
                 self.runner.drop_temps()
@@ -438,9 +438,9 @@ class IdentityEngine:
                     return self._refresh_held(started)
                 self._start_refresh(quiet=True)
                 return None
-            return self._apply(found, started, defer_quiet)
+            return self._apply(found, started, defer_quiet, mark)
 
-    def _apply(self, found: Extracted, started: float, defer_quiet: bool) -> RunReport:
+    def _apply(self, found: Extracted, started: float, defer_quiet: bool, mark: int) -> RunReport:
         scratch = self._scratch()
         try:
             records, observations = found.tables()
@@ -523,7 +523,7 @@ class IdentityEngine:
                 statements = []
             quiet = [r for r in classified if not r["linking"] and r["closure_id"] not in stitched]
             self._hold_quiet(quiet, stitched)
-            statements += self._state_statements(found.upto)
+            statements += self._state_statements(found.upto, str(mark))
             t0 = time.perf_counter()
             self.writer.write_sync(WriteBatch(statements=statements))
             report.timings["write"] = time.perf_counter() - t0
@@ -918,9 +918,12 @@ class IdentityEngine:
             *_profile_inserts(scratch),
         ]
 
-    def _state_statements(self, upto: int | None) -> list[tuple[str, list[Any]]]:
+    def _state_statements(
+        self, upto: int | None, previous: str | None
+    ) -> list[tuple[str, list[Any]]]:
+        """Remember the rules, and that every event up to `upto` is read (`previous`: what
+        identity_state says now)."""
         statements = []
-        previous = self._state("write_seq")
         if previous is None or (upto is not None and upto > int(previous)):
             statements.append(self._set_state("write_seq", str(max(upto or 0, 0))))
         statements.append(self._set_state("rules", self.rules_hash()))
@@ -1017,7 +1020,7 @@ class IdentityEngine:
             statements, report = self._stitch_outputs(scope, scratch, mode)
         finally:
             self.runner.drop_temps()
-        statements += self._state_statements(upto)
+        statements += self._state_statements(upto, self._state("write_seq"))
         t0 = time.perf_counter()
         self.writer.write_sync(WriteBatch(statements=statements))
         report.timings["write"] = time.perf_counter() - t0

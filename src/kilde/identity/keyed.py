@@ -17,6 +17,12 @@ import ibis.expr.types as ir
 
 from kilde.identity.runner import Runner
 
+# The identity_map rows of one identifier, as `held` (parameters: the value; then the query's
+# own, usually the type). DuckDB answers `id_value = ?` from the map's index in a millisecond,
+# but leaves the index unused once the scan also filters on id_type: a scan of millions of rows.
+# MATERIALIZED keeps the type filter out of the indexed scan.
+ONE_IDENTIFIER = "WITH held AS MATERIALIZED (SELECT * FROM identity_map WHERE id_value = ?) "
+
 
 def lookup(
     run: Runner, name: str, base: ir.Table, column: str, keys: ir.Table, on: list[str]

@@ -29,6 +29,7 @@ import orjson
 
 from kilde import __version__
 from kilde.errors import ConfigError
+from kilde.identity.keyed import ONE_IDENTIFIER
 from kilde.pipeline.dead_letter import payload_field
 from kilde.plan.models import Plan
 from kilde.privacy.do_not_sell import sale_purposes
@@ -392,9 +393,9 @@ def _provenance(event: dict[str, Any]) -> dict[str, Any]:
 def _identity_row(con: duckdb.DuckDBPyConnection, id_type: str, value: str) -> dict[str, Any]:
     rows = _rows(
         con,
-        "SELECT min(first_seen) AS first_seen, max(last_seen) AS last_seen FROM identity_map "
-        "WHERE id_type = ? AND id_value = ?",
-        [id_type, value],
+        f"{ONE_IDENTIFIER}SELECT min(first_seen) AS first_seen, max(last_seen) AS last_seen "
+        "FROM held WHERE id_type = ?",
+        [value, id_type],
     )
     return rows[0] if rows else {}
 

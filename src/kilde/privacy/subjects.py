@@ -19,6 +19,7 @@ from typing import Any
 
 from kilde.errors import KildeError
 from kilde.identity.identifiers import Identifier, Normaliser, parse_identifier
+from kilde.identity.keyed import ONE_IDENTIFIER
 from kilde.plan.models import IDENTIFIER_TYPES
 from kilde.store.database import Store
 
@@ -135,9 +136,9 @@ def profiles_of(store: Store, identifiers: Iterable[Identifier]) -> dict[Identif
     out: dict[Identifier, list[str]] = {}
     for ident in identifiers:
         rows = store.query(
-            "SELECT DISTINCT profile_id, shared FROM identity_map "
-            "WHERE id_type = ? AND id_value = ? ORDER BY profile_id",
-            [ident.type, ident.value],
+            f"{ONE_IDENTIFIER}SELECT DISTINCT profile_id, shared FROM held "
+            "WHERE id_type = ? ORDER BY profile_id",
+            [ident.value, ident.type],
         )
         out[ident] = [r["profile_id"] for r in rows]
     return out
@@ -203,8 +204,8 @@ def _shared(store: Store, given: list[Identifier]) -> set[Identifier]:
     out = set()
     for ident in given:
         if store.scalar(
-            "SELECT bool_or(shared) FROM identity_map WHERE id_type = ? AND id_value = ?",
-            [ident.type, ident.value],
+            f"{ONE_IDENTIFIER}SELECT bool_or(shared) FROM held WHERE id_type = ?",
+            [ident.value, ident.type],
         ):
             out.add(ident)
     return out
@@ -220,9 +221,9 @@ def expand(store: Store, subject: Subject) -> Subject:
         profiles.update(
             r["profile_id"]
             for r in store.query(
-                "SELECT DISTINCT profile_id FROM identity_map "
-                "WHERE id_type = ? AND id_value = ? AND NOT shared",
-                [ident.type, ident.value],
+                f"{ONE_IDENTIFIER}SELECT DISTINCT profile_id FROM held "
+                "WHERE id_type = ? AND NOT shared",
+                [ident.value, ident.type],
             )
         )
     mine, shared = set(seeds), set(subject.shared)

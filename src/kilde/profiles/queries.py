@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from kilde.identity.identifiers import Identifier
+from kilde.identity.keyed import ONE_IDENTIFIER
 from kilde.store.database import Store
 
 COMPUTED = (
@@ -60,9 +61,9 @@ def lookup(store: Store, identifiers: list[Identifier]) -> list[str]:
     found: list[str] = []
     for ident in identifiers:
         for row in store.query(
-            "SELECT DISTINCT profile_id FROM identity_map WHERE id_type = ? AND id_value = ? "
+            f"{ONE_IDENTIFIER}SELECT DISTINCT profile_id FROM held WHERE id_type = ? "
             "ORDER BY profile_id",
-            [ident.type, ident.value],
+            [ident.value, ident.type],
         ):
             if row["profile_id"] not in found:
                 found.append(row["profile_id"])

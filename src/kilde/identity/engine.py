@@ -74,9 +74,15 @@ OBSERVATION_SCHEMA = pa.schema(
         ("role", pa.string()),
     ]
 )
-# identity_map's indexes (migration 16): a full rebuild drops them and makes them again after
-# rewriting the map, which is much quicker than keeping them up to date row by row.
-MAP_INDEXES = {"identity_map_value": "id_value", "identity_map_closure": "closure_id"}
+# The indexes of the tables a full rebuild rewrites (migrations 16 and 17): it drops them and
+# makes them again afterwards, much quicker than keeping them up to date row by row.
+STITCH_INDEXES = {
+    "identity_map_value": ("identity_map", "id_value"),
+    "identity_map_closure": ("identity_map", "closure_id"),
+    "identity_map_profile": ("identity_map", "profile_id"),
+    "profiles_profile": ("profiles", "profile_id"),
+    "profile_traits_profile": ("profile_traits", "profile_id"),
+}
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
@@ -279,6 +285,7 @@ class IdentityEngine:
         self._pending: set[str] = set()
         self._profiles_seconds = 0.0  # how long the stitched profiles took, last time
         self.known = KnownIdentities()
+        self._salt: str | None = None  # see salt()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -306,12 +313,16 @@ class IdentityEngine:
         return ("INSERT OR REPLACE INTO identity_state VALUES (?, ?)", [key, value])
 
     def salt(self) -> str:
-        salt = self._state("salt")
-        if salt is None:
-            salt = secrets.token_hex(16)
-            self.writer.write_sync(WriteBatch(statements=[self._set_state("salt", salt)]))
-            salt = self._state("salt") or salt
-        return salt
+        """The salt of profile and closure ids: made once per store, then never changed (kept
+        in memory while the engine runs: `runner` asks for it many times a tick)."""
+        if self._salt is None:
+            salt = self._state("salt")
+            if salt is None:
+                salt = secrets.token_hex(16)
+                self.writer.write_sync(WriteBatch(statements=[self._set_state("salt", salt)]))
+                salt = self._state("salt") or salt
+            self._salt = salt
+        return self._salt
 
     def rules_hash(self) -> str:
         plan = self.plan()
@@ -1078,15 +1089,15 @@ class IdentityEngine:
         ]
         return [*deletes, *inserts]
 
-    def _map_indexes(self, present: bool) -> None:
-        """Drop identity_map's indexes, or make them if missing; each in a transaction of its
-        own (dropped in the transaction that rewrites the map, DuckDB still updates them row
-        by row when it commits)."""
+    def _stitch_indexes(self, present: bool) -> None:
+        """Drop the STITCH_INDEXES, or make them if missing; in a transaction apart from the
+        rewrite (dropped in the transaction that rewrites the tables, DuckDB still updates them
+        row by row when it commits)."""
         statements: list[tuple[str, list[Any]]] = [
-            (f"CREATE INDEX IF NOT EXISTS {name} ON identity_map ({column})", [])
+            (f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column})", [])
             if present
             else (f"DROP INDEX IF EXISTS {name}", [])
-            for name, column in MAP_INDEXES.items()
+            for name, (table, column) in STITCH_INDEXES.items()
         ]
         self.writer.write_sync(WriteBatch(statements=statements))
 
@@ -1214,11 +1225,11 @@ class IdentityEngine:
                 extract_seconds = time.perf_counter() - t0
                 total = int(self.store.scalar("SELECT count(*) FROM identity_records") or 0)
                 say("stitching identities and building profiles")
-                self._map_indexes(present=False)
+                self._stitch_indexes(present=False)
                 try:
                     report = self._stitch_and_write(None, scratch, "rebuild", upto)
                 finally:
-                    self._map_indexes(present=True)
+                    self._stitch_indexes(present=True)
                 report.events_read = total
                 report.timings["extract"] = extract_seconds
                 report.timings["extract_python"] = rich_seconds
@@ -1291,7 +1302,8 @@ class IdentityEngine:
         if self._thread is not None:
             return
         self.known.clear()  # whoever stopped the engine may have rewritten its tables
-        self._map_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
+        self._salt = None
+        self._stitch_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kilde-identity", daemon=True)
         self._thread.start()
@@ -1309,6 +1321,7 @@ class IdentityEngine:
             except Exception as exc:  # stopping goes on; a rebuild repairs the profiles
                 log.error("profile refresh at stop failed: %s", type(exc).__name__)
         self.known.clear()
+        self._salt = None
         if self._refresh_runner is not None:
             with contextlib.suppress(Exception):
                 self._refresh_runner.close()

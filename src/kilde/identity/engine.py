@@ -74,15 +74,9 @@ OBSERVATION_SCHEMA = pa.schema(
         ("role", pa.string()),
     ]
 )
-# The indexes of the tables a full rebuild rewrites (migrations 16 and 17): it drops them and
-# makes them again afterwards, much quicker than keeping them up to date row by row.
-STITCH_INDEXES = {
-    "identity_map_value": ("identity_map", "id_value"),
-    "identity_map_closure": ("identity_map", "closure_id"),
-    "identity_map_profile": ("identity_map", "profile_id"),
-    "profiles_profile": ("profiles", "profile_id"),
-    "profile_traits_profile": ("profile_traits", "profile_id"),
-}
+# identity_map's indexes (migration 16): a full rebuild drops them and makes them again after
+# rewriting the map, which is much quicker than keeping them up to date row by row.
+MAP_INDEXES = {"identity_map_value": "id_value", "identity_map_closure": "closure_id"}
 TICK_BATCH = 20_000
 REBUILD_BACKLOG = 200_000  # more unread events than this: rebuild instead of increments
 REFRESH_EVERY = 1.0  # seconds: quiet profiles are refreshed together at most this far apart
@@ -1089,15 +1083,15 @@ class IdentityEngine:
         ]
         return [*deletes, *inserts]
 
-    def _stitch_indexes(self, present: bool) -> None:
-        """Drop the STITCH_INDEXES, or make them if missing; in a transaction apart from the
-        rewrite (dropped in the transaction that rewrites the tables, DuckDB still updates them
-        row by row when it commits)."""
+    def _map_indexes(self, present: bool) -> None:
+        """Drop identity_map's indexes, or make them if missing; each in a transaction of its
+        own (dropped in the transaction that rewrites the map, DuckDB still updates them row
+        by row when it commits)."""
         statements: list[tuple[str, list[Any]]] = [
-            (f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({column})", [])
+            (f"CREATE INDEX IF NOT EXISTS {name} ON identity_map ({column})", [])
             if present
             else (f"DROP INDEX IF EXISTS {name}", [])
-            for name, (table, column) in STITCH_INDEXES.items()
+            for name, column in MAP_INDEXES.items()
         ]
         self.writer.write_sync(WriteBatch(statements=statements))
 
@@ -1225,11 +1219,11 @@ class IdentityEngine:
                 extract_seconds = time.perf_counter() - t0
                 total = int(self.store.scalar("SELECT count(*) FROM identity_records") or 0)
                 say("stitching identities and building profiles")
-                self._stitch_indexes(present=False)
+                self._map_indexes(present=False)
                 try:
                     report = self._stitch_and_write(None, scratch, "rebuild", upto)
                 finally:
-                    self._stitch_indexes(present=True)
+                    self._map_indexes(present=True)
                 report.events_read = total
                 report.timings["extract"] = extract_seconds
                 report.timings["extract_python"] = rich_seconds
@@ -1303,7 +1297,7 @@ class IdentityEngine:
             return
         self.known.clear()  # whoever stopped the engine may have rewritten its tables
         self._salt = None
-        self._stitch_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
+        self._map_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kilde-identity", daemon=True)
         self._thread.start()

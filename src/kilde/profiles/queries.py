@@ -83,10 +83,8 @@ def summary(store: Store, profile_ids: list[str]) -> list[dict[str, Any]]:
     )
     names: dict[str, dict[str, Any]] = {}
     for t in store.query(
-        # MATERIALIZED: read by the profile id's index, then filtered by name (a filter on both
-        # makes DuckDB scan every trait)
-        f"WITH mine AS MATERIALIZED (SELECT * FROM profile_traits WHERE profile_id IN ({wanted})) "
-        "SELECT profile_id, name, value FROM mine WHERE name IN ('email', 'name', 'first_name') "
+        "SELECT profile_id, name, value FROM profile_traits "
+        f"WHERE profile_id IN ({wanted}) AND name IN ('email', 'name', 'first_name') "
         "ORDER BY profile_id, name",
         [profile_ids],
     ):

@@ -499,16 +499,4 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX identity_map_closure ON identity_map (closure_id);
         """,
     ),
-    (
-        17,
-        "profile indexes",
-        # Reading one profile (a lookup's summary, GET /api/profiles/{id}, its timeline) and
-        # the identity engine's refresh of a few profiles are keyed by profile id: a scan of a
-        # million profiles is 20-30 ms a query, the index a millisecond or two.
-        """
-        CREATE INDEX profiles_profile ON profiles (profile_id);
-        CREATE INDEX profile_traits_profile ON profile_traits (profile_id);
-        CREATE INDEX identity_map_profile ON identity_map (profile_id);
-        """,
-    ),
 ]

@@ -43,11 +43,11 @@ class Attach:
 
     The stitch would give the same result when the record is no alias and carries exactly two
     identifiers: one known, not shared, on a closure that is one profile, first seen before
-    the record's time; and one new, seen in no other record of the tick, of a type that is
-    not one-per-person (so no identifier gains a partner that could make it shared), not in an
-    admin's split, not a value an alias named (whose reading it could change), and with room
-    under its type's limit on that profile. The profile and closure ids derive from their
-    earliest identifiers, which stay the same.
+    the record's time; and one new, in no other record of the tick but ones that carry it
+    alone (which link nothing), of a type that is not one-per-person (so no identifier gains
+    a partner that could make it shared), not in an admin's split, not a value an alias named
+    (whose reading it could change), and with room under its type's limit on that profile.
+    The profile and closure ids derive from their earliest identifiers, which stay the same.
     """
 
     limits: dict[str, int]
@@ -138,7 +138,7 @@ class KnownIdentities:
         strong: frozenset[str],
         load_homes: Callable[[set[Key]], pa.Table],
         load_partners: Callable[[set[Key]], list[Pair]],
-        attach: Attach | None = None,
+        attach: Attach,
     ) -> Classified:
         """Each identifier of the new observations and whether a record carrying it may change
         its closure (`linking`), with its latest time and its home; and the identity_map rows
@@ -183,7 +183,7 @@ class KnownIdentities:
             else:
                 if not new and len(profiles) == 1:
                     candidates[key] = _pairs(rows, strong)
-                elif attach is not None and len(new) == 1 and len(rows) == 2:
+                elif len(new) == 1 and len(rows) == 2:
                     known = next((r[0], r[1]) for r in rows if (r[0], r[1]) != new[0])
                     newcomers[key] = (new[0], known)
 
@@ -203,7 +203,7 @@ class KnownIdentities:
             if all((p[2], p[3]) in partners[(p[0], p[1])] for p in pairs)
         }
         attached: list[dict[str, Any]] = []
-        if newcomers and attach is not None:
+        if newcomers:
             keys, attached = self._attach(records, newcomers, quiet, homes, strong, attach)
             quiet |= keys
         # This tick's records are earlier records for the next tick.

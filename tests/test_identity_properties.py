@@ -38,6 +38,14 @@ EMAILS = ["ola@example.com", "OLA@example.com ", "kari@example.com", "test@test.
 PHONES = ["+47 41234567", "+4791234567", "12"]
 
 
+# Each example starts two stores and engines: a dozen, untimed
+FEW_SLOW_EXAMPLES = settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
 @st.composite
 def records(draw: st.DrawFn) -> dict[str, Any]:
     kind = draw(st.sampled_from(["identify", "identify", "page", "track", "alias"]))
@@ -158,11 +166,7 @@ def after_first(
 
 
 @pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
-@settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@FEW_SLOW_EXAMPLES
 @given(
     batch=st.lists(records(), min_size=1, max_size=14),
     order=st.randoms(use_true_random=False),
@@ -452,11 +456,7 @@ def device_records(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(1200)  # a busy machine; hypothesis examples are not timed
-@settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@FEW_SLOW_EXAMPLES
 @given(
     later=st.lists(device_records(), min_size=1, max_size=10),
     cuts=st.lists(st.integers(1, 10), max_size=2),

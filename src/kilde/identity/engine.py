@@ -723,15 +723,7 @@ class IdentityEngine:
         replaced."""
         plan = self.plan()
         salt = self.salt()
-        run.put("k_w_closures", pa.table({"closure_id": pa.array(sorted(closures), pa.string())}))
-        mapped = keyed.lookup(
-            run,
-            "k_w_map",
-            run.source("identity_map"),
-            "closure_id",
-            run.temp("k_w_closures"),
-            ["closure_id"],
-        )
+        mapped = _map_of_closures(run, closures, "k_w_closures", "k_w_map")
         identities = run.make(
             "k_w_identities", "closures/identities", lambda: _anchored(mapped, salt)
         )
@@ -808,15 +800,7 @@ class IdentityEngine:
     def _load_counts(self, closures: set[str]) -> list[tuple[str, str, str, int]]:
         """(closure_id, profile_id, id_type, identifiers) of every profile of these closures."""
         run = self.runner
-        run.put("k_kn_closures", pa.table({"closure_id": pa.array(sorted(closures), pa.string())}))
-        members = keyed.lookup(
-            run,
-            "k_kn_members",
-            run.source("identity_map"),
-            "closure_id",
-            run.temp("k_kn_closures"),
-            ["closure_id"],
-        )
+        members = _map_of_closures(run, closures, "k_kn_closures", "k_kn_members")
 
         def counts_expr() -> ir.Table:
             return members.group_by("closure_id", "profile_id", "id_type").aggregate(
@@ -1518,6 +1502,14 @@ assert tuple(f.name for f in _CONFLICT_SCHEMA) == CONFLICT_COLUMNS
 _IDS_SCHEMA = pa.schema(
     [("profile_id", pa.string()), ("anchor_type", pa.string()), ("anchor_value", pa.string())]
 )
+
+
+def _map_of_closures(run: Runner, closures: set[str], listed: str, rows: str) -> ir.Table:
+    """The identity_map rows of `closures` as temporary table `rows` (the closures themselves
+    as temporary table `listed`)."""
+    run.put(listed, pa.table({"closure_id": pa.array(sorted(closures), pa.string())}))
+    idmap = run.source("identity_map")
+    return keyed.lookup(run, rows, idmap, "closure_id", run.temp(listed), ["closure_id"])
 
 
 def _keys_table(keys: set[Key]) -> pa.Table:

@@ -790,8 +790,7 @@ class IdentityEngine:
             )
 
         return Attach(
-            limits={t: rules.limit(t) for t in IDENTIFIER_TYPES},
-            shared_after={t: rules.shared_threshold(t) for t in IDENTIFIER_TYPES},
+            rules=rules,
             separated=separated,
             previous_values=self._previous_values,
             load_counts=self._load_counts,

@@ -28,6 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kilde.plan.models import IdentityRules
+
 Key = tuple[str, str]  # id_type, id_value
 Home = tuple[str, str, int]  # profile_id, closure_id, first_seen (microseconds since 1970)
 Pair = tuple[str, str, str, str]  # a one-per-person identifier and one seen with it
@@ -50,8 +52,7 @@ class Attach:
     The profile and closure ids derive from their earliest identifiers, which stay the same.
     """
 
-    limits: dict[str, int]
-    shared_after: dict[str, int | None]
+    rules: IdentityRules  # the limits and shared thresholds
     separated: Callable[[], frozenset[Key]]
     previous_values: Callable[[], set[str]]
     # (closure_id, profile_id, id_type, identifiers) of every profile of these closures
@@ -102,13 +103,17 @@ class KnownIdentities:
             rows.column("shared").to_pylist(),
             strict=True,
         ):
-            key = (id_type, id_value)
-            self.homes[key] = (profile_id, closure_id, first)
-            self.by_closure[closure_id].add(key)
-            if shared:
-                self.shared.add(key)
-            else:
-                self.shared.discard(key)
+            self._place((id_type, id_value), (profile_id, closure_id, first), shared)
+
+    def _place(self, key: Key, home: Home, shared: bool) -> None:
+        """Remember where `key` lives (an identity_map row)."""
+        self.homes[key] = home
+        self.by_closure[home[1]].add(key)
+        self.absent.discard(key)
+        if shared:
+            self.shared.add(key)
+        else:
+            self.shared.discard(key)
 
     def forget_closures(self, closures: Iterable[str]) -> None:
         """Closures a stitch replaced: their rows are remembered again from its output."""
@@ -269,7 +274,7 @@ class KnownIdentities:
             home = homes[known]
             times = [r[3] for k in (key, *alone[new]) for r in records[k] if (r[0], r[1]) == new]
             partners = 1 if known[0] in strong else 0
-            threshold = attach.shared_after.get(new[0])
+            threshold = attach.rules.shared_threshold(new[0])
             if (
                 seen[new] == 1 + len(alone[new])
                 and new[0] not in strong
@@ -305,7 +310,7 @@ class KnownIdentities:
         added: list[dict[str, Any]] = []
         for key, (new, home, times) in fits.items():
             profile, closure, _ = home
-            room = attach.limits.get(new[0], 1) - counts[(profile, new[0])]
+            room = attach.rules.limit(new[0]) - counts[(profile, new[0])]
             # one profile: its closure was stitched without refusing a link
             if profiles[closure] == {profile} and adding[(profile, new[0])] <= room:
                 keys.add(key)
@@ -321,9 +326,8 @@ class KnownIdentities:
                         "shared": False,
                     }
                 )
-                homes[new] = self.homes[new] = (profile, closure, min(times))
-                self.by_closure[closure].add(new)
-                self.absent.discard(new)
+                homes[new] = (profile, closure, min(times))
+                self._place(new, homes[new], shared=False)
         return keys, added
 
 

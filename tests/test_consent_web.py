@@ -221,18 +221,31 @@ def test_an_event_for_a_purpose_without_consent_is_sent_only_once_that_purpose_i
     assert advertising == [("denied", "banner-2026-11"), ("granted", "settings-page-1")]
 
 
+@pytest.mark.parametrize("cookie_answer", ["settled", "on its way"])
 def test_withdrawing_consent_deletes_the_cookie_and_is_recorded(
-    consent_server: Server, browser: Browser
+    consent_server: Server, browser: Browser, cookie_answer: str
 ) -> None:
+    """Withdrawn after the id settled, or while the collector's cookie answer is on its way
+    (then the grant and the withdrawal still land in the order the visitor made them)."""
     context = browser.new_context()
-    with serve_site(consent_server.url, banner=True) as site:
+    with (
+        relay(consent_server.url) as (collector, wire),
+        serve_site(collector, banner=True) as site,
+    ):
         page = context.new_page()
         page.goto(site.page("/"))
         ready(page)
+        if cookie_answer == "on its way":
+            wire.cookie_gate.clear()
         page.click("#consent-accept")
         visitor = wait_for(lambda: page.evaluate("kilde.anonymousId()"), what="an id")
         wait_for(lambda: context.cookies(), what="the cookie")
+        if cookie_answer == "settled":
+            wait_for(lambda: "Consent Updated" in str(wire.batches()), what="the grant")
+        else:
+            wait_for(lambda: "/v1/cookie" in wire.paths(), what="the cookie request")
         page.evaluate("kilde.consent({analytics: false}, {version: 'settings-page-1'})")
+        wire.cookie_gate.set()
         wait_for(
             lambda: (
                 ledger(consent_server, anonymous_id=visitor)["current"].get("analytics")

@@ -97,7 +97,8 @@ class Relay:
     how k.js sends events, so tests watch the wire here. `busy` answers the next that many
     `POST /v1/batch` with 503 (an overloaded collector); when Kilde cannot be reached the
     relay drops the connection, as a browser sees a collector that is down (`failed` counts);
-    `down` makes every `POST /v1/batch` meet that while Kilde itself goes on running.
+    `down` makes every `POST /v1/batch` meet that while Kilde itself goes on running;
+    while `cookie_gate` is clear, `POST /v1/cookie` waits (the collector's answer is slow).
     """
 
     HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -108,6 +109,8 @@ class Relay:
         self.busy = 0
         self.down = False
         self.failed = 0
+        self.cookie_gate = threading.Event()
+        self.cookie_gate.set()
         self.lock = threading.Lock()
 
     def paths(self) -> list[str]:
@@ -136,6 +139,8 @@ class Relay:
         if drop:
             handler.close_connection = True
             return
+        if handler.command == "POST" and path == "/v1/cookie":
+            self.cookie_gate.wait(timeout=60)
         if refuse:
             data = b'{"success": false, "error": "store_busy"}'
             handler.send_response(503)

@@ -14,7 +14,7 @@
   var consent = getJ("consent"); // {p: {purpose: bool}, v: banner version}
   var gpc = nav.globalPrivacyControl === true;
   var aid = null, uid = null, live = false, idDone = false, serverTried = false;
-  var calls = [], held = [], queue = [], waiters = [];
+  var calls = [], held = [], queue = [], waiters = [], settling = null; // settling: see identity()
   var timer = 0, tries = 0, sending = false, ref = d.referrer, lastUrl = loc.href;
 
   // -- storage: nothing is written unless the cookie's purpose is allowed -------------------
@@ -67,7 +67,8 @@
     if (uid) put("uid", uid); else del("uid");
   }
   // Settle the anonymous id: the stored one, else a new one; the collector's HTTP cookie (kept
-  // longer by Safari than script cookies) wins when it has one.
+  // longer by Safari than script cookies) wins when it has one. While the collector's answer is
+  // on its way, callers wait in `settling`, in order, so none sends under an id about to change.
   function identity(done) {
     if (!canStore()) { aid = aid || uuid(); idDone = false; return done(); }
     if (!idDone) {
@@ -76,8 +77,10 @@
       idDone = true;
       keepId();
     }
+    if (settling) return settling.push(done);
     if (!S.serverCookie || serverTried) return done();
     serverTried = true;
+    settling = [done];
     post("/v1/cookie", { writeKey: key, anonymousId: aid }, true)
       .then(function (r) { return r.json(); })
       .then(function (j) {
@@ -85,7 +88,10 @@
         if (j.anonymousId && j.anonymousId !== aid) { aid = j.anonymousId; keepId(); }
       })
       .catch(function () {})
-      .then(done);
+      .then(function () {
+        var list = settling; settling = null;
+        for (var i = 0; i < list.length; i++) list[i]();
+      });
   }
   function forget() {
     writeCookie("", 0);
@@ -259,12 +265,15 @@
       }
       consent = { p: p, v: obj(options).version || (consent && consent.v) || null };
       put("consent", consent, true); // the choice itself is kept, so that it is honoured
-      function record() {
-        enqueue(make("track", { event: "Consent Updated",
-          properties: { purposes: eff, banner_version: consent.v, gpc: gpc } }));
-      }
+      // Made now, so it carries this choice's time and version even when sent after a later one.
+      var choice = make("track", { event: "Consent Updated",
+        properties: { purposes: eff, banner_version: consent.v, gpc: gpc } });
+      function record() { enqueue(choice); }
       if (before && !canStore()) { // withdrawn: record it under the old id, then forget that id
-        record(); forget(); uid = null; aid = uuid(); held = [];
+        var withdraw = function () { record(); forget(); uid = null; aid = uuid(); held = []; };
+        // A choice made while the id was settling is recorded first, so the ledger keeps the
+        // order the visitor chose in and the settled id is the one forgotten.
+        if (settling) settling.push(withdraw); else withdraw();
         return eff;
       }
       identity(function () { record(); save(); release(); });

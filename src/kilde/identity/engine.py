@@ -1060,10 +1060,7 @@ class IdentityEngine:
             "profile_traits": "traits.parquet",
             "profile_ids": "ids.parquet",
         }
-        inserts: list[tuple[str, list[Any]]] = [
-            (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", p(files[table]))
-            for table in [*tables, "profile_ids"]
-        ]
+        inserts = [_insert_file(t, scratch / files[t]) for t in [*tables, "profile_ids"]]
         return [*deletes, *inserts]
 
     def _map_indexes(self, present: bool) -> None:
@@ -1566,9 +1563,21 @@ def _write_profiles(
 def _profile_inserts(scratch: Path) -> list[tuple[str, list[Any]]]:
     """The statements that add `_write_profiles`' files."""
     return [
-        (
-            f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
-            [str(scratch / name)],
-        )
+        _insert_file(table, scratch / name)
         for table, name in (("profiles", "profiles.parquet"), ("profile_traits", "traits.parquet"))
     ]
+
+
+# Lookups read a profile and its traits by profile id. An index on it doubled the cost of
+# rewriting profiles, so instead the rows are written in profile-id order: a rebuild writes all
+# of them so, and DuckDB's zone maps then skip every row group but the one holding the id
+# (about 2 ms instead of 15 on an idle store of 1.15M profiles). The profiles rewritten
+# afterwards are appended, each batch in order, and their row groups are read whole; after a
+# sixth of the profiles had been rewritten a lookup still read a quarter of what it did unsorted.
+_SORTED_BY = {"profiles": "profile_id", "profile_traits": "profile_id"}
+
+
+def _insert_file(table: str, path: Path) -> tuple[str, list[Any]]:
+    """The statement that adds the rows of a Parquet file to `table`."""
+    order = f" ORDER BY {_SORTED_BY[table]}" if table in _SORTED_BY else ""
+    return (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?){order}", [str(path)])

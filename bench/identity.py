@@ -12,7 +12,9 @@
    memory; the ratio to Kilde's component stage and to the whole rebuild.
 4. Freshness: a real `kilde serve` on that store, a paced load of 5,000 events/s, and identify
    calls that link a new device to a known user; latency from the identify's 2xx to the profile
-   lookup showing the link (p50/p95/max).
+   lookup showing the link (p50/p95/max). The target is about the steady state, so the probes
+   of the first `--warmup` seconds are reported apart: then the server has just started (cold
+   caches) and the load's first pass brings a thousand new people at once.
 Every figure is printed with its baseline from the same run.
 """
 
@@ -196,7 +198,9 @@ def phase_networkx(data: Path) -> dict[str, Any]:
     }
 
 
-async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dict[str, Any]:
+async def _latency(
+    url: str, rate: int, seconds: float, warmup: float, users: list[str]
+) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
     pool = event_pool(11)
     stamper = Stamper(pool, f"lat-{uuid.uuid4().hex[:6]}")
@@ -222,7 +226,9 @@ async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dic
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
     latencies: list[float] = []
+    warming: list[float] = []  # probes sent during the warm-up
     missed = 0
+    started = time.perf_counter()
 
     async def probe() -> None:
         nonlocal missed
@@ -240,6 +246,7 @@ async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dic
                     auth=(WEB_KEY, ""),
                 )
                 acked = time.perf_counter()
+                found_in = warming if acked - started < warmup else latencies
                 assert answer.status_code == 200, answer.text
                 while True:
                     found = await client.post(
@@ -251,7 +258,7 @@ async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dic
                             "/api/profiles/lookup", json={"user_id": user}, headers=admin
                         )
                         if mine.json()["profiles"][0]["profile_id"] == profiles[0]["profile_id"]:
-                            latencies.append(time.perf_counter() - acked)
+                            found_in.append(time.perf_counter() - acked)
                             break
                     if time.perf_counter() - acked > 30:
                         missed += 1
@@ -259,7 +266,6 @@ async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dic
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.3)
 
-    started = time.perf_counter()
     await asyncio.gather(*(load(conn) for conn in conns), probe())
     wall = time.perf_counter() - started
     for conn in conns:
@@ -273,10 +279,13 @@ async def _latency(url: str, rate: int, seconds: float, users: list[str]) -> dic
         "p50_s": percentile(latencies, 50),
         "p95_s": percentile(latencies, 95),
         "max_s": max(latencies) if latencies else float("nan"),
+        "warmup_probes": len(warming),
+        "warmup_p50_s": percentile(warming, 50),
+        "warmup_max_s": max(warming) if warming else float("nan"),
     }
 
 
-def phase_latency(data: Path, rate: int, seconds: float) -> dict[str, Any]:
+def phase_latency(data: Path, rate: int, seconds: float, warmup: float) -> dict[str, Any]:
     import duckdb
 
     con = duckdb.connect(str(data / "kilde.duckdb"), read_only=True)
@@ -308,7 +317,7 @@ def phase_latency(data: Path, rate: int, seconds: float) -> dict[str, Any]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        return asyncio.run(_latency(url, rate, seconds, users))
+        return asyncio.run(_latency(url, rate, seconds, warmup, users))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -332,7 +341,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 = 10M events, 1M people")
     parser.add_argument("--rate", type=int, default=5000, help="load in events per second")
-    parser.add_argument("--seconds", type=float, default=40, help="length of the load")
+    parser.add_argument("--seconds", type=float, default=70, help="length of the load")
+    parser.add_argument(
+        "--warmup", type=float, default=10, help="seconds of load whose probes are kept apart"
+    )
     parser.add_argument("--memory-limit", default="3GB", help="DuckDB memory limit")
     parser.add_argument("--skip-networkx", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
@@ -345,7 +357,7 @@ def main() -> None:
             "generate": lambda: phase_generate(args.data, args.scale),
             "rebuild": lambda: phase_rebuild(args.data, args.memory_limit),
             "networkx": lambda: phase_networkx(args.data),
-            "latency": lambda: phase_latency(args.data, args.rate, args.seconds),
+            "latency": lambda: phase_latency(args.data, args.rate, args.seconds, args.warmup),
         }
         print(json.dumps(phases[args.phase](), default=str))
         return
@@ -396,13 +408,25 @@ def main() -> None:
                 flush=True,
             )
         if not args.skip_latency:
-            lat = _child("latency", data, "--rate", str(args.rate), "--seconds", str(args.seconds))
+            lat = _child(
+                "latency",
+                data,
+                *("--rate", str(args.rate), "--seconds", str(args.seconds)),
+                *("--warmup", str(args.warmup)),
+            )
             print(
-                f"freshness under {lat['achieved_rate']:,.0f} events/s (asked {args.rate:,}): "
+                f"freshness under {lat['achieved_rate']:,.0f} events/s (asked {args.rate:,}), "
+                f"after a {args.warmup:.0f} s warm-up: "
                 f"identify 2xx -> profile shows the link: p50 {lat['p50_s'] * 1000:,.0f} ms, "
                 f"p95 {lat['p95_s'] * 1000:,.0f} ms, max {lat['max_s'] * 1000:,.0f} ms over "
                 f"{lat['probes']} probes ({lat['missed']} missed); target p95 < 1000 ms "
                 f"(ratio {lat['p95_s']:.2f}x the target); statuses {lat['statuses']}",
+                flush=True,
+            )
+            print(
+                f"  warm-up (first {args.warmup:.0f} s after the server started, not in the "
+                f"figures above): p50 {lat['warmup_p50_s'] * 1000:,.0f} ms, max "
+                f"{lat['warmup_max_s'] * 1000:,.0f} ms over {lat['warmup_probes']} probes",
                 flush=True,
             )
     finally:

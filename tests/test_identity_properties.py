@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 
 from kilde.identity import engine as engine_module
 from kilde.identity.engine import IdentityEngine
+from kilde.identity.identifiers import Identifier
 from kilde.pipeline import Envelope, Pipeline
 from kilde.plan import load_plan
 from kilde.plan.models import Plan
+from kilde.profiles import queries
 from kilde.store import Store, Writer
 from kilde.store.writer import WriteBatch
 from tests.conftest import DEMO_PLAN
@@ -382,6 +384,39 @@ def page_of(anon: str, when: str) -> dict[str, Any]:
 TWO_DEVICES = PLAN.model_copy(
     update={"identity": PLAN.identity.model_copy(update={"limits": {"anonymous_id": 2}})}
 )
+
+
+def test_the_profile_page_shows_a_profile_whose_closure_was_just_renamed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The profile page reads a profile's identifiers through the closure its row names. In
+    the moment between a new link and the profile's rewrite, that can be a closure the link
+    renamed (it takes the id of its earliest identifier); the page still shows them all."""
+    monkeypatch.setattr(engine_module, "DEFER_PROFILES_AFTER", -1.0)  # "slow" from the start
+    # u1's profile is full (two devices); a0, seen before all of them, joins the closure on a
+    # profile of its own, and the closure takes a0's id while u1's profile keeps its own.
+    first = [
+        page_of("a0", "2025-12-31T09:00"),
+        sign_in("a1", "2026-01-01T10:00"),
+        sign_in("a2", "2026-01-02T10:00"),
+    ]
+    later = [sign_in("a0", "2026-01-04T10:00")]
+    with after_first(first, later, "w", TWO_DEVICES) as (rebuilt, incremental):
+        engine, store = incremental.engine, incremental.store
+        [profile_id] = queries.lookup(store, [Identifier("user_id", "u1")])
+        incremental.send(later)
+        with engine.lock:  # the refresh thread cannot rewrite the profile before the checks
+            engine.step(defer_quiet=True)
+            assert queries.lookup(store, [Identifier("user_id", "u1")]) == [profile_id]
+            named = "SELECT closure_id FROM profiles WHERE profile_id = ?"
+            now = "SELECT DISTINCT closure_id FROM identity_map WHERE profile_id = ?"
+            assert store.scalar(named, [profile_id]) != store.scalar(now, [profile_id])
+            shown = queries.profile(store, profile_id)
+            assert shown is not None
+            assert {i["value"] for i in shown["identities"]} == {"a1", "a2", "u1"}
+        assert engine.wait_idle()
+        assert store.scalar(named, [profile_id]) == store.scalar(now, [profile_id])
+        assert incremental.snapshot() == rebuilt.snapshot()
 
 
 def test_a_known_person_on_a_new_device_is_attached_without_a_stitch() -> None:

@@ -22,6 +22,9 @@ from kilde.identity.runner import Runner
 # but leaves the index unused once the scan also filters on id_type: a scan of millions of rows.
 # MATERIALIZED keeps the type filter out of the indexed scan.
 ONE_IDENTIFIER = "WITH held AS MATERIALIZED (SELECT * FROM identity_map WHERE id_value = ?) "
+# The identity_map rows of one closure, as `mine` (parameters: the closure id; then the
+# query's own), from the closure index for the same reason.
+ONE_CLOSURE = "WITH mine AS MATERIALIZED (SELECT * FROM identity_map WHERE closure_id = ?) "
 
 
 def lookup(

@@ -452,14 +452,8 @@ class IdentityEngine:
             pq.write_table(records, scratch / "records.parquet")
             pq.write_table(observations, scratch / "observations.parquet")
             insert_records = [
-                (
-                    "INSERT INTO identity_records BY NAME SELECT * FROM read_parquet(?)",
-                    [str(scratch / "records.parquet")],
-                ),
-                (
-                    "INSERT INTO identity_observations BY NAME SELECT * FROM read_parquet(?)",
-                    [str(scratch / "observations.parquet")],
-                ),
+                _insert_file("identity_records", scratch / "records.parquet"),
+                _insert_file("identity_observations", scratch / "observations.parquet"),
             ]
             # 1. Records that link nothing new (one known identifier, not earlier than it was
             # first seen) leave their closure as it is: only their profiles are refreshed.
@@ -484,12 +478,7 @@ class IdentityEngine:
                     pa.Table.from_pylist(answer.attached, schema=ATTACHED_SCHEMA),
                     scratch / "attached.parquet",
                 )
-                insert_records.append(
-                    (
-                        "INSERT INTO identity_map BY NAME SELECT * FROM read_parquet(?)",
-                        [str(scratch / "attached.parquet")],
-                    )
-                )
+                insert_records.append(_insert_file("identity_map", scratch / "attached.parquet"))
             # 2. The records themselves: before a stitch (which reads them) in a transaction
             # of their own; else with the tick's last one.
             if seeds:
@@ -1186,13 +1175,7 @@ class IdentityEngine:
                         statements=[
                             ("DELETE FROM identity_records", []),
                             ("DELETE FROM identity_observations", []),
-                            *[
-                                (
-                                    f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
-                                    [str(scratch / name)],
-                                )
-                                for table, name in parts
-                            ],
+                            *[_insert_file(table, scratch / name) for table, name in parts],
                         ]
                     )
                 )
@@ -1578,6 +1561,6 @@ _SORTED_BY = {"profiles": "profile_id", "profile_traits": "profile_id"}
 
 
 def _insert_file(table: str, path: Path) -> tuple[str, list[Any]]:
-    """The statement that adds the rows of a Parquet file to `table`."""
+    """The statement that adds the rows of a Parquet file to `table` (sorted, see above)."""
     order = f" ORDER BY {_SORTED_BY[table]}" if table in _SORTED_BY else ""
     return (f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?){order}", [str(path)])

@@ -118,7 +118,7 @@ def profile(store: Store, profile_id: str) -> dict[str, Any] | None:
     if not rows:
         return None
     row = rows[0]
-    identities = identities_of(store, profile_id, row["closure_id"])
+    identities = _identities_of(store, profile_id, row["closure_id"])
     traits = {
         t["name"]: {
             "value": orjson.loads(t["value"]) if t["value"] is not None else None,
@@ -168,7 +168,7 @@ _IDENTITIES = (
 )
 
 
-def identities_of(store: Store, profile_id: str, closure_id: str) -> list[dict[str, Any]]:
+def _identities_of(store: Store, profile_id: str, closure_id: str) -> list[dict[str, Any]]:
     """The identifiers of a profile, read through its closure (identity_map's index) instead
     of a scan of every identifier (3.5 ms against 34 ms on 3M identifiers).
 

@@ -6,6 +6,7 @@ import base64
 import gzip
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -13,7 +14,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import APP_KEY, BACKEND_KEY, WEB_KEY, Server
+from tests.conftest import APP_KEY, BACKEND_KEY, WEB_KEY, Server, start_server
 
 CHROME_ON_WINDOWS = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -230,6 +231,34 @@ def test_same_message_id_twice_is_stored_once_and_reported_duplicate(
     retried = post(kilde_server, "/v1/batch", batch)
     assert retried.json()["stored"] == 0 and retried.json()["duplicates"] == 2
     assert len(events_of(kilde_server, user_id=user)) == 1
+
+
+def test_duplicates_are_caught_within_the_writers_memory_of_recent_message_ids(
+    tmp_path: Path,
+) -> None:
+    """KILDE_DEDUPE_IDS sets how many recent message ids are remembered (docs: a retry older
+    than that is stored again); a restart remembers the newest ones from the store."""
+    server = start_server(tmp_path / "data", KILDE_DEDUPE_IDS="16")
+    try:
+        user = uid()
+        message = {"userId": user, "event": "Signed In", "messageId": f"{user}-old"}
+        assert post(server, "/v1/track", message).json()["stored"] == 1
+        newer = [
+            {"type": "track", "userId": uid(), "event": "Signed In", "messageId": f"{user}-{i}"}
+            for i in range(40)
+        ]
+        assert post(server, "/v1/batch", {"batch": newer}).json()["stored"] == 40
+        late = post(server, "/v1/track", message).json()
+        assert late["stored"] == 1 and late["duplicates"] == 0, "forgotten: stored again"
+        assert len(events_of(server, user_id=user)) == 2
+        assert post(server, "/v1/track", message).json()["duplicates"] == 1
+        server.stop()
+        server = start_server(tmp_path / "data", KILDE_DEDUPE_IDS="16")
+        again = post(server, "/v1/track", message).json()
+        assert again["stored"] == 0 and again["duplicates"] == 1, "the newest one is remembered"
+        assert len(events_of(server, user_id=user)) == 2
+    finally:
+        server.stop()
 
 
 def test_timestamp_is_corrected_for_the_senders_clock(kilde_server: Server) -> None:

@@ -48,6 +48,21 @@ def duckdb_threads() -> int | None:
     )
 
 
+# How many recent (source, messageId) pairs the Writer remembers to acknowledge a retry as a
+# duplicate instead of storing it again (KILDE_DEDUPE_IDS). A retry of an older message is
+# stored again: at 5,000 events/s the default covers about 100 seconds. A restart reloads the
+# newest pairs from the store. Each pair takes about 200 bytes.
+DEFAULT_DEDUPE_IDS = 500_000
+
+
+def dedupe_ids() -> int:
+    """The Writer's memory of recent message ids for deduplication (KILDE_DEDUPE_IDS)."""
+    found = positive_whole_number(
+        "KILDE_DEDUPE_IDS", f"{DEFAULT_DEDUPE_IDS:,}", logging.getLogger("kilde.config")
+    )
+    return found or DEFAULT_DEDUPE_IDS
+
+
 def duckdb_memory_limit() -> str:
     """The store's DuckDB memory limit from the environment, or the default."""
     return os.environ.get("KILDE_DUCKDB_MEMORY_LIMIT") or DEFAULT_DUCKDB_MEMORY_LIMIT

@@ -326,3 +326,11 @@ def test_stats_show_the_duckdb_settings_an_operator_chose(tmp_path: Path) -> Non
     default = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()
     assert default is not None and threads == default[0], "DuckDB's own default"
     assert "KILDE_DUCKDB_THREADS must be a positive whole number" in wrong.log_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="thread names are read from /proc")
+def test_the_servers_threads_carry_their_names_for_top(kilde_server: Server) -> None:
+    """`top -H` and `ps -L` tell the writer and the background engines from the event loop."""
+    tasks = Path(f"/proc/{kilde_server.process.pid}/task")
+    names = {(task / "comm").read_text().strip() for task in tasks.iterdir()}
+    assert {"kilde-writer", "kilde-identity", "kilde-insights", "kilde-consent"} <= names, names

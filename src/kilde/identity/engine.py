@@ -47,6 +47,7 @@ from kilde.plan.models import IDENTIFIER_TYPES, IdentityRules, Plan
 from kilde.profiles.build import computed_traits, keyed_profile_events, trait_rows
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
+from kilde.thread_names import name_os_thread
 
 log = logging.getLogger("kilde.identity")
 
@@ -648,6 +649,7 @@ class IdentityEngine:
     def _refresh_beside(
         self, rows: list[dict[str, Any]], closures: set[str], seq: int, epoch: int, key: str
     ) -> None:
+        name_os_thread()
         scratch = self._scratch()
         run: Runner | None = None
         try:
@@ -1123,6 +1125,7 @@ class IdentityEngine:
             future: concurrent.futures.Future[RunReport] = concurrent.futures.Future()
 
             def work() -> None:
+                name_os_thread()
                 try:
                     report = self.rebuild(self._say)
                     self.last_rebuild = report
@@ -1301,6 +1304,7 @@ class IdentityEngine:
         return int(row[0] if row else 0), self.rules_hash()
 
     def _run(self) -> None:
+        name_os_thread()
         done: tuple[int, str] | None = None
         while not self._stop.is_set():
             try:

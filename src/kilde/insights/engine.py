@@ -27,6 +27,7 @@ from kilde.insights.segments import membership
 from kilde.pipeline import Pipeline
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
+from kilde.thread_names import name_os_thread
 
 log = logging.getLogger("kilde.insights")
 
@@ -156,6 +157,7 @@ class InsightsEngine:
         return max(MIN_INTERVAL, self.pipeline().plan.segments.refresh_seconds)
 
     def _run(self) -> None:
+        name_os_thread()
         while not self._stop.wait(self.interval()):
             try:
                 self.refresh_all()

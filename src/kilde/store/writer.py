@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from kilde.errors import KildeError
 from kilde.store.database import Store
+from kilde.thread_names import name_os_thread
 
 log = logging.getLogger("kilde.store")
 
@@ -304,6 +305,7 @@ class Writer:
     # -- the writer thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             first = self._queue.get()
             if first is None:

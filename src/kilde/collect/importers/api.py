@@ -45,6 +45,7 @@ from kilde.collect.importers.social_login import ClaimsProblem, claims_message
 from kilde.errors import KildeError
 from kilde.pipeline import Envelope, Pipeline
 from kilde.store.writer import StoreUnavailableError
+from kilde.thread_names import name_os_thread
 from kilde.web.admin_api import require_admin
 from kilde.web.errors import HttpProblem, JsonResponse
 
@@ -406,6 +407,7 @@ def run_upload(request: Request, upload_id: str, body: UploadRunBody) -> dict[st
     outcome: dict[str, Any] = {}
 
     def work() -> None:
+        name_os_thread()
         try:
             summary = run_import(
                 files[0],

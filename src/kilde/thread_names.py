@@ -1,0 +1,35 @@
+"""Kilde's thread names, given to the operating system too.
+
+Python 3.11 names its threads for Python only; `top -H`, `ps -L` and /proc show every thread
+of the server as "python". Each long-running Kilde thread calls `name_os_thread` first, so an
+operator (and bench/ingest.py) can tell the writer, the identity engine and its profile
+refreshes apart from the event loop and DuckDB's own threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+import threading
+
+_PR_SET_NAME = 15  # prctl(2)
+_LINUX_NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one the terminating NUL
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    found = ctypes.util.find_library("c")
+    return ctypes.CDLL(found, use_errno=True) if found else None
+
+
+def name_os_thread() -> None:
+    """Give the calling thread its Python name in the OS (Linux only; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    name = threading.current_thread().name.encode("utf-8", "replace")[:_LINUX_NAME_BYTES]
+    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)

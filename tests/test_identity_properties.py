@@ -241,7 +241,7 @@ def test_records_that_link_nothing_new_refresh_profiles_like_a_rebuild() -> None
 
 
 def test_quiet_refreshes_held_by_the_background_thread_end_like_a_rebuild() -> None:
-    """The background thread holds quiet profiles' refresh for up to a second while it keeps
+    """The background thread holds quiet profiles' refresh for a moment while it keeps
     stitching new links; new links show at once, and once idle the profiles equal a rebuild."""
     first = [
         {"type": "identify", "anonymousId": "a1", "userId": "u1", "timestamp": "2026-01-01T10:00"},

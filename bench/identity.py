@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +204,42 @@ def phase_networkx(data: Path) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Probes:
+    """The latencies of one kind of probe, and how many never saw their change."""
+
+    seconds: list[float] = field(default_factory=list)
+    missed: int = 0
+
+    def note(self, seconds: float | None) -> None:
+        if seconds is None:
+            self.missed += 1
+        else:
+            self.seconds.append(seconds)
+
+    def figures(self, prefix: str) -> dict[str, Any]:
+        found = self.seconds
+        return {
+            f"{prefix}probes": len(found),
+            f"{prefix}missed": self.missed,
+            f"{prefix}p50_s": percentile(found, 50),
+            f"{prefix}p95_s": percentile(found, 95),
+            f"{prefix}max_s": max(found) if found else float("nan"),
+        }
+
+
+async def _seconds_until(
+    check: Callable[[], Awaitable[bool]], since: float, every: float
+) -> float | None:
+    """Seconds from `since` until `check()` holds, asked every `every` seconds; None after 30."""
+    while True:
+        if await check():
+            return time.perf_counter() - since
+        if time.perf_counter() - since > 30:
+            return None
+        await asyncio.sleep(every)
+
+
 async def _latency(
     url: str,
     rate: int,
@@ -238,13 +276,11 @@ async def _latency(
             next_at += per_tick / share
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
-    latencies: list[float] = []
-    warming: list[float] = []  # probes sent during the warm-up
-    missed = 0
+    links = Probes()
+    warming = Probes()  # link probes sent during the warm-up
     started = time.perf_counter()
 
     async def probe() -> None:
-        nonlocal missed
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             admin = {"Authorization": f"Bearer {ADMIN}"}
             await asyncio.sleep(2.0)
@@ -259,31 +295,28 @@ async def _latency(
                     auth=(WEB_KEY, ""),
                 )
                 acked = time.perf_counter()
-                found_in = warming if acked - started < warmup else latencies
+                found_in = warming if acked - started < warmup else links
                 assert answer.status_code == 200, answer.text
-                while True:
+
+                async def linked(device: str = device, user: str = user) -> bool:
                     found = await client.post(
                         "/api/profiles/lookup", json={"anonymous_id": device}, headers=admin
                     )
                     profiles = found.json()["profiles"]
-                    if profiles:
-                        mine = await client.post(
-                            "/api/profiles/lookup", json={"user_id": user}, headers=admin
-                        )
-                        if mine.json()["profiles"][0]["profile_id"] == profiles[0]["profile_id"]:
-                            found_in.append(time.perf_counter() - acked)
-                            break
-                    if time.perf_counter() - acked > 30:
-                        missed += 1
-                        break
-                    await asyncio.sleep(0.02)
+                    if not profiles:
+                        return False
+                    mine = await client.post(
+                        "/api/profiles/lookup", json={"user_id": user}, headers=admin
+                    )
+                    home = mine.json()["profiles"][0]["profile_id"]
+                    return bool(home == profiles[0]["profile_id"])
+
+                found_in.note(await _seconds_until(linked, acked, every=0.02))
                 await asyncio.sleep(0.3)
 
-    counted: list[float] = []  # page view 2xx -> the profile's event count shows it
-    counted_missed = 0
+    counted = Probes()  # page view 2xx -> the profile's event count shows it
 
     async def probe_counts() -> None:
-        nonlocal counted_missed
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             admin = {"Authorization": f"Bearer {ADMIN}"}
             await asyncio.sleep(max(0.0, links_deadline - time.perf_counter()))
@@ -301,15 +334,12 @@ async def _latency(
                 )
                 acked = time.perf_counter()
                 assert answer.status_code == 200, answer.text
-                while True:
+
+                async def counted_in(lookup: dict[str, str] = lookup, before: int = before) -> bool:
                     now = await client.post("/api/profiles/lookup", json=lookup, headers=admin)
-                    if now.json()["profiles"][0]["events"] > before:
-                        counted.append(time.perf_counter() - acked)
-                        break
-                    if time.perf_counter() - acked > 30:
-                        counted_missed += 1
-                        break
-                    await asyncio.sleep(0.05)
+                    return bool(now.json()["profiles"][0]["events"] > before)
+
+                counted.note(await _seconds_until(counted_in, acked, every=0.05))
                 await asyncio.sleep(0.3)
 
     await asyncio.gather(*(load(conn) for conn in conns), probe(), probe_counts())
@@ -320,19 +350,12 @@ async def _latency(
         "events_sent": sent,
         "achieved_rate": sent / wall,
         "statuses": statuses,
-        "probes": len(latencies),
-        "missed": missed,
-        "p50_s": percentile(latencies, 50),
-        "p95_s": percentile(latencies, 95),
-        "max_s": max(latencies) if latencies else float("nan"),
-        "warmup_probes": len(warming),
-        "warmup_p50_s": percentile(warming, 50),
-        "warmup_max_s": max(warming) if warming else float("nan"),
-        "counted_probes": len(counted),
-        "counted_missed": counted_missed,
-        "counted_p50_s": percentile(counted, 50),
-        "counted_p95_s": percentile(counted, 95),
-        "counted_max_s": max(counted) if counted else float("nan"),
+        **links.figures(""),
+        "missed": links.missed + warming.missed,
+        "warmup_probes": len(warming.seconds),
+        "warmup_p50_s": warming.figures("")["p50_s"],
+        "warmup_max_s": warming.figures("")["max_s"],
+        **counted.figures("counted_"),
     }
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 
-from tests.conftest import BACKEND_KEY, WEB_KEY, Server
+from tests.conftest import BACKEND_KEY, DEMO_PLAN, WEB_KEY, Server, start_server
 
 GIFT_WRAPPED = """
   - name: Gift Wrapped
@@ -201,3 +203,31 @@ def test_bad_events_commands_work_without_a_running_server(own_server: Server) -
     assert "replayed 1 (stored 1 events), 0 still failing" in replayed
     listed = orjson.loads(own_server.kilde("events", "list", "--json").stdout)
     assert [e["message_id"] for e in listed] == [f"{user}-g"]
+
+
+def test_a_replayed_letter_is_remembered_as_newest_after_a_restart(tmp_path: Path) -> None:
+    """A replay keeps the receipt time of the first try, hours ago; the writer's memory of
+    recent message ids is reloaded in the order events were written, so an SDK's retry of
+    that message after a restart is still caught as a duplicate."""
+    plan = tmp_path / "kilde.yaml"
+    shutil.copy(DEMO_PLAN, plan)
+    server = start_server(tmp_path / "data", plan, KILDE_DEDUPE_IDS="16")
+    try:
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        body = {"userId": user, "event": "Gift Wrapped", "messageId": f"{user}-gift"}
+        assert track(server, body).status_code == 400
+        newer = [
+            {"type": "track", "userId": user, "event": "Signed In", "messageId": f"{user}-{i}"}
+            for i in range(40)
+        ]
+        sent = httpx.post(f"{server.url}/v1/batch", json={"batch": newer}, auth=(WEB_KEY, ""))
+        assert sent.json()["stored"] == 40
+        add_to_plan(server, GIFT_WRAPPED)
+        assert "replayed 1 (stored 1 events)" in server.kilde("bad-events", "replay").stdout
+        server.stop()
+        server = start_server(tmp_path / "data", plan, KILDE_DEDUPE_IDS="16")
+        retried = track(server, body)
+        assert retried.json()["stored"] == 0 and retried.json()["duplicates"] == 1
+        assert len([e for e in events_of(server, user) if e["event"] == "Gift Wrapped"]) == 1
+    finally:
+        server.stop()

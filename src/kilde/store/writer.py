@@ -249,8 +249,11 @@ class Writer:
         return self._write_seq
 
     def _seed_recent(self, limit: int) -> None:
+        # In commit order: a replayed dead letter keeps the receipt time of its first try.
         rows = self.store.query(
-            "SELECT source, message_id FROM events ORDER BY received_at DESC LIMIT ?", [limit]
+            "SELECT source, message_id FROM events "
+            "ORDER BY write_seq DESC NULLS LAST, received_at DESC LIMIT ?",
+            [limit],
         )
         for row in reversed(rows):
             self.recent.add(recent_key(row["source"], row["message_id"]))

@@ -9,7 +9,6 @@ refreshes apart from the event loop and DuckDB's own threads.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 import threading
@@ -19,17 +18,15 @@ _LINUX_NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one the terminatin
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
-    found = ctypes.util.find_library("c")
-    return ctypes.CDLL(found, use_errno=True) if found else None
+def _process_symbols() -> ctypes.CDLL:
+    # The symbols already loaded in the process, libc's among them; no search for the library
+    # file (ctypes.util.find_library runs ldconfig in a subprocess).
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def name_os_thread() -> None:
     """Give the calling thread its Python name in the OS (Linux only; elsewhere nothing)."""
     if not sys.platform.startswith("linux"):
         return
-    libc = _libc()
-    if libc is None:
-        return
     name = threading.current_thread().name.encode("utf-8", "replace")[:_LINUX_NAME_BYTES]
-    libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    _process_symbols().prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)

@@ -18,9 +18,17 @@ from typing import Any
 
 import duckdb
 import ibis
+
+# Loaded now, on import, in the server's main thread before any other thread starts. ibis and
+# sqlglot load their DuckDB parts on first use, and sqlglot's dialect loader holds a lock of
+# its own around Python's import locks: the identity engine's first tick and a request's first
+# Ibis query loading them at once deadlocked a server in the test suite.
+import ibis.backends.duckdb
 import ibis.expr.schema as sch
 import ibis.expr.types as ir
 import pyarrow as pa
+import sqlglot.dialects.duckdb  # noqa: F401
+from ibis.backends.sql.datatypes import DuckDBType
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz_0123456789")
 
@@ -58,8 +66,6 @@ class Runner:
                 "WHERE table_name = ? AND table_schema = 'main' ORDER BY ordinal_position",
                 [_check_name(name)],
             ).fetchall()
-            from ibis.backends.sql.datatypes import DuckDBType
-
             self.schemas[name] = sch.Schema(
                 {col: DuckDBType.from_string(kind) for col, kind in rows}
             )

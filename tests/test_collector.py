@@ -261,6 +261,19 @@ def test_duplicates_are_caught_within_the_writers_memory_of_recent_message_ids(
         server.stop()
 
 
+def test_a_dedupe_window_that_is_not_a_number_is_refused_with_a_warning(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "data", KILDE_DEDUPE_IDS="lots")
+    try:
+        user = uid()
+        message = {"userId": user, "event": "Signed In", "messageId": f"{user}-once"}
+        assert post(server, "/v1/track", message).json()["stored"] == 1
+        assert post(server, "/v1/track", message).json()["duplicates"] == 1, "the default"
+    finally:
+        server.stop()
+    warning = "KILDE_DEDUPE_IDS must be a positive whole number; using 500,000"
+    assert warning in server.log_text()
+
+
 def test_timestamp_is_corrected_for_the_senders_clock(kilde_server: Server) -> None:
     user = uid()
     # The device's clock is 2 hours and 5 seconds ahead; the event happened 30 s before sending.

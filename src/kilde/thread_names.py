@@ -1,9 +1,9 @@
 """Kilde's thread names, given to the operating system too.
 
 Python 3.11 names its threads for Python only; `top -H`, `ps -L` and /proc show every thread
-of the server as "python". Each long-running Kilde thread calls `name_os_thread` first, so an
-operator (and bench/ingest.py) can tell the writer, the identity engine and its profile
-refreshes apart from the event loop and DuckDB's own threads.
+of the server as "python". Kilde starts its threads as `NamedThread`, so an operator (and
+bench/ingest.py) can tell the writer, the identity engine and its profile refreshes apart from
+the event loop and DuckDB's own threads.
 """
 
 from __future__ import annotations
@@ -30,3 +30,11 @@ def name_os_thread() -> None:
         return
     name = threading.current_thread().name.encode("utf-8", "replace")[:_LINUX_NAME_BYTES]
     _process_symbols().prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+class NamedThread(threading.Thread):
+    """A thread that gives itself its name in the OS before it runs its target."""
+
+    def run(self) -> None:
+        name_os_thread()
+        super().run()

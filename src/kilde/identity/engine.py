@@ -47,7 +47,7 @@ from kilde.plan.models import IDENTIFIER_TYPES, IdentityRules, Plan
 from kilde.profiles.build import computed_traits, keyed_profile_events, trait_rows
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
-from kilde.thread_names import name_os_thread
+from kilde.thread_names import NamedThread
 
 log = logging.getLogger("kilde.identity")
 
@@ -612,7 +612,7 @@ class IdentityEngine:
         if not rows and not closures:
             return
         self._stitch_seq += 1
-        self._refreshing = threading.Thread(
+        self._refreshing = NamedThread(
             target=self._refresh_beside,
             args=(rows, closures, self._stitch_seq, self._epoch, self._compile_key()),
             name="kilde-refresh",
@@ -651,7 +651,6 @@ class IdentityEngine:
     def _refresh_beside(
         self, rows: list[dict[str, Any]], closures: set[str], seq: int, epoch: int, key: str
     ) -> None:
-        name_os_thread()
         scratch = self._scratch()
         run: Runner | None = None
         try:
@@ -1127,7 +1126,6 @@ class IdentityEngine:
             future: concurrent.futures.Future[RunReport] = concurrent.futures.Future()
 
             def work() -> None:
-                name_os_thread()
                 try:
                     report = self.rebuild(self._say)
                     self.last_rebuild = report
@@ -1139,7 +1137,7 @@ class IdentityEngine:
                     self.progress = ""
 
             self._rebuild = future
-            threading.Thread(target=work, name="kilde-rebuild", daemon=True).start()
+            NamedThread(target=work, name="kilde-rebuild", daemon=True).start()
             return future
 
     @property
@@ -1267,7 +1265,7 @@ class IdentityEngine:
         self._salt = None
         self._map_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="kilde-identity", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kilde-identity", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -1306,7 +1304,6 @@ class IdentityEngine:
         return int(row[0] if row else 0), self.rules_hash()
 
     def _run(self) -> None:
-        name_os_thread()
         done: tuple[int, str] | None = None
         while not self._stop.is_set():
             try:

@@ -19,10 +19,11 @@ from typing import Any
 import duckdb
 import ibis
 
-# Loaded now, on import, in the server's main thread before any other thread starts. ibis and
-# sqlglot load their DuckDB parts on first use, and sqlglot's dialect loader holds a lock of
-# its own around Python's import locks: the identity engine's first tick and a request's first
-# Ibis query loading them at once deadlocked a server in the test suite.
+# ibis.backends.duckdb and sqlglot.dialects.duckdb are loaded now, on import, in the server's
+# main thread before any other thread starts. ibis and sqlglot load them on first use, and
+# sqlglot's dialect loader holds a lock of its own around Python's import locks: the identity
+# engine's first tick and a request's first Ibis query loading them at once deadlocked a server
+# in the test suite.
 import ibis.backends.duckdb
 import ibis.expr.schema as sch
 import ibis.expr.types as ir

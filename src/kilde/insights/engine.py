@@ -27,7 +27,7 @@ from kilde.insights.segments import membership
 from kilde.pipeline import Pipeline
 from kilde.store.database import Store
 from kilde.store.writer import WriteBatch, Writer
-from kilde.thread_names import name_os_thread
+from kilde.thread_names import NamedThread
 
 log = logging.getLogger("kilde.insights")
 
@@ -144,7 +144,7 @@ class InsightsEngine:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="kilde-insights", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kilde-insights", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -157,7 +157,6 @@ class InsightsEngine:
         return max(MIN_INTERVAL, self.pipeline().plan.segments.refresh_seconds)
 
     def _run(self) -> None:
-        name_os_thread()
         while not self._stop.wait(self.interval()):
             try:
                 self.refresh_all()

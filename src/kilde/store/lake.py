@@ -218,7 +218,7 @@ class LakeWriter(Writer):
         lake: Lake,
         local: Store,
         *,
-        dedupe_capacity: int = 500_000,
+        dedupe_capacity: int | None = None,
         max_queued_rows: int = 200_000,
     ) -> None:
         self.lake = lake.create()

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kilde.config import dedupe_ids
 from kilde.errors import KildeError
 from kilde.store.database import Store
-from kilde.thread_names import name_os_thread
+from kilde.thread_names import NamedThread
 
 log = logging.getLogger("kilde.store")
 
@@ -220,8 +221,14 @@ class Writer:
     """Owns all writes to the store; see the module docstring."""
 
     def __init__(
-        self, store: Store, *, dedupe_capacity: int = 500_000, max_queued_rows: int = 200_000
+        self,
+        store: Store,
+        *,
+        dedupe_capacity: int | None = None,
+        max_queued_rows: int = 200_000,
     ) -> None:
+        # KILDE_DEDUPE_IDS unless the caller says otherwise
+        dedupe_capacity = dedupe_capacity or dedupe_ids()
         self.store = store
         self.max_queued_rows = max_queued_rows
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -240,7 +247,7 @@ class Writer:
         self._write_seq = int(store.scalar("SELECT coalesce(max(write_seq), 0) FROM events") or 0)
         if sys.getswitchinterval() > SWITCH_INTERVAL:
             sys.setswitchinterval(SWITCH_INTERVAL)
-        self._thread = threading.Thread(target=self._run, name="kilde-writer", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kilde-writer", daemon=True)
         self._thread.start()
 
     @property
@@ -308,7 +315,6 @@ class Writer:
     # -- the writer thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        name_os_thread()
         while True:
             first = self._queue.get()
             if first is None:

@@ -26,7 +26,7 @@ from kilde.collect import website as website_routes
 from kilde.collect.forms import admin as form_admin
 from kilde.collect.forms import routes as form_routes
 from kilde.collect.importers import api as import_routes
-from kilde.config import Settings, dedupe_ids
+from kilde.config import Settings
 from kilde.pipeline import Pipeline
 from kilde.plan import Plan, load_plan
 from kilde.plan.models import Source
@@ -90,7 +90,7 @@ class CorsForCollection:
 def create_app(settings: Settings, *, extra_admin_token: str | None = None) -> FastAPI:
     plan = load_plan(settings.plan_path)
     store = Store(settings.data_dir)
-    writer = Writer(store, dedupe_capacity=dedupe_ids())
+    writer = Writer(store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -151,7 +151,7 @@ def create_collector_app(settings: Settings, lake_dir: Path) -> FastAPI:
     plan = load_plan(settings.plan_path)
     lake = Lake(lake_dir)
     store = collector_store(lake)
-    writer = LakeWriter(lake, store, dedupe_capacity=dedupe_ids())
+    writer = LakeWriter(lake, store)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

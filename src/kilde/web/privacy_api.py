@@ -30,7 +30,7 @@ from kilde.privacy.requests import RequestError
 from kilde.privacy.services import Privacy
 from kilde.privacy.subjects import Subject, SubjectError, parse_request
 from kilde.store.writer import StoreUnavailableError, WriteBatch
-from kilde.thread_names import name_os_thread
+from kilde.thread_names import NamedThread
 from kilde.web.admin_api import require_admin
 from kilde.web.errors import HttpProblem, JsonResponse
 
@@ -68,7 +68,6 @@ async def _retention_schedule(app: FastAPI) -> None:
 
 def _consent_refresh(app: FastAPI, stop: threading.Event) -> None:
     """Re-read the ledger and identity links for the consent gate now and then."""
-    name_os_thread()
     every = _seconds("KILDE_CONSENT_REFRESH", 60.0)
     while not stop.wait(every):
         try:
@@ -82,7 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.dependency_overrides[require_admin] = audit.audited_admin
     app.state.privacy_lock = threading.RLock()
     stop = threading.Event()
-    refresher = threading.Thread(
+    refresher = NamedThread(
         target=_consent_refresh, args=(app, stop), name="kilde-consent", daemon=True
     )
     refresher.start()

@@ -45,7 +45,7 @@ from kilde.collect.importers.social_login import ClaimsProblem, claims_message
 from kilde.errors import KildeError
 from kilde.pipeline import Envelope, Pipeline
 from kilde.store.writer import StoreUnavailableError
-from kilde.thread_names import name_os_thread
+from kilde.thread_names import NamedThread
 from kilde.web.admin_api import require_admin
 from kilde.web.errors import HttpProblem, JsonResponse
 
@@ -407,7 +407,6 @@ def run_upload(request: Request, upload_id: str, body: UploadRunBody) -> dict[st
     outcome: dict[str, Any] = {}
 
     def work() -> None:
-        name_os_thread()
         try:
             summary = run_import(
                 files[0],
@@ -425,7 +424,7 @@ def run_upload(request: Request, upload_id: str, body: UploadRunBody) -> dict[st
         finally:
             sink.started.set()
 
-    thread = threading.Thread(target=work, name=f"kilde-upload-{upload_id}", daemon=True)
+    thread = NamedThread(target=work, name=f"kilde-upload-{upload_id}", daemon=True)
     thread.start()
     sink.started.wait(timeout=60)
     if body.dry_run:

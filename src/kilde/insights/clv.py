@@ -13,7 +13,9 @@ spend of a customer's repeat orders and their number it gives the spend to expec
 shrunk towards the population mean when there are few orders.
 
 Both are fitted by maximum likelihood with scipy (parameters on a log scale, so they stay
-positive). Time is in weeks throughout. Value = expected purchases x expected spend per order.
+positive); scipy is imported when a model is first used, since it takes about 50 MB that a
+server which never computes lifetime values should not hold.
+Time is in weeks throughout. Value = expected purchases x expected spend per order.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import optimize, special
 
 from kilde.errors import KildeError
 
@@ -79,6 +80,8 @@ class BgNbd:
 
     def expected_purchases(self, t: float, x: Array, t_x: Array, T: Array) -> Array:
         """Purchases each customer is expected to make in the next t weeks, given their past."""
+        from scipy import special
+
         x, t_x, T = _arrays(x, t_x, T)
         r, alpha, a, b = self.r, self.alpha, self.a, self.b
         if abs(a - 1) < 1e-9:  # the formula divides by (a - 1); its limit is continuous
@@ -98,6 +101,8 @@ class BgNbd:
 
     def expected_in_period(self, t: Array | float) -> Array:
         """Purchases a new customer is expected to make in their first t weeks (unconditional)."""
+        from scipy import special
+
         t_arr = np.asarray(t, dtype=np.float64)
         r, alpha, a, b = self.r, self.alpha, self.a, self.b
         hyp = special.hyp2f1(r, b, a + b - 1, t_arr / (alpha + t_arr))
@@ -140,6 +145,8 @@ def _arrays(*values: Any) -> tuple[Array, ...]:
 
 def bgnbd_log_likelihood(params: Array, x: Array, t_x: Array, T: Array) -> Array:
     """Per-customer log-likelihood of BG/NBD (Fader, Hardie and Lee 2005, equation 6)."""
+    from scipy import special
+
     r, alpha, a, b = params
     a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
     a2 = special.gammaln(a + b) + special.gammaln(b + x) - special.gammaln(b)
@@ -157,6 +164,8 @@ def bgnbd_log_likelihood(params: Array, x: Array, t_x: Array, T: Array) -> Array
 
 def gamma_gamma_log_likelihood(params: Array, x: Array, m: Array) -> Array:
     """Per-customer log-likelihood of the Gamma-Gamma model of mean spend m over x orders."""
+    from scipy import special
+
     p, q, v = params
     px = p * x
     result: Array = (
@@ -177,6 +186,8 @@ def _maximise(negative: Any, start: Array) -> tuple[Array, float, int]:
     L-BFGS-B (numerical gradients) converges in few evaluations; when it stops without
     converging, Nelder-Mead, which needs no gradient, carries on from where it stopped.
     """
+    from scipy import optimize
+
     first = optimize.minimize(
         negative, np.log(start), method="L-BFGS-B", options={"ftol": 1e-12, "gtol": 1e-7}
     )

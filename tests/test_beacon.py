@@ -284,6 +284,9 @@ def test_no_beacon_pixel_or_mail_link_makes_the_server_fail(
     )
     assert pixel.status_code == 200 and pixel.content == GIF
     quoted = quote(token, safe="")
+    if quoted in (".", ".."):
+        # A dot segment is resolved by the client (RFC 3986), never sent: escape it to send it.
+        quoted = "%2E" * len(quoted)
     opened = httpx.get(f"{url}/e/o/{quoted}.gif", timeout=30)
     assert opened.status_code == 200 and opened.headers["content-type"] == "image/gif"
     clicked = httpx.get(f"{url}/e/c/{quoted}", timeout=30)

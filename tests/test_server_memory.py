@@ -1,4 +1,4 @@
-"""The server holds only what it uses: scipy (about 50 MB) is loaded when a lifetime-value model
+"""The server holds only what it uses: scipy (about 40 MB) is loaded when a lifetime-value model
 is first fitted, not at start."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ spend of a customer's repeat orders and their number it gives the spend to expec
 shrunk towards the population mean when there are few orders.
 
 Both are fitted by maximum likelihood with scipy (parameters on a log scale, so they stay
-positive); scipy is imported when a model is first used, since it takes about 50 MB that a
+positive); scipy is imported when a model is first used, since it takes about 40 MB that a
 server which never computes lifetime values should not hold.
 Time is in weeks throughout. Value = expected purchases x expected spend per order.
 """

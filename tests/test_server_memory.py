@@ -1,10 +1,12 @@
-"""The server holds only what it uses: scipy (about 40 MB) is loaded when a lifetime-value model
-is first fitted, not at start."""
+"""The server's memory: it holds only what it uses (scipy, about 40 MB, is loaded when a
+lifetime-value model is first fitted, not at start), and says what it holds (`/api/stats`)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+
+import httpx
 
 from tests.conftest import BACKEND_KEY, Server, start_server
 from tests.test_insights_reports import api, at, send, track
@@ -47,5 +49,50 @@ def test_scipy_is_loaded_by_the_first_lifetime_value_fit_not_at_start(tmp_path: 
         assert refreshed["models"]["problem"] is None and refreshed["models"]["bgnbd"]
         assert api(srv, "GET", "/api/insights/clv")["distribution"]["customers"] > 0
         assert "scipy" in mapped_packages(srv)
+    finally:
+        srv.stop()
+
+
+def resident_bytes(server: Server) -> int:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+def test_stats_say_how_much_memory_the_server_and_its_store_hold(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "data", KILDE_DEDUPE_IDS="1000")
+    try:
+        orders = [
+            {
+                "messageId": f"mem-{n}",
+                **track(
+                    f"mem-{n}",
+                    "Order Completed",
+                    at(1),
+                    order_id=f"m{n}",
+                    revenue=1.0,
+                    currency="NOK",
+                ),
+            }
+            for n in range(30)
+        ]
+        for _ in range(2):  # the second time every message is a retry
+            r = httpx.post(
+                f"{srv.url}/v1/batch", json={"batch": orders}, auth=(BACKEND_KEY, ""), timeout=30
+            )
+            assert r.status_code == 200 and not r.json()["rejected"], r.text
+        stats = api(srv, "GET", "/api/stats")
+        seen_by_the_system = resident_bytes(srv)
+        process, store = stats["process"], stats["store"]
+        assert stats["events"] == 30
+        # every stored id is remembered, and a retry is not remembered twice
+        assert process["remembered_message_ids"] == 30
+        assert abs(process["rss_bytes"] - seen_by_the_system) < 0.1 * seen_by_the_system
+        assert process["peak_rss_bytes"] >= process["rss_bytes"] * 0.9
+        # the blocks just written are in DuckDB's memory, within the limit Kilde sets
+        assert 0 < store["duckdb_memory_bytes"] <= 384 * 10**6
+        shown = " ".join(srv.kilde("stats").stdout.split())  # as Rich wrapped it, unwrapped
+        assert "serving process:" in shown and "30 message ids remembered" in shown
     finally:
         srv.stop()

@@ -6,6 +6,9 @@ Everything but /api/health needs `Authorization: Bearer <admin token>`.
 from __future__ import annotations
 
 import base64
+import os
+import resource
+import sys
 from datetime import datetime
 from typing import Any, Literal
 
@@ -78,8 +81,11 @@ def stats(request: Request) -> dict[str, Any]:
     # what DuckDB runs with (KILDE_DUCKDB_THREADS, KILDE_DUCKDB_MEMORY_LIMIT), as it says it
     engine = store.query(
         "SELECT current_setting('threads') AS threads, "
-        "current_setting('memory_limit') AS memory_limit"
+        "current_setting('memory_limit') AS memory_limit, "
+        "(SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()) AS memory_bytes"
     )[0]
+    writer = getattr(request.app.state, "writer", None)
+    recent = getattr(writer, "recent", None)
     return {
         "events": sum(r["events"] for r in by_type),
         "flagged": flagged,
@@ -89,8 +95,27 @@ def stats(request: Request) -> dict[str, Any]:
         "store": {
             "duckdb_threads": engine["threads"],
             "duckdb_memory_limit": engine["memory_limit"],
+            "duckdb_memory_bytes": int(engine["memory_bytes"]),
+        },
+        "process": {
+            **_resident_memory(),
+            # what the writer remembers to catch retried messages (KILDE_DEDUPE_IDS)
+            "remembered_message_ids": len(recent) if recent is not None else None,
         },
     }
+
+
+def _resident_memory() -> dict[str, int | None]:
+    """The serving process's resident memory now and at its peak, in bytes (None where the
+    system does not say)."""
+    now = None
+    try:
+        with open("/proc/self/statm") as statm:  # Linux: pages
+            now = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return {"rss_bytes": now, "peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}
 
 
 _EVENT_FIELDS = (

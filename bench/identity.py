@@ -344,6 +344,7 @@ async def _latency(
 
     await asyncio.gather(*(load(conn) for conn in conns), probe(), probe_counts())
     wall = time.perf_counter() - started
+    warm = warming.figures("warmup_")
     for conn in conns:
         conn.close()
     return {
@@ -352,9 +353,7 @@ async def _latency(
         "statuses": statuses,
         **links.figures(""),
         "missed": links.missed + warming.missed,
-        "warmup_probes": len(warming.seconds),
-        "warmup_p50_s": warming.figures("")["p50_s"],
-        "warmup_max_s": warming.figures("")["max_s"],
+        **{k: warm[k] for k in ("warmup_probes", "warmup_p50_s", "warmup_max_s")},
         **counted.figures("counted_"),
     }
 

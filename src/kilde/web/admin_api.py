@@ -84,8 +84,6 @@ def stats(request: Request) -> dict[str, Any]:
         "current_setting('memory_limit') AS memory_limit, "
         "(SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()) AS memory_bytes"
     )[0]
-    writer = getattr(request.app.state, "writer", None)
-    recent = getattr(writer, "recent", None)
     return {
         "events": sum(r["events"] for r in by_type),
         "flagged": flagged,
@@ -100,7 +98,7 @@ def stats(request: Request) -> dict[str, Any]:
         "process": {
             **_resident_memory(),
             # what the writer remembers to catch retried messages (KILDE_DEDUPE_IDS)
-            "remembered_message_ids": len(recent) if recent is not None else None,
+            "remembered_message_ids": len(request.app.state.writer.recent),
         },
     }
 

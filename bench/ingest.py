@@ -278,6 +278,26 @@ def measure_ceiling(bodies: list[tuple[str, bytes]], concurrency: int) -> tuple[
     return stored / elapsed, in_store - stored - warmed
 
 
+def identity_catch_up(server: ServerProcess, timeout: float = 120.0) -> tuple[int, float]:
+    """Events identity resolution had not read when the load stopped, and the seconds it then
+    took to read them all (whether it keeps up with the load, or falls behind)."""
+    started = time.monotonic()
+    first: int | None = None
+    while True:
+        unread = int(
+            httpx.get(
+                f"{server.url}/api/identity/status",
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                timeout=60,
+            ).json()["unread_events"]
+        )
+        first = unread if first is None else first
+        waited = time.monotonic() - started
+        if unread == 0 or waited > timeout:
+            return first, waited
+        time.sleep(0.1)
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -326,6 +346,8 @@ def main() -> None:
                 pool, server, "batched", connections=args.connections, duration=duration,
                 batch_size=BATCH, seed=2,
             )  # fmt: skip
+            # before the single events, so that phase starts with identity caught up
+            behind = None if args.no_identity else identity_catch_up(server)
             single = drive(
                 pool, server, "single", connections=args.single_connections,
                 duration=single_duration, batch_size=0, seed=3,
@@ -375,6 +397,11 @@ def main() -> None:
     row("ratio HTTP / ceiling", f"{batched.events_per_s / ceiling:.2f}")
     row(f"ratio HTTP / target {TARGET:,}", f"{batched.events_per_s / TARGET:.2f}")
     row(f"ratio HTTP / goal {GOAL:,}", f"{batched.events_per_s / GOAL:.2f}")
+    caught_up = ""
+    if behind is not None:
+        row("identity: events not read when the load stopped", f"{behind[0]:,}")
+        row("identity: all read after", f"{behind[1]:.1f} s")
+        caught_up = f", identity {behind[0]:,} events behind, read {behind[1]:.1f} s later"
     print("single   POST /v1/<type>, 1 event per request, durable acks")
     row("requests/s", f"{single.requests_per_s:,.0f}")
     row("latency p50 / p99", f"{percentile(ls.latencies_ms, 50):.1f} / "
@@ -400,7 +427,8 @@ def main() -> None:
         f"(x{batched.events_per_s / TARGET:.2f} of target, "
         f"x{batched.events_per_s / ceiling:.2f} of in-process ceiling {ceiling:,.0f}/s), "
         f"p50 {percentile(lb.latencies_ms, 50):.1f} ms, p99 {percentile(lb.latencies_ms, 99):.1f} "
-        f"ms, peak RSS {fmt_bytes(peak_rss)}; single {single.requests_per_s:,.0f} req/s, "
+        f"ms, peak RSS {fmt_bytes(peak_rss)}{caught_up}; "
+        f"single {single.requests_per_s:,.0f} req/s, "
         f"p99 {percentile(ls.latencies_ms, 99):.1f} ms "
         f"(x{single.requests_per_s / single_ceiling:.2f} of ceiling {single_ceiling:,.0f}/s); "
         "store check " + ("OK" if ok else "FAILED")

@@ -6,13 +6,14 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, APP_KEY, BACKEND_KEY, WEB_KEY, Server
+from tests.conftest import ADMIN_TOKEN, APP_KEY, BACKEND_KEY, WEB_KEY, Server, start_server
 
 BROKER_KEY = "demo-databroker-write-key"
 # A busy 2-core machine can take seconds to answer; no test here measures time.
@@ -553,3 +554,42 @@ def test_a_form_signup_links_the_browsing_cookie_the_order_and_the_phone(
     assert ("backend", "track", "Order Completed") in kinds
     assert ("app", "screen", "Support chat") in kinds
     assert any(source == "forms" for source, _, _ in kinds)
+
+
+def test_status_says_how_many_events_identity_resolution_has_not_read_yet(
+    tmp_path: Path,
+) -> None:
+    # Background resolution off, so the events wait until a refresh reads them.
+    server = start_server(tmp_path / "data", KILDE_IDENTITY_BACKGROUND="0")
+    try:
+        user = uid("lag")
+        send(
+            server,
+            WEB_KEY,
+            *(
+                {"type": "page", "userId": user, "name": f"Page {n}", "messageId": f"{user}-{n}"}
+                for n in range(5)
+            ),
+        )
+
+        def status() -> dict[str, Any]:
+            response = httpx.get(
+                f"{server.url}/api/identity/status", headers=server.admin, timeout=TIMEOUT
+            )
+            assert response.status_code == 200, response.text
+            result: dict[str, Any] = response.json()
+            return result
+
+        assert status()["unread_events"] == 5
+        assert lookup(server, user_id=user) == []
+        refreshed = httpx.post(
+            f"{server.url}/api/profiles/refresh", headers=server.admin, timeout=TIMEOUT
+        )
+        assert refreshed.json() == {"up_to_date": True}
+        assert status()["unread_events"] == 0
+        assert len(lookup(server, user_id=user)) == 1
+        printed = " ".join(server.kilde("identity", "status").stdout.split())  # Rich wraps
+        assert "1 profiles, 1 identifiers" in printed
+        assert "0 events not read yet" in printed
+    finally:
+        server.stop()

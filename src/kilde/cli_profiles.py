@@ -321,7 +321,7 @@ def status(
     console.print(
         f"{result['profiles']} profiles, {result['identifiers']} identifiers "
         f"({result['shared_identifiers']} shared), {result['conflicts']} refused merges, "
-        f"{result['unmerges']} unmerges"
+        f"{result['unmerges']} unmerges; {result['unread_events']} events not read yet"
     )
     table = Table(title="Identifiers by type")
     table.add_column("type")

@@ -324,6 +324,7 @@ def identity_status(request: Request) -> dict[str, Any]:
         "by_type": by_type,
         "dropped": dropped,
         "last_update": engine.last_tick,
+        "unread_events": engine.unread(),
         "last_error": engine.last_error,
         "rebuilding": engine.rebuilding,
         "progress": engine.progress,

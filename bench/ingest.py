@@ -8,6 +8,8 @@ Scenarios (issue 2, "Performance"):
   events/s, p50/p99 request latency, the server's peak RSS, and the ceiling measured in this
   same run: the same kind of events parsed with orjson and sent through Pipeline and Writer in
   this process, without HTTP. Printed with the ratios HTTP/ceiling and HTTP/target (20,000/s).
+  With identity resolution on, also how many events it had not read when the load stopped and
+  how long it then took to read them (the single events start after that).
 - single: one event per request (as browsers send them): requests/s and p50/p99.
 
 At the end the store must hold exactly the events that were acknowledged. The load process's

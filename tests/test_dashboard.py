@@ -176,6 +176,10 @@ def test_wrong_password_is_refused(browser: Browser, shop: Server) -> None:
 def test_search_a_profile_by_email_and_open_it(admin: Page, shop: Server) -> None:
     email, profile_id = _a_customer(shop)
     admin.goto(f"{shop.url}/profiles")
+    # how far identity resolution is behind collection, as GET /api/identity/status says
+    expect(admin.locator("[data-identity=unread_events]")).to_have_text(
+        re.compile(r"^[\d\u202f]+$")
+    )
     admin.get_by_label("Identifier or text").fill(email.upper())
     admin.get_by_label("Look for").select_option("email")
     admin.get_by_role("button", name="Search").click()

@@ -96,7 +96,7 @@ SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
 # TICK_PAUSE_MAX): under load, ticks then take at most about half of the time and each reads
 # more events, so a tick's fixed costs (planning its queries, its temporary tables, its
 # transactions) are shared by more of them. The price is lag at peak load: bench/ingest.py
-# collected about 15% more events/s with identity 1 to 2.5 s behind, where it was 0.2 s
+# collected about a sixth more events/s with identity up to 2.5 s behind, where it was 0.2 s
 # behind without the pause; at 5,000 events/s links still showed after about 0.27 s (median).
 TICK_PAUSE_SHARE = 1.0
 TICK_PAUSE_MAX = 0.5  # seconds

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -280,19 +281,19 @@ def measure_ceiling(bodies: list[tuple[str, bytes]], concurrency: int) -> tuple[
     return stored / elapsed, in_store - stored - warmed
 
 
+def admin_get(server: ServerProcess, path: str) -> Any:
+    """GET an admin API path of the server, as JSON."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    return httpx.get(f"{server.url}{path}", headers=headers, timeout=60).json()
+
+
 def identity_catch_up(server: ServerProcess, timeout: float = 120.0) -> tuple[int, float]:
     """Events identity resolution had not read when the load stopped, and the seconds it then
     took to read them all (whether it keeps up with the load, or falls behind)."""
     started = time.monotonic()
     first: int | None = None
     while True:
-        unread = int(
-            httpx.get(
-                f"{server.url}/api/identity/status",
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                timeout=60,
-            ).json()["unread_events"]
-        )
+        unread = int(admin_get(server, "/api/identity/status")["unread_events"])
         first = unread if first is None else first
         waited = time.monotonic() - started
         if unread == 0 or waited > timeout:
@@ -355,11 +356,7 @@ def main() -> None:
                 duration=single_duration, batch_size=0, seed=3,
             )  # fmt: skip
         peak_rss = memory.stop()
-        stats = httpx.get(
-            f"{server.url}/api/stats",
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=60,
-        ).json()
+        stats = admin_get(server, "/api/stats")
     finally:
         server.stop()
 

@@ -249,14 +249,14 @@ def stats(
         table.caption = (
             f"store: DuckDB with {store['duckdb_threads']} threads, "
             f"memory limit {store['duckdb_memory_limit']}"
-            f", using {_mb(store.get('duckdb_memory_bytes'))}"
+            f", using {_mb(store['duckdb_memory_bytes'])}"
         )
     process = result.get("process")
     if process and process.get("rss_bytes") is not None:
         table.caption = (table.caption or "") + (
             f"\nserving process: {_mb(process['rss_bytes'])} resident "
-            f"(peak {_mb(process.get('peak_rss_bytes'))}), "
-            f"{process.get('remembered_message_ids')} message ids remembered for deduplication"
+            f"(peak {_mb(process['peak_rss_bytes'])}), "
+            f"{process['remembered_message_ids']} message ids remembered for deduplication"
         )
     console.print(table)
 

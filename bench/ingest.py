@@ -176,6 +176,7 @@ class Scenario:
     wall_s: float
     server_cpu_s: float
     threads_cpu_s: dict[str, float]  # by thread group, see cpu_seconds
+    writer: dict[str, float]  # the server's writer totals over the scenario (GET /api/stats)
 
     @property
     def events_per_s(self) -> float:
@@ -197,12 +198,15 @@ def drive(
     seed: int,
 ) -> Scenario:
     proc = psutil.Process(server.process.pid)
+    writer_before = admin_get(server, "/api/stats")["writer"]
     before = cpu_seconds(proc)
     future = pool.submit(
         run_load, "127.0.0.1", server.port, connections, duration, batch_size, seed, name
     )
     load = future.result()
     after = cpu_seconds(proc)
+    writer_after = admin_get(server, "/api/stats")["writer"]
+    writer = {k: writer_after[k] - writer_before[k] for k in writer_after}
     if load.failed or load.events_rejected:
         print(f"  {name}: {load.failed} failed requests, {load.events_rejected} rejected events")
         for sample in load.error_samples:
@@ -212,7 +216,7 @@ def drive(
     total = sum(after.values()) - sum(before.values())
     threads = {k: v - before.get(k, 0.0) for k, v in after.items()}
     threads = {k: v for k, v in threads.items() if v > 0.005}
-    return Scenario(name, load, load.events_acked, load.wall_s, total, threads)
+    return Scenario(name, load, load.events_acked, load.wall_s, total, threads, writer)
 
 
 def measure_ceiling(bodies: list[tuple[str, bytes]], concurrency: int) -> tuple[float, int]:
@@ -374,6 +378,29 @@ def main() -> None:
     single_ceiling, single_leftover = measure_ceiling(singles, args.single_connections)
     shutil.rmtree(base, ignore_errors=True)
 
+    def writer_rows(scenario: Scenario) -> None:
+        """Where an acknowledgement's time went, from the server's own writer totals."""
+        w = scenario.writer
+        if not w["commits"] or not w["resumed"]:
+            return
+        row(
+            "writer: commits/s, events per commit",
+            f"{w['commits'] / scenario.wall_s:,.0f}, {w['events'] / w['commits']:,.0f}",
+        )
+        row(
+            "  commit (share of the time the writer committed)",
+            f"{w['commit_seconds'] / w['commits'] * 1e3:.1f} ms "
+            f"({w['commit_seconds'] / scenario.wall_s:.0%})",
+        )
+        row(
+            "  batch queued before its commit began",
+            f"{w['queue_seconds'] / w['batches'] * 1e3:.1f} ms",
+        )
+        row(
+            "  request went on after its commit",
+            f"{w['resume_seconds'] / w['resumed'] * 1e3:.1f} ms",
+        )
+
     def row(label: str, value: str) -> None:
         print(f"  {label:<52} {value:>16}")
 
@@ -391,6 +418,7 @@ def main() -> None:
     row("  CPU per event, all threads", f"{batched.server_cpu_s / batched.events * 1e6:.1f} µs")
     for group, seconds in sorted(batched.threads_cpu_s.items(), key=lambda kv: -kv[1]):
         row(f"    {group}", f"{seconds / batched.events * 1e6:.1f} µs")
+    writer_rows(batched)
     row("load process CPU", f"{lb.cpu_s / lb.wall_s:.0%}")
     row("ceiling: Pipeline+Writer in-process, events/s", f"{ceiling:,.0f}")
     row("ratio HTTP / ceiling", f"{batched.events_per_s / ceiling:.2f}")
@@ -410,6 +438,7 @@ def main() -> None:
     row("  CPU per request, all threads", f"{single.server_cpu_s / single.events * 1e6:.0f} µs")
     for group, seconds in sorted(single.threads_cpu_s.items(), key=lambda kv: -kv[1]):
         row(f"    {group}", f"{seconds / single.events * 1e6:.0f} µs")
+    writer_rows(single)
     row("load process CPU", f"{ls.cpu_s / ls.wall_s:.0%}")
     row("ceiling: one event per Pipeline.ingest, events/s", f"{single_ceiling:,.0f}")
     row("ratio HTTP / ceiling", f"{single.requests_per_s / single_ceiling:.2f}")

@@ -334,3 +334,41 @@ def test_the_servers_threads_carry_their_names_for_top(kilde_server: Server) -> 
     tasks = Path(f"/proc/{kilde_server.process.pid}/task")
     names = {(task / "comm").read_text().strip() for task in tasks.iterdir()}
     assert {"kilde-writer", "kilde-identity", "kilde-insights", "kilde-consent"} <= names, names
+
+
+def test_stats_say_where_acknowledgements_spend_their_time(tmp_path: Path) -> None:
+    """The writer's totals: commits, the batches and events in them, and the time batches
+    waited for their commit, the commits took and requests took to go on after them."""
+    srv = start_server(
+        tmp_path / "data", KILDE_IDENTITY_BACKGROUND="0", KILDE_INSIGHTS_BACKGROUND="0"
+    )
+    try:
+        before = get(srv, "/api/stats").json()["writer"]
+        pages = [
+            [{"type": "page", "anonymousId": f"w-{n}", "messageId": f"w-{r}-{n}", "name": "Home"}
+             for n in range(10)]
+            for r in range(3)
+        ]  # fmt: skip
+        for page in pages:
+            batch(srv, WEB_KEY, page)
+        batch(srv, WEB_KEY, pages[0])  # a retry: acknowledged, stored once
+        after = get(srv, "/api/stats").json()["writer"]
+        shown = " ".join(srv.kilde("stats").stdout.split())  # as Rich wrapped it, unwrapped
+    finally:
+        srv.stop()
+    done = {key: after[key] - before[key] for key in after}
+    assert done["events"] == 30
+    # every request went on after its commit: the four batches, and the audit record of the
+    # first stats read (admin reads are audited, after the answer is made)
+    assert done["resumed"] == 5
+    assert 1 <= done["commits"] <= done["batches"]
+    assert done["batches"] >= 5
+    assert done["commit_seconds"] > 0 and done["resume_seconds"] > 0
+    assert done["queue_seconds"] >= 0
+    # the CLI prints the averages since the start
+    found = re.search(r"writer since the start: ([\d,]+) commits of ([\d,]+) events", shown)
+    assert found, shown
+    commits = int(found[1].replace(",", ""))
+    assert commits == after["commits"] + 1  # with the audit record of the second stats read
+    assert int(found[2].replace(",", "")) == round(after["events"] / commits)
+    assert "ms each" in shown and "requests went on" in shown

@@ -258,7 +258,26 @@ def stats(
             f"(peak {_mb(process['peak_rss_bytes'])}), "
             f"{process['remembered_message_ids']} message ids remembered for deduplication"
         )
+    writer = result["writer"]
+    if writer["commits"]:
+        table.caption = (table.caption or "") + "\nwriter since the start: " + _writer_line(writer)
     console.print(table)
+
+
+def _writer_line(writer: dict[str, Any]) -> str:
+    """The writer's totals (GET /api/stats) as averages per commit, batch and request."""
+    commits, batches = writer["commits"], writer["batches"]
+    line = (
+        f"{commits:,} commits of {writer['events'] / commits:,.0f} events on average, "
+        f"{writer['commit_seconds'] / commits * 1000:.1f} ms each; batches waited "
+        f"{writer['queue_seconds'] / batches * 1000:.1f} ms for their commit to begin"
+    )
+    if writer["resumed"]:
+        line += (
+            f"; requests went on {writer['resume_seconds'] / writer['resumed'] * 1000:.1f} ms "
+            "after their commit"
+        )
+    return line
 
 
 def _mb(size: int | None) -> str:

@@ -15,6 +15,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,6 +201,26 @@ class RecentIds:
 
 
 @dataclass
+class WriterTally:
+    """What the writer has done since the server started (`GET /api/stats`, `kilde stats`).
+
+    The totals tell where an acknowledgement's time goes: a batch waits in the queue while
+    the commit before its own runs, then its own commit runs, and then the request it came
+    from waits for the event loop to take it up again."""
+
+    commits: int = 0  # transactions committed
+    batches: int = 0  # batches in them (one per request, import block or internal write)
+    events: int = 0  # event rows stored by them
+    commit_seconds: float = 0.0  # time the writer spent committing
+    queue_seconds: float = 0.0  # summed over batches: queued until their commit began
+    resumed: int = 0  # requests that went on after their commit (async callers)
+    resume_seconds: float = 0.0  # summed over them: their commit's end until they went on
+
+    def as_dict(self) -> dict[str, int | float]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class _Item:
     """One queued batch and whom to tell when it is on disk."""
 
@@ -212,6 +233,8 @@ class _Item:
     # Not a batch but work to run alone on the writer thread (see Writer.exclusive).
     task: Callable[[], Any] | None = None
     task_future: concurrent.futures.Future[Any] | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
+    committed_at: float = 0.0
 
 
 _Outcome = tuple["asyncio.Future[WriteResult]", WriteResult | None, BaseException | None]
@@ -242,6 +265,7 @@ class Writer:
         self._queued_rows = 0
         self._count_lock = threading.Lock()
         self.recent = RecentIds(dedupe_capacity)
+        self.tally = WriterTally()
         self._seed_recent(dedupe_capacity)
         # Called on the writer thread with each batch just before it is committed; the privacy
         # module drops rows of people erased after the batch was screened (kilde.privacy).
@@ -296,8 +320,13 @@ class Writer:
         """Write a batch durably; returns after the commit that contains it."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[WriteResult] = loop.create_future()
-        self._queue.put(_Item(batch, self._reserve(batch), loop=loop, waiter=waiter))
-        return await waiter
+        item = _Item(batch, self._reserve(batch), loop=loop, waiter=waiter)
+        self._queue.put(item)
+        result = await waiter
+        # only the event loop writes these two, so the writer thread never races them
+        self.tally.resumed += 1
+        self.tally.resume_seconds += time.perf_counter() - item.committed_at
+        return result
 
     def write_sync(self, batch: WriteBatch) -> WriteResult:
         return self.submit(batch).result()
@@ -364,6 +393,7 @@ class Writer:
             self._con = self.store.cursor()
 
     def _commit_group(self, items: list[_Item]) -> None:
+        began = time.perf_counter()
         try:
             results = self._commit(items)
         except Exception as exc:
@@ -376,6 +406,15 @@ class Writer:
             for item in items:
                 self._commit_group([item])
             return
+        ended = time.perf_counter()
+        tally = self.tally
+        tally.commits += 1
+        tally.batches += len(items)
+        tally.events += sum(result.stored for result in results)
+        tally.commit_seconds += ended - began
+        for item in items:
+            tally.queue_seconds += began - item.queued_at
+            item.committed_at = ended
         self._finish(items, results, None)
 
     def _finish(

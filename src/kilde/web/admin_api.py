@@ -100,6 +100,8 @@ def stats(request: Request) -> dict[str, Any]:
             # what the writer remembers to catch retried messages (KILDE_DEDUPE_IDS)
             "remembered_message_ids": len(request.app.state.writer.recent),
         },
+        # running totals since the start: where acknowledgements spend their time
+        "writer": request.app.state.writer.tally.as_dict(),
     }
 
 

@@ -527,6 +527,10 @@ class Writer:
                 for sql, params in statements:
                     con.execute(sql, params)
                 con.execute("COMMIT")
+            elif len(script) == 2:
+                # One INSERT commits by itself: BEGIN and COMMIT as statements of their own
+                # would each win the GIL back a few times more (see the comment above).
+                con.execute(script[1])
             else:
                 script.append("COMMIT")
                 con.execute("; ".join(script))

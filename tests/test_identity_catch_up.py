@@ -1,0 +1,75 @@
+"""After a burst, identity resolution catches up the cheaper way: a store that is small next to
+its unread events is rebuilt, a large one reads them in increments (see REBUILD_BACKLOG).
+
+Runs the real writer, DuckDB store and identity engine in-process. The events are written
+straight into the events table, as `bench/identity.py` does, since hundreds of thousands of
+them through HTTP would take minutes.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from kilde.identity.engine import REBUILD_BACKLOG, REBUILD_SHARE
+from tests.test_identity_properties import Shop
+
+BURST = REBUILD_BACKLOG + 5_000
+
+# page views of 50,000 devices, a quarter of them signed in (20,000 people); write_seq goes on
+# from the last commit, 500 events a transaction
+EVENTS = """
+INSERT INTO events BY NAME
+SELECT 'burst-' || i AS message_id, 'web' AS source, 'page' AS type, 'Home' AS event,
+    CASE WHEN i % 4 = 0 THEN 'u-' || (i // 4 % 20000) END AS user_id,
+    'a-' || (i % 50000) AS anonymous_id,
+    TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i) AS timestamp,
+    TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i) AS received_at,
+    '{}' AS properties, '{}' AS context, 'ok' AS plan_status,
+    (SELECT coalesce(max(write_seq), 0) FROM events) + 1 + (i - ?) // 500 AS write_seq
+FROM range(?, ?) t(i)
+"""
+
+
+def add_events(shop: Shop, first: int, count: int) -> None:
+    shop.store.cursor().execute(EVENTS, [first, first, first + count])
+
+
+def caught_up_with(stored: int) -> Shop:
+    """A shop whose identity resolution has read `stored` events."""
+    shop = Shop()
+    add_events(shop, 0, stored)
+    report = shop.engine.step()  # nothing was read before: a rebuild
+    assert report is not None and report.mode == "rebuild"
+    assert shop.engine.unread() == 0
+    return shop
+
+
+def test_a_burst_larger_than_a_tenth_of_the_store_is_caught_up_by_a_rebuild() -> None:
+    shop = caught_up_with(10_000)
+    try:
+        add_events(shop, 10_000, BURST)
+        report = shop.engine.step()
+        assert report is not None and report.mode == "rebuild"
+        assert report.events_read == 10_000 + BURST
+        assert shop.engine.unread() == 0
+    finally:
+        shop.engine.stop()
+        shop.writer.close()
+        shop.store.close()
+        shutil.rmtree(shop.dir, ignore_errors=True)
+
+
+def test_a_burst_smaller_than_a_tenth_of_the_store_is_read_in_increments() -> None:
+    stored = int(BURST / REBUILD_SHARE) + 10_000
+    shop = caught_up_with(stored)
+    try:
+        add_events(shop, stored, BURST)
+        report = shop.engine.step()
+        assert report is not None and report.mode == "incremental"
+        assert 0 < report.events_read < BURST  # one tick's worth
+        assert 0 < shop.engine.unread() < BURST
+    finally:
+        shop.engine.stop()
+        shop.writer.close()
+        shop.store.close()
+        shutil.rmtree(shop.dir, ignore_errors=True)

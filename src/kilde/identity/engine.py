@@ -433,13 +433,11 @@ class IdentityEngine:
 
     def _rebuild_pays(self, mark: int) -> bool:
         """Whether a rebuild catches up sooner than increments (see REBUILD_BACKLOG)."""
-        row = self.store.query(
-            "SELECT count(*) FILTER (WHERE write_seq > ?) AS unread, count(*) AS stored "
-            "FROM events",
-            [mark],
-        )[0]
-        unread = int(row["unread"])
-        return unread > REBUILD_BACKLOG and unread > REBUILD_SHARE * int(row["stored"])
+        unread = self.backlog(mark)  # reads only the newest row groups
+        if unread <= REBUILD_BACKLOG:
+            return False
+        stored = int(self.store.scalar("SELECT count(*) FROM events") or 0)  # kept in metadata
+        return unread > REBUILD_SHARE * stored
 
     def backlog(self, mark: int) -> int:
         """Events not read yet, when every event up to write_seq `mark` has been."""

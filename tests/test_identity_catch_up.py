@@ -8,7 +8,8 @@ them through HTTP would take minutes.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+from collections.abc import Iterator
 
 from kilde.identity.engine import REBUILD_BACKLOG, REBUILD_SHARE
 from tests.test_identity_properties import Shop
@@ -34,42 +35,34 @@ def add_events(shop: Shop, first: int, count: int) -> None:
     shop.store.cursor().execute(EVENTS, [first, first, first + count])
 
 
-def caught_up_with(stored: int) -> Shop:
-    """A shop whose identity resolution has read `stored` events."""
+@contextlib.contextmanager
+def caught_up_with(stored: int) -> Iterator[Shop]:
+    """A shop whose identity resolution has read `stored` events; closed afterwards."""
     shop = Shop()
-    add_events(shop, 0, stored)
-    report = shop.engine.step()  # nothing was read before: a rebuild
-    assert report is not None and report.mode == "rebuild"
-    assert shop.engine.unread() == 0
-    return shop
+    try:
+        add_events(shop, 0, stored)
+        report = shop.engine.step()  # nothing was read before: a rebuild
+        assert report is not None and report.mode == "rebuild"
+        assert shop.engine.unread() == 0
+        yield shop
+    finally:
+        shop.close()
 
 
 def test_a_burst_larger_than_a_tenth_of_the_store_is_caught_up_by_a_rebuild() -> None:
-    shop = caught_up_with(10_000)
-    try:
+    with caught_up_with(10_000) as shop:
         add_events(shop, 10_000, BURST)
         report = shop.engine.step()
         assert report is not None and report.mode == "rebuild"
         assert report.events_read == 10_000 + BURST
         assert shop.engine.unread() == 0
-    finally:
-        shop.engine.stop()
-        shop.writer.close()
-        shop.store.close()
-        shutil.rmtree(shop.dir, ignore_errors=True)
 
 
 def test_a_burst_smaller_than_a_tenth_of_the_store_is_read_in_increments() -> None:
     stored = int(BURST / REBUILD_SHARE) + 10_000
-    shop = caught_up_with(stored)
-    try:
+    with caught_up_with(stored) as shop:
         add_events(shop, stored, BURST)
         report = shop.engine.step()
         assert report is not None and report.mode == "incremental"
         assert 0 < report.events_read < BURST  # one tick's worth
         assert 0 < shop.engine.unread() < BURST
-    finally:
-        shop.engine.stop()
-        shop.writer.close()
-        shop.store.close()
-        shutil.rmtree(shop.dir, ignore_errors=True)

@@ -428,16 +428,19 @@ class IdentityEngine:
         """Events stored that identity resolution has not read yet: how far it is behind."""
         mark = self._state("write_seq")
         if mark is None:  # nothing read yet (or read before write_seq existed)
-            return int(self.store.scalar("SELECT count(*) FROM events") or 0)
+            return self._stored()
         return self.backlog(int(mark))
+
+    def _stored(self) -> int:
+        """Events in the store (DuckDB keeps the count in its metadata)."""
+        return int(self.store.scalar("SELECT count(*) FROM events") or 0)
 
     def _rebuild_pays(self, mark: int) -> bool:
         """Whether a rebuild catches up sooner than increments (see REBUILD_BACKLOG)."""
         unread = self.backlog(mark)  # reads only the newest row groups
         if unread <= REBUILD_BACKLOG:
             return False
-        stored = int(self.store.scalar("SELECT count(*) FROM events") or 0)  # kept in metadata
-        return unread > REBUILD_SHARE * stored
+        return unread > REBUILD_SHARE * self._stored()
 
     def backlog(self, mark: int) -> int:
         """Events not read yet, when every event up to write_seq `mark` has been."""
@@ -456,7 +459,7 @@ class IdentityEngine:
             state = self._states()
             # new rules, or a store whose events were read before write_seq existed
             if state.get("rules") != self.rules_hash() or "write_seq" not in state:
-                if not self.store.scalar("SELECT count(*) FROM events"):
+                if not self._stored():
                     # nothing to rebuild from: just remember the rules
                     statements = self._state_statements(None, state.get("write_seq"))
                     self.writer.write_sync(WriteBatch(statements=statements))

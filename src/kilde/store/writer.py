@@ -502,23 +502,23 @@ class Writer:
         seq = self._write_seq + 1
         # Each execute() releases the GIL and must win it back from the event loop thread,
         # which can take a switch interval; so the whole group is one call when it can be.
-        script = ["BEGIN TRANSACTION"]
+        inserts: list[str] = []
         try:
             if events:
                 event_table = _table(events, EVENT_SCHEMA)  # noqa: F841 - read by DuckDB below
-                script.append(
+                inserts.append(
                     f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM event_table"
                 )
             if arrow:
                 arrow_table = pa.concat_tables(arrow)  # noqa: F841 - read by DuckDB below
-                script.append(
+                inserts.append(
                     f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM arrow_table"
                 )
             if dead:
                 dead_table = _table(dead, DEAD_LETTER_SCHEMA)  # noqa: F841
-                script.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
+                inserts.append("INSERT INTO dead_letters BY NAME SELECT * FROM dead_table")
             if statements or selects:
-                con.execute("; ".join(script))
+                con.execute("; ".join(["BEGIN TRANSACTION", *inserts]))
                 for arrow_events, (select, select_params) in selects:  # noqa: B007
                     con.execute(
                         f"INSERT INTO events BY NAME SELECT *, {seq} AS write_seq FROM ({select})",
@@ -527,13 +527,12 @@ class Writer:
                 for sql, params in statements:
                     con.execute(sql, params)
                 con.execute("COMMIT")
-            elif len(script) == 2:
+            elif len(inserts) == 1:
                 # One INSERT commits by itself: BEGIN and COMMIT as statements of their own
                 # would each win the GIL back a few times more (see the comment above).
-                con.execute(script[1])
+                con.execute(inserts[0])
             else:
-                script.append("COMMIT")
-                con.execute("; ".join(script))
+                con.execute("; ".join(["BEGIN TRANSACTION", *inserts, "COMMIT"]))
         except Exception:
             with contextlib.suppress(Exception):  # the transaction may already be gone
                 con.execute("ROLLBACK")

@@ -400,6 +400,16 @@ def main() -> None:
             "  request went on after its commit",
             f"{w['resume_seconds'] / w['resumed'] * 1e3:.1f} ms",
         )
+        if w["applies"]:
+            row(
+                "applier: DuckDB commits/s, events per commit",
+                f"{w['applies'] / scenario.wall_s:,.0f}, {w['applied_events'] / w['applies']:,.0f}",
+            )
+            row(
+                "  commit (share of the time the applier committed)",
+                f"{w['apply_seconds'] / w['applies'] * 1e3:.1f} ms "
+                f"({w['apply_seconds'] / scenario.wall_s:.0%})",
+            )
 
     def row(label: str, value: str) -> None:
         print(f"  {label:<52} {value:>16}")

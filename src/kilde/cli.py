@@ -277,6 +277,12 @@ def _writer_line(writer: dict[str, Any]) -> str:
             f"; requests went on {writer['resume_seconds'] / writer['resumed'] * 1000:.1f} ms "
             "after their commit"
         )
+    if writer["applies"]:
+        line += (
+            f"; {writer['logged']:,} of the commits went through the acknowledgement log, "
+            f"whose events reached DuckDB in {writer['applies']:,} commits of "
+            f"{writer['applied_events'] / writer['applies']:,.0f} events on average"
+        )
     return line
 
 

@@ -6,8 +6,10 @@ same transaction as the accepted ones, so an acknowledged request has lost nothi
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +23,14 @@ from kilde.pipeline.plan_check import PlanChecker
 from kilde.plan.models import Plan, Source
 from kilde.privacy.enforcement import CollectionScreen, Tally
 from kilde.store.writer import WriteBatch, Writer
+from kilde.thread_names import name_os_thread
+
+# A batch of this many records is prepared on the preparer thread, not on the event loop. A
+# 100-event batch takes about 3 ms of CPU; on the loop, every request whose commit was done
+# waited behind whole batches before it could answer (bench/ingest.py: 15 ms on 8
+# connections, 4 ms off the loop). One thread, so batches still go through in order.
+OFF_LOOP_RECORDS = 20
+_preparer = ThreadPoolExecutor(1, thread_name_prefix="kilde-prepare", initializer=name_os_thread)
 
 _JSON_COLUMNS = ("properties", "traits", "context", "integrations")
 
@@ -195,7 +205,12 @@ class Pipeline:
         message_type: str | None = None,
         max_event_bytes: int | None = None,
     ) -> IngestResult:
-        batch, outcomes = self.batch_for(records, source, env, message_type, max_event_bytes)
+        if len(records) >= OFF_LOOP_RECORDS:
+            batch, outcomes = await asyncio.get_running_loop().run_in_executor(
+                _preparer, self.batch_for, records, source, env, message_type, max_event_bytes
+            )
+        else:
+            batch, outcomes = self.batch_for(records, source, env, message_type, max_event_bytes)
         written = await self.writer.write(batch)
         return IngestResult(outcomes, written.stored, written.duplicates, written.dead_lettered)
 

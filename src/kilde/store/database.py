@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import duckdb
 
 from kilde.config import duckdb_checkpoint_threshold, duckdb_memory_limit, duckdb_threads
 from kilde.errors import KildeError
+from kilde.store.ack_log import log_dir, replay
 from kilde.store.migrations import MIGRATIONS
 
 DB_FILE = "kilde.duckdb"
@@ -41,7 +42,11 @@ class Store:
                 ) from None
             raise
         self._lock = threading.Lock()
+        # Set by the Writer while it runs: waits until acknowledged events are in the file.
+        self.read_barrier: Callable[[], None] | None = None
         self.migrate()
+        # Events a crash left in the acknowledgement log (kilde.store.ack_log) go in now.
+        replay(self._con, log_dir(data_dir))
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         config: dict[str, str | bool | int | float | list[str]] = {
@@ -76,6 +81,9 @@ class Store:
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection for one thread; DuckDB connections are not shared across threads."""
+        barrier = self.read_barrier
+        if barrier is not None:
+            barrier()
         with self._lock:
             return self._con.cursor()
 

@@ -213,6 +213,8 @@ class LakeWriter(Writer):
     collectors are removed when the lake is read and when it is compacted.
     """
 
+    logs_events = False  # each group is its own synced file already
+
     def __init__(
         self,
         lake: Lake,

@@ -372,3 +372,14 @@ def test_stats_say_where_acknowledgements_spend_their_time(tmp_path: Path) -> No
     assert commits == after["commits"] + 1  # with the audit record of the second stats read
     assert int(found[2].replace(",", "")) == round(after["events"] / commits)
     assert "ms each" in shown and "requests went on" in shown
+    # the four batches of plain events were answered from the acknowledgement log, and the
+    # second stats read waited until the applier had put all 30 into DuckDB
+    assert done["logged"] == 4
+    found = re.search(
+        r"([\d,]+) of the commits went through the acknowledgement log, whose events reached "
+        r"DuckDB in ([\d,]+) commits of ([\d,]+) events",
+        shown,
+    )
+    assert found, shown
+    applies = int(found[2])
+    assert int(found[1]) == 4 and 1 <= applies <= 3 and int(found[3]) == round(30 / applies)

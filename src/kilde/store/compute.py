@@ -668,13 +668,16 @@ def export_store(data_dir: Path, lake: Lake, *, say: Say | None = None) -> dict[
     """
     import duckdb
 
-    from kilde.store.database import DB_FILE
+    from kilde.store.ack_log import log_dir
+    from kilde.store.database import DB_FILE, Store
     from kilde.store.lake import append
 
     tell = say or (lambda _: None)
     lake.create()
     state = StateTables(lake.state_dir)
     counts: dict[str, int] = {}
+    if any(log_dir(data_dir).glob("*")):
+        Store(data_dir).close()  # a crash left answered events in the log: insert them first
     con = duckdb.connect(str(data_dir / DB_FILE), read_only=True)
     try:
         tell("events")

@@ -376,6 +376,10 @@ class _Applier:
 
 _Outcome = tuple["asyncio.Future[WriteResult]", WriteResult | None, BaseException | None]
 
+# A batch with more events (an import's chunk) is committed to DuckDB directly, as before
+# the log: it fills a commit by itself, and through the log it would be written twice.
+LOG_MAX_ROWS = 2_500
+
 # The writer thread releases the GIL inside DuckDB and to wake the event loop; each time it
 # must win the GIL back from the busy event-loop thread, which only yields it every switch
 # interval (5 ms by default). A shorter interval keeps acknowledgements from waiting on that.
@@ -525,7 +529,7 @@ class Writer:
         return (
             self._applier is not None
             and item.task is None
-            and bool(batch.events)
+            and 0 < len(batch.events) <= LOG_MAX_ROWS
             and not batch.dead_letters
             and not batch.statements
             and batch.arrow_events is None

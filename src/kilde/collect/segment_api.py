@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.responses import Response
 
 from kilde.pipeline import Envelope, IngestResult, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row
+from kilde.pipeline.ingest import off_loop
 from kilde.pipeline.normalize import batch_items
 from kilde.plan.models import Source
 from kilde.store.writer import StoreUnavailableError, WriteBatch
@@ -27,6 +29,9 @@ from kilde.web.errors import HttpProblem, JsonResponse
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
+BATCH_KINDS = ("batch", "import")
+# A body this large is read into records on the preparer thread (kilde.pipeline.ingest).
+OFF_LOOP_BYTES = 8 * 1024
 # Bodies up to this many times the limit are read (and kept as a dead letter); larger ones
 # are refused unread so nobody can fill the store with junk.
 READ_FACTOR = 4
@@ -197,31 +202,32 @@ async def _dead_letter_body(
     problem.extra["dead_letter_id"] = row["id"]
 
 
-async def _receive(request: Request, kind: str) -> Response:
-    is_batch = kind in ("batch", "import")
-    limit = MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES
-    header_key = basic_auth_key(request)
-    # Authenticate from the header before reading, so strangers cannot make us read big bodies.
-    source = resolve_source(request, header_key) if header_key else None
-    raw = await read_body(request, limit)
-    body = raw
-    env = Envelope(
-        received_at=datetime.now(UTC),
-        channel="http",
-        ip=client_ip(request),
-        user_agent=request.headers.get("user-agent"),
-    )
+@dataclass
+class _Decoded:
+    """A request's body read into records, or what was wrong with it."""
+
+    source: Source | None
+    body: bytes
+    records: list[Any] = field(default_factory=list)
+    message_type: str | None = None
+    problem: HttpProblem | None = None
+
+
+def _decode(request: Request, kind: str, raw: bytes, limit: int, source: Source | None) -> _Decoded:
+    decoded = _Decoded(source, raw)
     try:
         check_content_type(request)
-        body = inflate(request, raw, limit)
+        body = decoded.body = inflate(request, raw, limit)
         payload = _parse(body)
         if not isinstance(payload, dict):
             raise HttpProblem(
                 400, "invalid_body", "the body must be a JSON object", "send one JSON object"
             )
-        if source is None:
+        if decoded.source is None:
             body_key = payload.get("writeKey")
-            source = resolve_source(request, body_key if isinstance(body_key, str) else None)
+            decoded.source = resolve_source(
+                request, body_key if isinstance(body_key, str) else None
+            )
         if len(body) > limit:
             raise HttpProblem(
                 413,
@@ -229,18 +235,41 @@ async def _receive(request: Request, kind: str) -> Response:
                 f"the body is {len(body) // 1024} KB; the limit is {limit // 1024} KB",
                 "send smaller events, or fewer events per batch",
             )
-        if is_batch:
-            records = _batch_records(payload)
-            message_type = None
+        if kind in BATCH_KINDS:
+            decoded.records = _batch_records(payload)
         else:
             payload.pop("writeKey", None)
-            records = [payload]
-            message_type = kind
+            decoded.records = [payload]
+            decoded.message_type = kind
     except HttpProblem as problem:
+        decoded.problem = problem
+    return decoded
+
+
+async def _receive(request: Request, kind: str) -> Response:
+    is_batch = kind in BATCH_KINDS
+    limit = MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES
+    header_key = basic_auth_key(request)
+    # Authenticate from the header before reading, so strangers cannot make us read big bodies.
+    source = resolve_source(request, header_key) if header_key else None
+    raw = await read_body(request, limit)
+    env = Envelope(
+        received_at=datetime.now(UTC),
+        channel="http",
+        ip=client_ip(request),
+        user_agent=request.headers.get("user-agent"),
+    )
+    if len(raw) >= OFF_LOOP_BYTES:  # parsing a big body would hold up the event loop
+        decoded = await off_loop(_decode, request, kind, raw, limit, source)
+    else:
+        decoded = _decode(request, kind, raw, limit, source)
+    if decoded.problem is not None:
         # Whatever a known source sent is kept, so it can be fixed and replayed.
-        if source is not None and problem.status in (400, 413, 415):
-            await _dead_letter_body(request, source, body, env, problem)
-        raise
+        if decoded.source is not None and decoded.problem.status in (400, 413, 415):
+            await _dead_letter_body(request, decoded.source, decoded.body, env, decoded.problem)
+        raise decoded.problem
+    source, records, message_type = decoded.source, decoded.records, decoded.message_type
+    assert source is not None  # resolve_source raises when there is none
 
     pipeline: Pipeline = request.app.state.pipeline
     try:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -31,6 +31,14 @@ from kilde.thread_names import name_os_thread
 # connections, 4 ms off the loop). One thread, so batches still go through in order.
 OFF_LOOP_RECORDS = 20
 _preparer = ThreadPoolExecutor(1, thread_name_prefix="kilde-prepare", initializer=name_os_thread)
+
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[..., T], *args: Any) -> T:
+    """Run `work(*args)` on the preparer thread, so the event loop stays free meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(_preparer, work, *args)
+
 
 _JSON_COLUMNS = ("properties", "traits", "context", "integrations")
 
@@ -206,8 +214,8 @@ class Pipeline:
         max_event_bytes: int | None = None,
     ) -> IngestResult:
         if len(records) >= OFF_LOOP_RECORDS:
-            batch, outcomes = await asyncio.get_running_loop().run_in_executor(
-                _preparer, self.batch_for, records, source, env, message_type, max_event_bytes
+            batch, outcomes = await off_loop(
+                self.batch_for, records, source, env, message_type, max_event_bytes
             )
         else:
             batch, outcomes = self.batch_for(records, source, env, message_type, max_event_bytes)

@@ -59,7 +59,7 @@ CATEGORIES = np.array(["tents", "jackets", "boots", "packs", "sleeping"])
 
 def synth_chunk(start: int, n: int, people: int, rng: np.random.Generator) -> pa.Table:
     """Events start .. start+n of a shop with `people` people (vectorised)."""
-    from kilde.store.writer import EVENT_SCHEMA
+    from kilde.store.schema import EVENT_SCHEMA
 
     idx = np.arange(start, start + n)
     person = rng.integers(0, people, n)

@@ -59,7 +59,7 @@ from kilde.store.backends import (
     table_schema,
 )
 from kilde.store.lake import EVENTS, Lake, LakeWriter, collector_store
-from kilde.store.writer import EVENT_SCHEMA
+from kilde.store.schema import EVENT_SCHEMA
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession

@@ -45,9 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kilde.store.database import Store
+from kilde.store.schema import DEAD_LETTER_SCHEMA, EVENT_SCHEMA
 from kilde.store.writer import (
-    DEAD_LETTER_SCHEMA,
-    EVENT_SCHEMA,
     RecentIds,
     Writer,
     WriteResult,

@@ -33,59 +33,12 @@ import pyarrow.compute as pc
 
 from kilde.config import dedupe_ids
 from kilde.errors import KildeError
-from kilde.store.ack_log import AckLog, log_dir
+from kilde.store.ack_log import AckLog, group_table, log_dir
 from kilde.store.database import Store
+from kilde.store.schema import DEAD_LETTER_SCHEMA, EVENT_SCHEMA
 from kilde.thread_names import NamedThread
 
 log = logging.getLogger("kilde.store")
-
-UTC_US = pa.timestamp("us", tz="UTC")
-
-EVENT_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("message_id", pa.string()),
-    ("source", pa.string()),
-    ("type", pa.string()),
-    ("event", pa.string()),
-    ("user_id", pa.string()),
-    ("anonymous_id", pa.string()),
-    ("group_id", pa.string()),
-    ("previous_id", pa.string()),
-    ("timestamp", UTC_US),
-    ("original_timestamp", UTC_US),
-    ("sent_at", UTC_US),
-    ("received_at", UTC_US),
-    ("properties", pa.string()),
-    ("traits", pa.string()),
-    ("context", pa.string()),
-    ("integrations", pa.string()),
-    ("ip", pa.string()),
-    ("country", pa.string()),
-    ("browser", pa.string()),
-    ("browser_version", pa.string()),
-    ("os", pa.string()),
-    ("os_version", pa.string()),
-    ("device", pa.string()),
-    ("page_url", pa.string()),
-    ("page_path", pa.string()),
-    ("referrer", pa.string()),
-    ("plan_status", pa.string()),
-    ("plan_issues", pa.string()),
-]
-
-DEAD_LETTER_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("id", pa.string()),
-    ("received_at", UTC_US),
-    ("source", pa.string()),
-    ("channel", pa.string()),
-    ("reason", pa.string()),
-    ("path", pa.string()),
-    ("payload", pa.string()),
-    ("envelope", pa.string()),
-    ("status", pa.string()),
-]
-
-EVENT_SCHEMA = pa.schema(EVENT_COLUMNS)
-DEAD_LETTER_SCHEMA = pa.schema(DEAD_LETTER_COLUMNS)
 
 
 class StoreUnavailableError(KildeError):
@@ -279,7 +232,7 @@ class _Applier:
         self.apply_after = apply_after
         self.con = store.cursor()
         self.applied_seq = 0  # every group up to this write_seq is in DuckDB
-        self._pending: list[tuple[int, pa.Table]] = []
+        self._pending: list[tuple[int, list[dict[str, Any]]]] = []
         self._pending_rows = 0
         self._waiting = 0  # threads in wait_for or drain
         self._busy = False
@@ -288,12 +241,12 @@ class _Applier:
         self.thread = NamedThread(target=self._run, name="kilde-applier", daemon=True)
         self.thread.start()
 
-    def hand(self, seq: int, table: pa.Table) -> None:
+    def hand(self, seq: int, rows: list[dict[str, Any]]) -> None:
         with self._changed:
             while self._pending_rows >= self.MAX_PENDING_ROWS:
                 self._changed.wait()
-            self._pending.append((seq, table))
-            self._pending_rows += table.num_rows
+            self._pending.append((seq, rows))
+            self._pending_rows += len(rows)
             if self._pending_rows >= self.APPLY_ROWS or self._waiting:
                 self._changed.notify_all()
 
@@ -346,13 +299,13 @@ class _Applier:
                 self._busy = True
             began = time.perf_counter()
             try:
-                self._insert([table for _, table in groups])
+                self._insert(groups)
             except Exception as exc:
                 # The groups are acknowledged and stay in the log; try again (and at start).
                 log.error("inserting logged events failed: %s", type(exc).__name__)
                 with self._changed:
                     self._pending[:0] = groups
-                    self._pending_rows += sum(table.num_rows for _, table in groups)
+                    self._pending_rows += sum(len(rows) for _, rows in groups)
                     self._busy = False
                     self._changed.notify_all()
                 if self._stop:
@@ -361,15 +314,15 @@ class _Applier:
                 continue
             tally = self.tally
             tally.applies += 1
-            tally.applied_events += sum(table.num_rows for _, table in groups)
+            tally.applied_events += sum(len(rows) for _, rows in groups)
             tally.apply_seconds += time.perf_counter() - began
             with self._changed:
                 self.applied_seq = groups[-1][0]
                 self._busy = False
                 self._changed.notify_all()
 
-    def _insert(self, tables: list[pa.Table]) -> None:
-        logged = pa.concat_tables(tables)  # noqa: F841 - read by DuckDB below
+    def _insert(self, groups: list[tuple[int, list[dict[str, Any]]]]) -> None:
+        logged = group_table(groups)  # noqa: F841 - read by DuckDB below
         # one statement, so it commits by itself (see Writer._commit on GIL waits)
         self.con.execute("INSERT INTO events BY NAME SELECT * FROM logged")
 
@@ -718,17 +671,13 @@ class Writer:
         if not taken.events:
             return taken.results
         seq = self._write_seq + 1
-        table = _table(taken.events, EVENT_SCHEMA)
-        table = table.append_column(
-            "write_seq", pa.repeat(pa.scalar(seq, pa.int64()), table.num_rows)
-        )
         try:
-            self._log.append(seq, table)
+            self._log.append(seq, taken.events)
         except Exception:
             self._forget(taken.added)
             raise
         self._write_seq = self._logged_seq = seq
-        self._applier.hand(seq, table)
+        self._applier.hand(seq, taken.events)
         self._log.forget_through(self._applier.applied_seq)
         return taken.results
 

@@ -511,14 +511,15 @@ class Writer:
             group: list[_Item] = []
             logged = False
             for item in items:
-                if group and (item.task is not None or self._loggable(item) != logged):
+                loggable = self._loggable(item)
+                if group and (item.task is not None or loggable != logged):
                     self._write_group(group, logged)
                     group = []
                 if item.task is not None:
                     self._drain()
                     self._run_task(item)
                     continue
-                logged = self._loggable(item)
+                logged = loggable
                 group.append(item)
             if group:
                 self._write_group(group, logged)

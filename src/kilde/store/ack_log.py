@@ -85,7 +85,7 @@ class AckLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._current = _Segment(path, seq)
         self._size = os.fstat(self._fd).st_size
-        _sync_directory(self.directory)  # so the new file's name survives a crash too
+        sync_directory(self.directory)  # so the new file's name survives a crash too
 
     def _close_current(self) -> None:
         if self._fd is not None and self._current is not None:
@@ -129,7 +129,7 @@ def replay(con: duckdb.DuckDBPyConnection, directory: Path) -> int:
         log.warning("inserted %d acknowledged events from the acknowledgement log", inserted)
     for path in segments:
         path.unlink()
-    _sync_directory(directory)
+    sync_directory(directory)
     return inserted
 
 
@@ -167,7 +167,8 @@ def _parsed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that names created or removed in it survive a crash."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kilde.store.ack_log import sync_directory
 from kilde.store.database import Store
 from kilde.store.schema import DEAD_LETTER_SCHEMA, EVENT_SCHEMA
 from kilde.store.writer import (
@@ -145,14 +146,6 @@ def file_name(now: datetime | None = None) -> str:
     return f"part-{stamp}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{seq:06d}.parquet"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file(lake: Lake, name: str, day: str, table: pa.Table, *, durable: bool = True) -> Path:
     """Write `table` as one new file in a partition: temporary name, sync, atomic rename."""
     incoming = lake.root / INCOMING
@@ -170,7 +163,7 @@ def write_file(lake: Lake, name: str, day: str, table: pa.Table, *, durable: boo
                 os.fsync(handle.fileno())
         os.replace(tmp, final)
         if durable:
-            _fsync_dir(target_dir)
+            sync_directory(target_dir)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

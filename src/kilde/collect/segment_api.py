@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from kilde.pipeline import Envelope, IngestResult, Pipeline
+from kilde.pipeline import Envelope, IngestResult, Outcome, Pipeline
 from kilde.pipeline.dead_letter import dead_letter_row
 from kilde.pipeline.ingest import off_loop
 from kilde.pipeline.normalize import batch_items
@@ -211,6 +211,8 @@ class _Decoded:
     records: list[Any] = field(default_factory=list)
     message_type: str | None = None
     problem: HttpProblem | None = None
+    # the records as a WriteBatch and their outcomes, when they were prepared with the body
+    prepared: tuple[WriteBatch, list[Outcome]] | None = None
 
 
 def _decode(request: Request, kind: str, raw: bytes, limit: int, source: Source | None) -> _Decoded:
@@ -246,6 +248,19 @@ def _decode(request: Request, kind: str, raw: bytes, limit: int, source: Source 
     return decoded
 
 
+def _decode_and_prepare(
+    request: Request, kind: str, raw: bytes, limit: int, source: Source | None, env: Envelope
+) -> _Decoded:
+    """`_decode`, then `Pipeline.batch_for`: one hand-over to the preparer thread for both."""
+    decoded = _decode(request, kind, raw, limit, source)
+    if decoded.problem is None and decoded.source is not None:
+        pipeline: Pipeline = request.app.state.pipeline
+        decoded.prepared = pipeline.batch_for(
+            decoded.records, decoded.source, env, decoded.message_type, MAX_EVENT_BYTES
+        )
+    return decoded
+
+
 async def _receive(request: Request, kind: str) -> Response:
     is_batch = kind in BATCH_KINDS
     limit = MAX_BATCH_BYTES if is_batch else MAX_EVENT_BYTES
@@ -260,7 +275,7 @@ async def _receive(request: Request, kind: str) -> Response:
         user_agent=request.headers.get("user-agent"),
     )
     if len(raw) >= OFF_LOOP_BYTES:  # parsing a big body would hold up the event loop
-        decoded = await off_loop(_decode, request, kind, raw, limit, source)
+        decoded = await off_loop(_decode_and_prepare, request, kind, raw, limit, source, env)
     else:
         decoded = _decode(request, kind, raw, limit, source)
     if decoded.problem is not None:
@@ -273,9 +288,12 @@ async def _receive(request: Request, kind: str) -> Response:
 
     pipeline: Pipeline = request.app.state.pipeline
     try:
-        result = await pipeline.ingest(
-            records, source, env, message_type, max_event_bytes=MAX_EVENT_BYTES
-        )
+        if decoded.prepared is not None:
+            result = await pipeline.write(*decoded.prepared)
+        else:
+            result = await pipeline.ingest(
+                records, source, env, message_type, max_event_bytes=MAX_EVENT_BYTES
+            )
     except StoreUnavailableError as exc:
         raise HttpProblem(
             503, "store_busy", exc.message, "retry with backoff", headers={"Retry-After": "1"}

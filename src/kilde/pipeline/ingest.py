@@ -219,6 +219,10 @@ class Pipeline:
             )
         else:
             batch, outcomes = self.batch_for(records, source, env, message_type, max_event_bytes)
+        return await self.write(batch, outcomes)
+
+    async def write(self, batch: WriteBatch, outcomes: list[Outcome]) -> IngestResult:
+        """The second half of `ingest`, for a batch made by `batch_for`."""
         written = await self.writer.write(batch)
         return IngestResult(outcomes, written.stored, written.duplicates, written.dead_lettered)
 

@@ -10,10 +10,10 @@ A record is one group: a header (CRC-32 of the payload, the group's write_seq, t
 length) and the group's rows as a JSON array (orjson writes it about four times faster than
 Arrow builds a table of the rows, and the writer's time is what the answers wait for; the
 applier builds the table). Records go into segment files; a segment is deleted once every
-group in it is in DuckDB. The applier
-inserts groups in write_seq order, and the writer empties the log before anything deletes or
-changes stored events (erasure, retention), so on start `replay` finds the groups still to be
-inserted as those above the largest write_seq in the events table.
+group in it is in DuckDB. The applier inserts groups in write_seq order, and the writer
+empties the log before anything deletes or changes stored events (erasure, retention), so on
+start `replay` finds the groups still to be inserted as those above the largest write_seq in
+the events table.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ log = logging.getLogger("kilde.store")
 _TIMESTAMPS = [field.name for field in EVENT_SCHEMA if pa.types.is_timestamp(field.type)]
 
 LOG_DIR = "ack-log"
-SUFFIX = ".arrows"
+SUFFIX = ".log"
 HEADER = struct.Struct("<IqQ")  # crc32 of the payload, write_seq, payload bytes
 # A segment is closed at this size, so applied groups leave the disk while load goes on.
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -102,7 +102,9 @@ class AckLog:
     def clear(self) -> None:
         """Delete every segment: the caller has seen every group inserted."""
         self._close_current()
-        self.forget_through(self._closed[-1].last_seq if self._closed else 0)
+        for segment in self._closed:
+            segment.path.unlink(missing_ok=True)
+        self._closed = []
 
     def close(self) -> None:
         self._close_current()
@@ -118,14 +120,13 @@ def replay(con: duckdb.DuckDBPyConnection, directory: Path) -> int:
         return 0
     row = con.execute("SELECT coalesce(max(write_seq), 0) FROM events").fetchone()
     stored_up_to = int(row[0]) if row else 0
-    tables: list[pa.Table] = []
+    groups: list[tuple[int, list[dict[str, Any]]]] = []
     for path in segments:
-        tables.extend(_read_segment(path, stored_up_to))
-    inserted = 0
-    if tables:
-        logged = pa.concat_tables(tables, promote_options="default")  # noqa: F841 - read by DuckDB below
+        groups.extend(_read_segment(path, stored_up_to))
+    inserted = sum(len(rows) for _, rows in groups)
+    if inserted:
+        logged = group_table(groups)  # noqa: F841 - read by DuckDB below
         con.execute("INSERT INTO events BY NAME SELECT * FROM logged")
-        inserted = sum(table.num_rows for table in tables)
         log.warning("inserted %d acknowledged events from the acknowledgement log", inserted)
     for path in segments:
         path.unlink()
@@ -133,9 +134,10 @@ def replay(con: duckdb.DuckDBPyConnection, directory: Path) -> int:
     return inserted
 
 
-def _read_segment(path: Path, stored_up_to: int) -> list[pa.Table]:
+def _read_segment(path: Path, stored_up_to: int) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The groups of a segment above write_seq `stored_up_to`, as (write_seq, rows)."""
     data = path.read_bytes()
-    tables = []
+    groups = []
     offset = 0
     while offset + HEADER.size <= len(data):
         crc, seq, size = HEADER.unpack_from(data, offset)
@@ -144,9 +146,9 @@ def _read_segment(path: Path, stored_up_to: int) -> list[pa.Table]:
             log.warning("the acknowledgement log %s ends in a record cut short", path.name)
             break
         if seq > stored_up_to:
-            tables.append(group_table([(seq, _parsed(orjson.loads(payload)))]))
+            groups.append((seq, _parsed(orjson.loads(payload))))
         offset += HEADER.size + size
-    return tables
+    return groups
 
 
 def group_table(groups: list[tuple[int, list[dict[str, Any]]]]) -> pa.Table:

@@ -227,7 +227,6 @@ class _Applier:
     MAX_PENDING_ROWS = 50_000
 
     def __init__(self, store: Store, tally: WriterTally, apply_after: float) -> None:
-        self.store = store
         self.tally = tally
         self.apply_after = apply_after
         self.con = store.cursor()
@@ -252,22 +251,19 @@ class _Applier:
 
     def wait_for(self, seq: int) -> None:
         """Return once every group up to write_seq `seq` is in DuckDB."""
-        if self.applied_seq >= seq:
-            return
-        with self._changed:
-            self._waiting += 1
-            self._changed.notify_all()
-            while self.applied_seq < seq:
-                self._changed.wait()
-            self._waiting -= 1
+        if self.applied_seq < seq:
+            self._wait_until(lambda: self.applied_seq >= seq)
 
     def drain(self) -> None:
         """Return once every group handed over is in DuckDB and the applier is idle."""
+        self._wait_until(lambda: not self._pending and not self._busy)
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        # A waiter makes the applier insert at once rather than wait for more rows.
         with self._changed:
             self._waiting += 1
             self._changed.notify_all()
-            while self._pending or self._busy:
-                self._changed.wait()
+            self._changed.wait_for(done)
             self._waiting -= 1
 
     def stop(self) -> None:
@@ -527,11 +523,9 @@ class Writer:
                 return
 
     def _write_group(self, items: list[_Item], logged: bool) -> None:
-        if logged:
-            self._commit_group(items, self._log_commit)
-        else:
+        if not logged:
             self._drain()
-            self._commit_group(items, self._commit)
+        self._commit_group(items, logged)
 
     def _run_task(self, item: _Item) -> None:
         assert item.task is not None and item.task_future is not None
@@ -549,12 +543,10 @@ class Writer:
             if self._applier is not None:
                 self._applier.con = self.store.cursor()
 
-    def _commit_group(
-        self, items: list[_Item], commit: Callable[[list[_Item]], list[WriteResult]]
-    ) -> None:
+    def _commit_group(self, items: list[_Item], logged: bool) -> None:
         began = time.perf_counter()
         try:
-            results = commit(items)
+            results = self._log_commit(items) if logged else self._commit(items)
         except Exception as exc:
             if len(items) == 1:
                 # The message may quote stored values, so only the type is logged.
@@ -563,12 +555,12 @@ class Writer:
                 return
             # Isolate the batch that broke the group so the others still commit.
             for item in items:
-                self._commit_group([item], commit)
+                self._commit_group([item], logged)
             return
         ended = time.perf_counter()
         tally = self.tally
         tally.commits += 1
-        tally.logged += commit == self._log_commit
+        tally.logged += logged
         tally.batches += len(items)
         tally.events += sum(result.stored for result in results)
         tally.commit_seconds += ended - began

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from kilde.identity.engine import REBUILD_BACKLOG, REBUILD_SHARE
+from kilde.identity.engine import REBUILD_BACKLOG, REBUILD_SHARE, TICK_BATCH
 from tests.test_identity_properties import Shop
 
 BURST = REBUILD_BACKLOG + 5_000
@@ -66,3 +66,15 @@ def test_a_burst_smaller_than_a_tenth_of_the_store_is_read_in_increments() -> No
         assert report is not None and report.mode == "incremental"
         assert 0 < report.events_read < BURST  # one tick's worth
         assert 0 < shop.engine.unread() < BURST
+
+
+def test_a_tick_that_ends_on_a_transactions_last_event_leaves_nothing_unread() -> None:
+    # TICK_BATCH events in whole transactions: the first tick reads them all but cannot know
+    # that the last transaction is complete, the second finds nothing new to read
+    with caught_up_with(10_000) as shop:
+        add_events(shop, 10_000, TICK_BATCH)
+        first = shop.engine.step()
+        assert first is not None and first.events_read == TICK_BATCH
+        assert shop.engine.step() is None
+        assert shop.engine.unread() == 0
+

@@ -373,6 +373,13 @@ class IdentityEngine:
         """Identifiers of up to TICK_BATCH events not read yet (set-based where simple); every
         event up to write_seq `mark` has been read."""
         run = self.runner
+        # Write_seqs become visible in order (the writer's applier inserts logged groups in
+        # order, and every other commit waits for it), so a read that starts after this and
+        # is not cut short by TICK_BATCH has read every event up to `visible`, including
+        # events that carry no identifier and the rest of a transaction read in part before.
+        visible = self.store.scalar(
+            "SELECT max(write_seq) FROM events WHERE write_seq > ?", [mark]
+        )
         run.put("k_since", pa.table({"since": pa.array([mark], pa.int64())}))
 
         def unread_expr() -> ir.Table:
@@ -417,7 +424,7 @@ class IdentityEngine:
             found.add(row, normaliser)
         # A read that hit the limit covers its transactions up to the last one it reached,
         # which it may have read in part; one that did not covers everything written.
-        found.upto = found.max_seq
+        found.upto = max(found.max_seq or mark, int(visible or mark))
         for table in (simple_records, rich):
             if table.num_rows >= TICK_BATCH:
                 last = pc.max(table.column("write_seq")).as_py()
@@ -473,6 +480,10 @@ class IdentityEngine:
             found.read_seconds = time.perf_counter() - started
             if not found.count:
                 self.runner.drop_temps()
+                if found.upto is not None and found.upto > mark:
+                    # nothing new to link, but the mark moves on: `unread` says 0 again
+                    statements = self._state_statements(found.upto, str(mark))
+                    self.writer.write_sync(WriteBatch(statements=statements))
                 if not (self._quiet or self._pending):
                     return None
                 if not defer_quiet:

@@ -77,4 +77,3 @@ def test_a_tick_that_ends_on_a_transactions_last_event_leaves_nothing_unread() -
         assert first is not None and first.events_read == TICK_BATCH
         assert shop.engine.step() is None
         assert shop.engine.unread() == 0
-

@@ -377,9 +377,7 @@ class IdentityEngine:
         # order, and every other commit waits for it), so a read that starts after this and
         # is not cut short by TICK_BATCH has read every event up to `visible`, including
         # events that carry no identifier and the rest of a transaction read in part before.
-        visible = self.store.scalar(
-            "SELECT max(write_seq) FROM events WHERE write_seq > ?", [mark]
-        )
+        visible = self.store.scalar("SELECT max(write_seq) FROM events WHERE write_seq > ?", [mark])
         run.put("k_since", pa.table({"since": pa.array([mark], pa.int64())}))
 
         def unread_expr() -> ir.Table:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from kilde.identity.engine import REBUILD_BACKLOG, REBUILD_SHARE, TICK_BATCH
 from tests.test_identity_properties import Shop
@@ -77,3 +78,26 @@ def test_a_tick_that_ends_on_a_transactions_last_event_leaves_nothing_unread() -
         assert first is not None and first.events_read == TICK_BATCH
         assert shop.engine.step() is None
         assert shop.engine.unread() == 0
+
+
+def identifiers_read(shop: Shop) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return (
+        shop.store.query("SELECT * FROM identity_records ORDER BY ALL"),
+        shop.store.query("SELECT * FROM identity_observations ORDER BY ALL"),
+    )
+
+
+def test_a_rebuild_to_catch_up_keeps_what_was_read_and_equals_a_full_rebuild() -> None:
+    with caught_up_with(10_000) as shop:
+        # a tick that stops at its limit: its last transaction is read, but not marked so
+        add_events(shop, 10_000, TICK_BATCH + 250)
+        shop.engine.step()
+        assert 0 < shop.engine.unread() <= 750
+        add_events(shop, 10_000 + TICK_BATCH + 250, BURST)
+        report = shop.engine.step()
+        assert report is not None and report.mode == "rebuild"
+        assert report.events_read == 10_000 + TICK_BATCH + 250 + BURST
+        assert shop.engine.unread() == 0
+        caught_up = shop.snapshot(), identifiers_read(shop)
+        shop.engine.rebuild()  # everything read again
+        assert (shop.snapshot(), identifiers_read(shop)) == caught_up

@@ -472,7 +472,7 @@ class IdentityEngine:
                 return self.rebuild()
             mark = int(state["write_seq"])
             if self._rebuild_pays(mark):
-                return self.rebuild()
+                return self.rebuild(after=mark)
             started = time.perf_counter()
             found = self._read_new(Normaliser(self.plan().identity), mark)
             found.read_seconds = time.perf_counter() - started
@@ -659,6 +659,7 @@ class IdentityEngine:
             args=(rows, closures, self._stitch_seq, self._epoch, self._compile_key()),
             name="kilde-refresh",
             daemon=True,
+            background=True,
         )
         self._refreshing.start()
 
@@ -1189,8 +1190,14 @@ class IdentityEngine:
     def _say(self, text: str) -> None:
         self.progress = text
 
-    def rebuild(self, progress: Callable[[str], None] | None = None) -> RunReport:
-        """Recompute identities and profiles from every stored event."""
+    def rebuild(
+        self, progress: Callable[[str], None] | None = None, after: int | None = None
+    ) -> RunReport:
+        """Recompute identities and profiles from every stored event.
+
+        `after`: every event up to this write_seq was read under the plan's current rules, so
+        the identifiers read from them are kept and only later events are read again (a
+        rebuild to catch up, see REBUILD_SHARE; reading the events was about half of it)."""
         with self.lock:
             started = time.perf_counter()
             self._release_quiet()  # recomputed below with everything else
@@ -1206,9 +1213,9 @@ class IdentityEngine:
                 upto = int(self.store.scalar("SELECT coalesce(max(write_seq), 0) FROM events") or 0)
                 normaliser = Normaliser(self.plan().identity)
                 t0 = time.perf_counter()
-                count = self._extract_rich(normaliser, scratch)
+                count = self._extract_rich(normaliser, scratch, after)
                 rich_seconds = time.perf_counter() - t0
-                self._extract_simple(normaliser, scratch)
+                self._extract_simple(normaliser, scratch, after)
                 parts = [
                     ("identity_records", "records-*.parquet"),
                     ("identity_observations", "observations-*.parquet"),
@@ -1218,8 +1225,7 @@ class IdentityEngine:
                 self.writer.write_sync(
                     WriteBatch(
                         statements=[
-                            ("DELETE FROM identity_records", []),
-                            ("DELETE FROM identity_observations", []),
+                            *_forget_records(after),
                             *[_insert_file(table, scratch / name) for table, name in parts],
                         ]
                     )
@@ -1241,13 +1247,15 @@ class IdentityEngine:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _extract_simple(self, normaliser: Normaliser, scratch: Path) -> None:
-        """Records normalised set-based, in one pass over the events, as two parquet files.
+    def _extract_simple(self, normaliser: Normaliser, scratch: Path, after: int | None) -> None:
+        """Records normalised set-based, in one pass over the events (those after write_seq
+        `after`), as two parquet files.
 
         The stages are materialised one after the other (see `extract.simple_raw`).
         """
         run = self.runner
-        run.make("k_x_raw", "rebuild/raw", lambda: extract.simple_raw(run.source("events")))
+        variant, events = self._events_after(after)
+        run.make("k_x_raw", "rebuild/raw" + variant, lambda: extract.simple_raw(events))
         run.make(
             "k_x_texts",
             "rebuild/texts",
@@ -1272,25 +1280,34 @@ class IdentityEngine:
         )
         run.drop("k_x_ids")
 
-    def _extract_rich(self, normaliser: Normaliser, scratch: Path) -> int:
-        """Records that need the Python normaliser, written as parquet parts."""
+    def _extract_rich(self, normaliser: Normaliser, scratch: Path, after: int | None) -> int:
+        """Records that need the Python normaliser (of events after write_seq `after`),
+        written as parquet parts."""
         run = self.runner
 
-        sql, _ = run.sql("rebuild/rich", lambda: rich_records(run.source("events")))
+        variant, events = self._events_after(after)
+        sql, _ = run.sql("rebuild/rich" + variant, lambda: rich_records(events))
         count = 0
         part = 0
-        cur = self.store.cursor()
-        try:
-            for batch in cur.sql(sql).to_arrow_reader(100_000):
-                found = extract_rich(batch, normaliser)
-                self._write_part(found, scratch, part)
-                part += 1
-                count += found.count
-            if part == 0:
-                self._write_part(Extracted(), scratch, part)
-        finally:
-            cur.close()
+        # on the runner's connection, which holds k_after; nothing else runs on it meanwhile
+        for batch in run.con.sql(sql).to_arrow_reader(100_000):
+            found = extract_rich(batch, normaliser)
+            self._write_part(found, scratch, part)
+            part += 1
+            count += found.count
+        if part == 0:
+            self._write_part(Extracted(), scratch, part)
         return count
+
+    def _events_after(self, after: int | None) -> tuple[str, ir.Table]:
+        """The events after write_seq `after` (all without it), and the key of a stage that
+        reads them: the runner compiles a stage once, so `after` is read from a table."""
+        run = self.runner
+        events = run.source("events")
+        if after is None:
+            return "", events
+        since = run.put("k_after", pa.table({"after": pa.array([after], pa.int64())}))
+        return "/after", events.filter(events.write_seq > since.after.max().as_scalar())
 
     @staticmethod
     def _write_part(found: Extracted, scratch: Path, part: int) -> None:
@@ -1307,7 +1324,9 @@ class IdentityEngine:
         self._salt = None
         self._map_indexes(present=True)  # a rebuild stopped half-way leaves them dropped
         self._stop.clear()
-        self._thread = NamedThread(target=self._run, name="kilde-identity", daemon=True)
+        self._thread = NamedThread(
+            target=self._run, name="kilde-identity", daemon=True, background=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -1412,6 +1431,21 @@ def _refreshed(run: Runner) -> ir.Table:
 def _last_seen(run: Runner) -> ir.Table:
     quiet = run.temp("k_quiet")
     return quiet.select("id_type", "id_value", "ts")
+
+
+def _forget_records(after: int | None) -> list[tuple[str, list[Any]]]:
+    """Statements removing the identifiers read from the events after write_seq `after` (all
+    of them without it), before a rebuild writes them again."""
+    if after is None:
+        return [("DELETE FROM identity_records", []), ("DELETE FROM identity_observations", [])]
+    return [
+        (
+            "DELETE FROM identity_observations o WHERE EXISTS (SELECT 1 FROM identity_records r"
+            " WHERE r.write_seq > ? AND r.source = o.source AND r.message_id = o.message_id)",
+            [after],
+        ),
+        ("DELETE FROM identity_records WHERE write_seq > ?", [after]),
+    ]
 
 
 def rich_records(events: ir.Table) -> ir.Table:

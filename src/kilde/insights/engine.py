@@ -144,7 +144,9 @@ class InsightsEngine:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = NamedThread(target=self._run, name="kilde-insights", daemon=True)
+        self._thread = NamedThread(
+            target=self._run, name="kilde-insights", daemon=True, background=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -40,6 +40,30 @@ def _events(user: str, count: int, prefix: str) -> list[dict[str, object]]:
     ]
 
 
+def _full_row() -> dict[str, object]:
+    """An events row with every column set, and text a JSON log could get wrong."""
+    row: dict[str, object] = {name: f'{name} æøå "quoted"\nnext line \u2028' for name in _TEXT}
+    row.update(
+        properties='{"price": 3490.0, "note": "line\\nbreak", "tags": ["a", "b"]}',
+        traits='{"email": "ada@example.com"}',
+        context='{"page": {"path": "/p"}}',
+        integrations='{"All": true}',
+        plan_issues='[{"path": "properties.x", "message": "m"}]',
+        timestamp=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        original_timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        sent_at=datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        received_at=datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC),
+    )
+    return row
+
+
+_TEXT = [
+    "message_id", "source", "type", "event", "user_id", "anonymous_id", "group_id",
+    "previous_id", "ip", "country", "browser", "browser_version", "os", "os_version",
+    "device", "page_url", "page_path", "referrer", "plan_status",
+]  # fmt: skip
+
+
 def _count(store: Store, user: str) -> int:
     return int(store.scalar("SELECT count(*) FROM events WHERE user_id = ?", [user]))
 
@@ -71,7 +95,7 @@ def _crash_after(data_dir: Path, body: str) -> None:
         import os, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
         from kilde.store import Store, WriteBatch, Writer
-        from tests.test_ack_log import _events
+        from tests.test_ack_log import _events, _full_row
         store = Store(__import__("pathlib").Path({str(data_dir)!r}))
         writer = Writer(store, apply_after={HOLD})
         """
@@ -143,3 +167,13 @@ def test_a_group_logged_and_replayed_keeps_every_column(tmp_path: Path, rows: in
     finally:
         store.close()
     assert row == {"n": rows, "event": "Product Viewed", "status": "ok", "ids": rows}
+
+
+def test_a_logged_row_comes_back_with_every_column_as_written(tmp_path: Path) -> None:
+    _crash_after(tmp_path, "writer.write_sync(WriteBatch(events=[_full_row()]))")
+    store = Store(tmp_path)
+    try:
+        [row] = store.query("SELECT * EXCLUDE (write_seq) FROM events")
+    finally:
+        store.close()
+    assert row == _full_row()

@@ -7,9 +7,12 @@ log and syncing it, answers the requests, and hands the group to its applier thr
 inserts whatever has piled up meanwhile into DuckDB in one larger commit.
 
 A record is one group: a header (CRC-32 of the payload, the group's write_seq, the payload's
-length) and the group's rows as a JSON array (orjson writes it about four times faster than
-Arrow builds a table of the rows, and the writer's time is what the answers wait for; the
-applier builds the table). Records go into segment files; a segment is deleted once every
+length) and the group's rows as JSON lines, one object a row (`encode`). orjson writes them
+about four times faster than Arrow builds a table of the rows, and the writer's time is what
+the answers wait for. The applier reads them with Arrow's JSON reader, which runs without
+Python's GIL; building the table from the Python rows held it, in the same process as
+collection, for about a fifth of the time the GIL was busy (bench/ingest.py, py-spy --gil).
+Records go into segment files; a segment is deleted once every
 group in it is in DuckDB. The applier inserts groups in write_seq order, and the writer
 empties the log before anything deletes or changes stored events (erasure, retention), so on
 start `replay` finds the groups still to be inserted as those above the largest write_seq in
@@ -23,19 +26,22 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy
 import orjson
 import pyarrow as pa
+import pyarrow.json as pa_json
 
 from kilde.store.schema import EVENT_SCHEMA
 
 log = logging.getLogger("kilde.store")
 
-_TIMESTAMPS = [field.name for field in EVENT_SCHEMA if pa.types.is_timestamp(field.type)]
+# Timestamps are written by orjson as ISO 8601 text and parsed back by Arrow; columns the
+# schema does not know are not the log's (rows carry only events columns).
+_PARSE = pa_json.ParseOptions(explicit_schema=EVENT_SCHEMA, unexpected_field_behavior="ignore")
 
 LOG_DIR = "ack-log"
 SUFFIX = ".log"
@@ -64,9 +70,9 @@ class AckLog:
         self._size = 0
         self._closed: list[_Segment] = []  # full segments, oldest first
 
-    def append(self, seq: int, rows: list[dict[str, Any]]) -> None:
-        """Write `rows` (events rows of group `seq`) and sync them; then they survive a crash."""
-        payload = orjson.dumps(rows)
+    def append(self, seq: int, payload: bytes) -> None:
+        """Write group `seq` (its rows as `encode` made them) and sync it; then it survives a
+        crash."""
         header = HEADER.pack(zlib.crc32(payload), seq, len(payload))
         if self._fd is None or self._size >= SEGMENT_BYTES:
             self._open(seq)
@@ -120,13 +126,14 @@ def replay(con: duckdb.DuckDBPyConnection, directory: Path) -> int:
         return 0
     row = con.execute("SELECT coalesce(max(write_seq), 0) FROM events").fetchone()
     stored_up_to = int(row[0]) if row else 0
-    groups: list[tuple[int, list[dict[str, Any]]]] = []
+    groups: list[tuple[int, bytes]] = []
     for path in segments:
         groups.extend(_read_segment(path, stored_up_to))
-    inserted = sum(len(rows) for _, rows in groups)
-    if inserted:
-        logged = group_table(groups)  # noqa: F841 - read by DuckDB below
+    inserted = 0
+    if groups:
+        logged = group_table(groups)
         con.execute("INSERT INTO events BY NAME SELECT * FROM logged")
+        inserted = logged.num_rows
         log.warning("inserted %d acknowledged events from the acknowledgement log", inserted)
     for path in segments:
         path.unlink()
@@ -134,8 +141,8 @@ def replay(con: duckdb.DuckDBPyConnection, directory: Path) -> int:
     return inserted
 
 
-def _read_segment(path: Path, stored_up_to: int) -> list[tuple[int, list[dict[str, Any]]]]:
-    """The groups of a segment above write_seq `stored_up_to`, as (write_seq, rows)."""
+def _read_segment(path: Path, stored_up_to: int) -> list[tuple[int, bytes]]:
+    """The groups of a segment above write_seq `stored_up_to`, as (write_seq, payload)."""
     data = path.read_bytes()
     groups = []
     offset = 0
@@ -146,27 +153,26 @@ def _read_segment(path: Path, stored_up_to: int) -> list[tuple[int, list[dict[st
             log.warning("the acknowledgement log %s ends in a record cut short", path.name)
             break
         if seq > stored_up_to:
-            groups.append((seq, _parsed(orjson.loads(payload))))
+            groups.append((seq, payload))
         offset += HEADER.size + size
     return groups
 
 
-def group_table(groups: list[tuple[int, list[dict[str, Any]]]]) -> pa.Table:
-    """Events rows of several groups as one table, each row with its group's write_seq."""
-    rows = [row for _, group in groups for row in group]
-    seqs = [seq for seq, group in groups for _ in group]
-    table = pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+def encode(rows: list[dict[str, Any]]) -> bytes:
+    """Events rows as a log payload: JSON lines (orjson escapes line breaks inside strings)."""
+    return b"\n".join([orjson.dumps(row) for row in rows])
+
+
+def rows_in(payload: bytes) -> int:
+    return payload.count(b"\n") + 1
+
+
+def group_table(groups: list[tuple[int, bytes]]) -> pa.Table:
+    """Events rows of several groups (write_seq, payload) as one table, each row with its
+    group's write_seq."""
+    table = pa_json.read_json(pa.py_buffer(b"\n".join(p for _, p in groups)), parse_options=_PARSE)
+    seqs = numpy.repeat([seq for seq, _ in groups], [rows_in(p) for _, p in groups])
     return table.append_column("write_seq", pa.array(seqs, pa.int64()))
-
-
-def _parsed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows read back from JSON: the timestamps, written as ISO 8601 text, as datetimes."""
-    for row in rows:
-        for name in _TIMESTAMPS:
-            value = row.get(name)
-            if value is not None:
-                row[name] = datetime.fromisoformat(value)
-    return rows
 
 
 def sync_directory(directory: Path) -> None:

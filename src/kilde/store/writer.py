@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from kilde.config import dedupe_ids
 from kilde.errors import KildeError
-from kilde.store.ack_log import AckLog, group_table, log_dir
+from kilde.store.ack_log import AckLog, encode, group_table, log_dir, rows_in
 from kilde.store.database import Store
 from kilde.store.schema import DEAD_LETTER_SCHEMA, EVENT_SCHEMA
 from kilde.thread_names import NamedThread
@@ -231,7 +231,7 @@ class _Applier:
         self.apply_after = apply_after
         self.con = store.cursor()
         self.applied_seq = 0  # every group up to this write_seq is in DuckDB
-        self._pending: list[tuple[int, list[dict[str, Any]]]] = []
+        self._pending: list[tuple[int, bytes]] = []  # (write_seq, payload) of logged groups
         self._pending_rows = 0
         self._waiting = 0  # threads in wait_for or drain
         self._busy = False
@@ -240,12 +240,12 @@ class _Applier:
         self.thread = NamedThread(target=self._run, name="kilde-applier", daemon=True)
         self.thread.start()
 
-    def hand(self, seq: int, rows: list[dict[str, Any]]) -> None:
+    def hand(self, seq: int, payload: bytes, rows: int) -> None:
         with self._changed:
             while self._pending_rows >= self.MAX_PENDING_ROWS:
                 self._changed.wait()
-            self._pending.append((seq, rows))
-            self._pending_rows += len(rows)
+            self._pending.append((seq, payload))
+            self._pending_rows += rows
             if self._pending_rows >= self.APPLY_ROWS or self._waiting:
                 self._changed.notify_all()
 
@@ -301,7 +301,7 @@ class _Applier:
                 log.error("inserting logged events failed: %s", type(exc).__name__)
                 with self._changed:
                     self._pending[:0] = groups
-                    self._pending_rows += sum(len(rows) for _, rows in groups)
+                    self._pending_rows += sum(rows_in(payload) for _, payload in groups)
                     self._busy = False
                     self._changed.notify_all()
                 if self._stop:
@@ -310,14 +310,14 @@ class _Applier:
                 continue
             tally = self.tally
             tally.applies += 1
-            tally.applied_events += sum(len(rows) for _, rows in groups)
+            tally.applied_events += sum(rows_in(payload) for _, payload in groups)
             tally.apply_seconds += time.perf_counter() - began
             with self._changed:
                 self.applied_seq = groups[-1][0]
                 self._busy = False
                 self._changed.notify_all()
 
-    def _insert(self, groups: list[tuple[int, list[dict[str, Any]]]]) -> None:
+    def _insert(self, groups: list[tuple[int, bytes]]) -> None:
         logged = group_table(groups)  # noqa: F841 - read by DuckDB below
         # one statement, so it commits by itself (see Writer._commit on GIL waits)
         self.con.execute("INSERT INTO events BY NAME SELECT * FROM logged")
@@ -664,13 +664,14 @@ class Writer:
         if not taken.events:
             return taken.results
         seq = self._write_seq + 1
+        payload = encode(taken.events)
         try:
-            self._log.append(seq, taken.events)
+            self._log.append(seq, payload)
         except Exception:
             self._forget(taken.added)
             raise
         self._write_seq = self._logged_seq = seq
-        self._applier.hand(seq, taken.events)
+        self._applier.hand(seq, payload, len(taken.events))
         self._log.forget_through(self._applier.applied_seq)
         return taken.results
 

@@ -105,6 +105,11 @@ SLOW_TICK = 1.0  # seconds: ticks slower than this are logged with their stages
 # transactions) are shared by more of them. The price is lag at peak load: bench/ingest.py
 # collected about a sixth more events/s with identity up to 2.5 s behind, where it was 0.2 s
 # behind without the pause; at 5,000 events/s links still showed after about 0.27 s (median).
+# A rebuild to catch up (see REBUILD_SHARE) is paused after for as long as it took, without
+# the cap: it means identity is far behind already, and it took 3 to 4 s at a time during
+# bench/ingest.py, so with the cap identity's DuckDB work held a core nearly all the time
+# during a burst (with it: 20,481 to 21,536 events/s, identity up to about 150,000 events
+# behind; without it: 21,489 to 24,353, up to about 280,000 behind, caught up as soon after).
 TICK_PAUSE_SHARE = 1.0
 TICK_PAUSE_MAX = 0.5  # seconds
 # identity_map rows of identifiers added without a stitch (see KnownIdentities.classify)
@@ -1395,7 +1400,8 @@ class IdentityEngine:
                 self._stop.wait(self.interval)
             else:  # see TICK_PAUSE_SHARE
                 took = time.monotonic() - began
-                self._stop.wait(min(TICK_PAUSE_MAX, TICK_PAUSE_SHARE * took))
+                pause = TICK_PAUSE_SHARE * took
+                self._stop.wait(pause if report.mode == "rebuild" else min(TICK_PAUSE_MAX, pause))
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Process everything stored so far (for commands that want fresh profiles)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kilde.store import Store, WriteBatch, Writer
-from kilde.store.ack_log import line, log_dir
+from kilde.store.ack_log import log_dir
 
 HOLD = 3600.0  # seconds the applier would wait for more rows before inserting
 
@@ -177,23 +177,3 @@ def test_a_logged_row_comes_back_with_every_column_as_written(tmp_path: Path) ->
     finally:
         store.close()
     assert row == _full_row()
-
-
-def test_lines_made_before_the_writer_stay_with_their_rows_past_duplicates(
-    tmp_path: Path,
-) -> None:
-    store = Store(tmp_path)
-    writer = Writer(store, apply_after=HOLD)
-    try:
-        first = _events("ada", 3, "a")
-        writer.write_sync(WriteBatch(events=first, event_lines=[line(r) for r in first]))
-        mixed = [first[0], *_events("bob", 1, "b"), first[1], *_events("eve", 1, "e")]
-        result = writer.write_sync(WriteBatch(events=mixed, event_lines=[line(r) for r in mixed]))
-        assert (result.stored, result.duplicates) == (2, 2)
-        stored = store.query("SELECT message_id, user_id FROM events ORDER BY message_id")
-    finally:
-        writer.close()
-        store.close()
-    assert [(r["message_id"], r["user_id"]) for r in stored] == [
-        ("a-0", "ada"), ("a-1", "ada"), ("a-2", "ada"), ("b-0", "bob"), ("e-0", "eve"),
-    ]  # fmt: skip

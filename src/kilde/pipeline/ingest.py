@@ -22,8 +22,7 @@ from kilde.pipeline.normalize import Envelope, Rejection, normalize
 from kilde.pipeline.plan_check import PlanChecker
 from kilde.plan.models import Plan, Source
 from kilde.privacy.enforcement import CollectionScreen, Tally
-from kilde.store.ack_log import line
-from kilde.store.writer import LOG_MAX_ROWS, WriteBatch, Writer
+from kilde.store.writer import WriteBatch, Writer
 from kilde.thread_names import name_os_thread
 
 # A batch of this many records is prepared on the preparer thread, not on the event loop. A
@@ -202,10 +201,6 @@ class Pipeline:
         consents = ledger_statements(prepared.rows, self.plan, env.channel)
         consents += self.privacy.statements(prepared.privacy, source.name, env)
         batch = WriteBatch(prepared.rows, dead, consents, screened_at=prepared.privacy.epoch)
-        if not dead and not consents and len(prepared.rows) <= LOG_MAX_ROWS:
-            # it will go through the acknowledgement log: its lines are made here, on this
-            # thread, rather than on the writer's (see WriteBatch.event_lines)
-            batch.event_lines = [line(row) for row in prepared.rows]
         return batch, prepared.outcomes
 
     # -- the entry ----------------------------------------------------------------------------

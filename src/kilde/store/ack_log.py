@@ -158,16 +158,9 @@ def _read_segment(path: Path, stored_up_to: int) -> list[tuple[int, bytes]]:
     return groups
 
 
-def line(row: dict[str, Any]) -> bytes:
-    """An events row as a line of the log (orjson escapes line breaks inside strings)."""
-    return orjson.dumps(row)
-
-
-def encode(rows: list[dict[str, Any]], lines: list[bytes | None] | None = None) -> bytes:
-    """Events rows as a log payload, one line each; `lines`: those made already, or None."""
-    if lines is None:
-        return b"\n".join([line(row) for row in rows])
-    return b"\n".join([made or line(row) for row, made in zip(rows, lines, strict=True)])
+def encode(rows: list[dict[str, Any]]) -> bytes:
+    """Events rows as a log payload: JSON lines (orjson escapes line breaks inside strings)."""
+    return b"\n".join([orjson.dumps(row) for row in rows])
 
 
 def rows_in(payload: bytes) -> int:

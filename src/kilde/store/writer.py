@@ -69,9 +69,6 @@ class WriteBatch:
     checked_at_seq: int | None = None
     # `recent_key` of each row of `arrow_events`, when the caller has made them already.
     arrow_keys: list[str] | None = None
-    # `events` as the acknowledgement log writes them (`ack_log.line` of each row), made by
-    # the caller off the writer thread, whose time every acknowledgement waits for.
-    event_lines: list[bytes] | None = None
 
 
 @dataclass
@@ -211,7 +208,6 @@ class _Taken:
 
     results: list[WriteResult]
     events: list[dict[str, Any]]
-    lines: list[bytes | None]  # each event's log line, where the batch brought it
     dead: list[dict[str, Any]]
     statements: list[tuple[str, list[Any]]]
     added: list[str]  # recent keys remembered for it, forgotten if the write fails
@@ -599,7 +595,6 @@ class Writer:
         """Screen and deduplicate the items' rows; what is new is remembered as stored."""
         results: list[WriteResult] = []
         events: list[dict[str, Any]] = []
-        lines: list[bytes | None] = []
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
         added: list[str] = []
@@ -644,10 +639,7 @@ class Writer:
                     selects.append((kept, batch.arrow_select))
                 elif kept.num_rows:
                     arrow.append(kept)
-            given = batch.event_lines
-            if given is not None and len(given) != len(batch.events):
-                given = None  # the screen dropped rows (it only drops): their lines are off
-            for index, row in enumerate(batch.events):
+            for row in batch.events:
                 key = recent_key(row["source"], row["message_id"])
                 if key in self.recent:
                     result.duplicates += 1
@@ -655,12 +647,11 @@ class Writer:
                 self.recent.add(key)
                 added.append(key)
                 events.append(row)
-                lines.append(given[index] if given is not None else None)
                 result.stored += 1
             dead.extend(batch.dead_letters)
             statements.extend(batch.statements)
             results.append(result)
-        return _Taken(results, events, lines, dead, statements, added, arrow, selects)
+        return _Taken(results, events, dead, statements, added, arrow, selects)
 
     def _forget(self, added: list[str]) -> None:
         for key in added:
@@ -673,7 +664,7 @@ class Writer:
         if not taken.events:
             return taken.results
         seq = self._write_seq + 1
-        payload = encode(taken.events, taken.lines)
+        payload = encode(taken.events)
         try:
             self._log.append(seq, payload)
         except Exception:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 
 from kilde.store import Store, WriteBatch, Writer
-from kilde.store.ack_log import log_dir
+from kilde.store.ack_log import HEADER, log_dir
 
 HOLD = 3600.0  # seconds the applier would wait for more rows before inserting
 
@@ -177,3 +179,20 @@ def test_a_logged_row_comes_back_with_every_column_as_written(tmp_path: Path) ->
     finally:
         store.close()
     assert row == _full_row()
+
+
+def test_a_group_logged_as_a_json_array_by_an_older_kilde_is_replayed(tmp_path: Path) -> None:
+    # the record as the version before JSON lines wrote it, left behind by a crash
+    row = {**_full_row(), "write_seq": None}
+    payload = orjson.dumps([row])
+    record = HEADER.pack(zlib.crc32(payload), 1, len(payload)) + payload
+    Store(tmp_path).close()  # the schema
+    log_dir(tmp_path).mkdir()
+    (log_dir(tmp_path) / f"{1:020d}.log").write_bytes(record)
+    store = Store(tmp_path)
+    try:
+        [stored] = store.query("SELECT * EXCLUDE (write_seq) FROM events")
+    finally:
+        store.close()
+    assert stored == _full_row()
+    assert not list(log_dir(tmp_path).iterdir())

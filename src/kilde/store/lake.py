@@ -233,15 +233,12 @@ class LakeWriter(Writer):
             if self.screen is not None:
                 self.screen(batch)
             result = WriteResult(dead_lettered=len(batch.dead_letters))
-            for row in batch.events:
-                key = recent_key(row["source"], row["message_id"])
-                if key in self.recent:
-                    result.duplicates += 1
-                    continue
-                self.recent.add(key)
-                added.append(key)
-                events.append(row)
-                result.stored += 1
+            if batch.events:
+                keys = [recent_key(row["source"], row["message_id"]) for row in batch.events]
+                keep = self._remember_new(keys, added)
+                events.extend(row for row, new in zip(batch.events, keep, strict=True) if new)
+                result.stored += keep.count(True)
+                result.duplicates += keep.count(False)
             dead.extend(batch.dead_letters)
             statements.extend(batch.statements)
             results.append(result)

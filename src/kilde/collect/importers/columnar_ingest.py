@@ -288,7 +288,7 @@ def ingest_columns(
     checked_at_seq = writer.write_seq
     recent = writer.recent
     keys = recent_keys(pa.scalar(source.name), table.column("message_id"))
-    stored = [False] * n if recent.none_of(keys) else [key in recent for key in keys]
+    stored = recent.seen(keys)
     any_stored = any(stored)
     if writer.recent.capacity and store.scalar("SELECT count(*) FROM events") >= (
         writer.recent.capacity

@@ -287,7 +287,10 @@ def _stored_message_ids(services: Services, source: str, records: list[Any]) -> 
     back than that, so the rest are looked up in the store.
     """
     recent = getattr(services.writer, "recent", None)
-    unknown = [i for i in _ids(records) if recent is None or recent_key(source, i) not in recent]
+    unknown = _ids(records)
+    if recent is not None:
+        known = recent.seen([recent_key(source, i) for i in unknown])
+        unknown = [i for i, k in zip(unknown, known, strict=True) if not k]
     if not unknown:
         return set()
     capacity = getattr(recent, "capacity", 0)

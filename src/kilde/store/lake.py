@@ -235,7 +235,7 @@ class LakeWriter(Writer):
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             if batch.events:
                 keys = [recent_key(row["source"], row["message_id"]) for row in batch.events]
-                keep = self._remember_new(keys, added)
+                keep = self._remember_new(keys, self.recent.seen(keys), set(), added)
                 events.extend(row for row, new in zip(batch.events, keep, strict=True) if new)
                 result.stored += keep.count(True)
                 result.duplicates += keep.count(False)

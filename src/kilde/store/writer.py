@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -132,7 +132,7 @@ class RecentIds:
                 if generation.isdisjoint(codes):
                     continue
                 found = np.fromiter((c in generation for c in codes), bool, len(codes))
-            else:
+            elif len(generation):
                 if sorted_codes is None:
                     # Searching in order walks each array once, not once per key.
                     array = np.array(codes, np.int64)
@@ -144,6 +144,8 @@ class RecentIds:
                     continue
                 found = np.empty(len(codes), bool)
                 found[order] = hit
+            else:
+                continue  # emptied by `discard`
             hits = found if hits is None else hits | found
         return [False] * len(codes) if hits is None else hits.tolist()
 
@@ -653,22 +655,34 @@ class Writer:
                 batch.arrow_events = None
             if self.screen is not None:
                 self.screen(batch)
+        row_keys = [
+            [recent_key(row["source"], row["message_id"]) for row in item.batch.events]
+            for item in items
+        ]
+        # The memory of ids is asked once for the rows of the whole group (each question
+        # searches every generation), and again only after an import table changed it.
+        known: Iterator[bool] | None = None
+        taken_rows: set[str] = set()  # row keys remembered by this group
+        for index, (item, keys) in enumerate(zip(items, row_keys, strict=True)):
+            batch = item.batch
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             if batch.arrow_events is not None and batch.arrow_events.num_rows:
+                known = None
                 table = batch.arrow_events
-                keep = []
-                keys = batch.arrow_keys
-                if keys is None or len(keys) != table.num_rows:
-                    keys = recent_keys(table.column("source"), table.column("message_id"))
+                arrow_keys = batch.arrow_keys
+                if arrow_keys is None or len(arrow_keys) != table.num_rows:
+                    arrow_keys = recent_keys(table.column("source"), table.column("message_id"))
                 recent = self.recent
                 unchanged = batch.checked_at_seq == self._write_seq and not added
-                if unchanged or (recent.none_of(keys) and len(set(keys)) == len(keys)):
+                if unchanged or (
+                    recent.none_of(arrow_keys) and len(set(arrow_keys)) == len(arrow_keys)
+                ):
                     # The usual case of a big import: no id seen before, none twice.
-                    recent.add_all(keys)
-                    added.extend(keys)
-                    keep = [True] * len(keys)
+                    recent.add_all(arrow_keys)
+                    added.extend(arrow_keys)
+                    keep = [True] * len(arrow_keys)
                 else:
-                    keep = self._remember_new(keys, added)
+                    keep = self._remember_new(arrow_keys, recent.seen(arrow_keys), set(), added)
                     result.duplicates += keep.count(False)
                 kept = table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
                 result.stored += kept.num_rows
@@ -676,9 +690,12 @@ class Writer:
                     selects.append((kept, batch.arrow_select))
                 elif kept.num_rows:
                     arrow.append(kept)
-            if batch.events:
-                keys = [recent_key(row["source"], row["message_id"]) for row in batch.events]
-                keep = self._remember_new(keys, added)
+            if keys:
+                if known is None:
+                    rest = [key for later in row_keys[index:] for key in later]
+                    known = iter(self.recent.seen(rest))
+                answers = [next(known) for _ in keys]
+                keep = self._remember_new(keys, answers, taken_rows, added)
                 events.extend(row for row, new in zip(batch.events, keep, strict=True) if new)
                 result.stored += keep.count(True)
                 result.duplicates += keep.count(False)
@@ -687,18 +704,21 @@ class Writer:
             results.append(result)
         return _Taken(results, events, dead, statements, added, arrow, selects)
 
-    def _remember_new(self, keys: list[str], added: list[str]) -> list[bool]:
-        """For each key, whether it is new (not remembered, not earlier in `keys`); the new
-        ones are remembered and appended to `added`."""
-        fresh: dict[str, None] = {}
+    def _remember_new(
+        self, keys: list[str], known: list[bool], taken: set[str], added: list[str]
+    ) -> list[bool]:
+        """For each key, whether it is new: not `known` to the memory of ids, not in `taken`
+        (nor earlier in `keys`). The new ones are remembered, added to `taken` and `added`."""
+        fresh: list[str] = []
         keep = []
-        for key, known in zip(keys, self.recent.seen(keys), strict=True):
-            new = not known and key not in fresh
+        for key, was_known in zip(keys, known, strict=True):
+            new = not was_known and key not in taken
             if new:
-                fresh[key] = None
+                taken.add(key)
+                fresh.append(key)
             keep.append(new)
         if fresh:
-            self.recent.add_all(list(fresh))
+            self.recent.add_all(fresh)
             added.extend(fresh)
         return keep
 

@@ -98,21 +98,25 @@ class RecentIds:
     SipHash, seeded anew at each start); at the default window that makes one new event in
     about 3 * 10**13 taken for a retry.
 
-    Kept as generations, oldest first: the youngest is a set the ids of single events and
-    small batches go into; an older one is a sorted array of 8 bytes per id, where a set took
-    about 100 (half a million ids: about 4 MB instead of about 50). A big batch's ids become
-    one generation in one call, and the oldest generation is forgotten whole once the newer
-    ones hold `capacity` ids, so neither remembering nor forgetting an import's ids walks them
-    one by one in Python. It remembers at least the last `capacity` ids, and at most one
-    generation more. Ask about many keys at once (`seen`): each array is searched for all of
-    them in one call.
+    Kept as generations, oldest first. The youngest is a set the ids of single events and
+    small batches go into. Older ones share one sorted array of 8 bytes per id (beside the
+    number of its generation, 4 bytes), where a set took about 100: half a million ids take
+    about 6 MB instead of about 50. A big batch's ids become one generation in one call, and
+    the oldest generation is forgotten whole once the newer ones hold `capacity` ids, so
+    neither remembering nor forgetting an import's ids walks them one by one in Python. It
+    remembers at least the last `capacity` ids, and at most one generation more. `seen`
+    answers for many keys with one search of the array.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         # Single ids and small batches fill the youngest set up to this size.
         self._generation_size = max(capacity // 8, 1)
-        self._generations: deque[set[int] | np.ndarray] = deque([set()])
+        self._young: set[int] = set()
+        self._old = np.empty(0, np.int64)  # sorted
+        self._old_generation = np.empty(0, np.int32)  # the generation of each of `_old`
+        self._old_sizes: deque[list[int]] = deque()  # [generation, ids], oldest first
+        self._generations_made = 0
         self._size = 0
 
     def __len__(self) -> int:
@@ -123,31 +127,32 @@ class RecentIds:
 
     def seen(self, keys: list[str]) -> list[bool]:
         """For each of `keys`, whether it is remembered."""
-        codes = list(map(hash, keys))
-        hits: np.ndarray | None = None
-        sorted_codes: np.ndarray | None = None
-        order: np.ndarray | None = None
-        for generation in self._generations:
-            if isinstance(generation, set):
-                if generation.isdisjoint(codes):
-                    continue
-                found = np.fromiter((c in generation for c in codes), bool, len(codes))
-            elif len(generation):
-                if sorted_codes is None:
-                    # Searching in order walks each array once, not once per key.
-                    array = np.array(codes, np.int64)
-                    order = np.argsort(array, kind="stable")
-                    sorted_codes = array[order]
-                at = np.searchsorted(generation, sorted_codes)
-                hit = generation[np.minimum(at, len(generation) - 1)] == sorted_codes
-                if not hit.any():
-                    continue
-                found = np.empty(len(codes), bool)
-                found[order] = hit
-            else:
-                continue  # emptied by `discard`
-            hits = found if hits is None else hits | found
-        return [False] * len(codes) if hits is None else hits.tolist()
+        n = len(keys)
+        young = self._young
+        old = self._old
+        if n <= 8:  # a request's few events: a search per key costs less than the arrays
+            answers = []
+            for key in keys:
+                code = hash(key)
+                hit = code in young
+                if not hit and len(old):
+                    at = int(old.searchsorted(code))
+                    hit = at < len(old) and int(old[at]) == code
+                answers.append(hit)
+            return answers
+        codes = np.fromiter(map(hash, keys), np.int64, n)
+        hits = np.zeros(n, bool)
+        if young:
+            listed = codes.tolist()
+            if not young.isdisjoint(listed):
+                hits |= np.fromiter((c in young for c in listed), bool, n)
+        if len(old):
+            # Searching for the keys in order walks the array once.
+            order = np.argsort(codes)
+            ordered = codes[order]
+            places = np.minimum(np.searchsorted(old, ordered), len(old) - 1)
+            hits[order] |= old[places] == ordered
+        return hits.tolist()  # type: ignore[no-any-return]
 
     def none_of(self, keys: list[str]) -> bool:
         """True when none of `keys` is remembered."""
@@ -159,49 +164,53 @@ class RecentIds:
 
     def add_all(self, keys: list[str]) -> None:
         """Remember each of `keys`, none of them remembered yet and no two alike."""
-        young = self._generations[-1]
-        if isinstance(young, set) and len(young) + len(keys) <= self._generation_size:
-            young.update(map(hash, keys))
+        if len(self._young) + len(keys) <= self._generation_size:
+            self._young.update(map(hash, keys))
         else:
-            self._seal()
+            self._seal(np.fromiter(self._young, np.int64, len(self._young)))
             if len(keys) >= self._generation_size:
-                self._generations.append(_sorted_codes(keys))
+                self._young = set()
+                self._seal(np.fromiter(map(hash, keys), np.int64, len(keys)))
             else:
-                self._generations.append(set(map(hash, keys)))
+                self._young = set(map(hash, keys))
         self._size += len(keys)
         self._forget()
 
     def discard(self, key: str) -> None:
         code = hash(key)
-        for index, generation in enumerate(self._generations):
-            if isinstance(generation, set):
-                if code in generation:
-                    generation.discard(code)
-                    self._size -= 1
-            else:
-                kept = generation[generation != code]
-                self._size -= len(generation) - len(kept)
-                self._generations[index] = kept
+        if code in self._young:
+            self._young.discard(code)
+            self._size -= 1
+        gone = self._old == code
+        if gone.any():
+            for generation in self._old_generation[gone].tolist():
+                for entry in self._old_sizes:
+                    if entry[0] == generation:
+                        entry[1] -= 1
+            self._size -= int(gone.sum())
+            self._old = self._old[~gone]
+            self._old_generation = self._old_generation[~gone]
 
-    def _seal(self) -> None:
-        """The youngest set becomes a sorted array: it takes no more ids."""
-        young = self._generations[-1]
-        if isinstance(young, set):
-            if young:
-                self._generations[-1] = np.sort(np.fromiter(young, np.int64, len(young)))
-            else:
-                self._generations.pop()
+    def _seal(self, codes: np.ndarray) -> None:
+        """Ids that become a generation of the sorted array."""
+        if not len(codes):
+            return
+        codes.sort()
+        generation = self._generations_made
+        self._generations_made += 1
+        at = np.searchsorted(self._old, codes)
+        self._old = np.insert(self._old, at, codes)
+        self._old_generation = np.insert(self._old_generation, at, np.int32(generation))
+        self._old_sizes.append([generation, len(codes)])
 
     def _forget(self) -> None:
-        generations = self._generations
-        while len(generations) > 1 and self._size - len(generations[0]) >= self.capacity:
-            self._size -= len(generations.popleft())
-
-
-def _sorted_codes(keys: list[str]) -> np.ndarray:
-    codes = np.fromiter(map(hash, keys), np.int64, len(keys))
-    codes.sort()
-    return codes
+        sizes = self._old_sizes
+        while sizes and self._size - sizes[0][1] >= self.capacity:
+            generation, count = sizes.popleft()
+            self._size -= count
+            kept = self._old_generation != generation
+            self._old = self._old[kept]
+            self._old_generation = self._old_generation[kept]
 
 
 @dataclass

@@ -222,10 +222,11 @@ async def columns(request: Request) -> Response:
         body += part
     try:
         with pa.ipc.open_stream(pa.py_buffer(body)) as stream:
-            # One chunk (as the writer hands it to DuckDB), copied out of the body, so the body
-            # is not kept beside the records while they are stored.
+            # One chunk, as the writer hands it to DuckDB. `kilde import` sends one record
+            # batch, whose columns are read where they are, in the body (no copy); several
+            # batches are combined into one, a copy.
             table = stream.read_all().combine_chunks()
-        del body
+        del body  # the table holds what it uses of it
         info = orjson.loads((table.schema.metadata or {}).get(b"kilde", b"null"))
         if not isinstance(info, dict) or not isinstance(info.get("source"), str):
             raise ValueError("no import information")

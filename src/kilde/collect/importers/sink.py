@@ -110,14 +110,15 @@ class ApiSink:
 
 
 class _Pieces:
-    """A file to write to whose bytes are taken out piece by piece."""
+    """A file to write to whose pieces are taken out as they come, not copied: the IPC
+    writer hands over the columns' own buffers for the data, and small bytes between."""
 
     def __init__(self) -> None:
-        self.pieces: list[bytes] = []
+        self.pieces: list[Any] = []
         self.closed = False
 
     def write(self, data: Any) -> int:
-        self.pieces.append(bytes(data))
+        self.pieces.append(data if isinstance(data, bytes) else memoryview(data))
         return len(data)
 
     def flush(self) -> None:
@@ -126,21 +127,22 @@ class _Pieces:
     def close(self) -> None:
         self.closed = True
 
-    def take(self) -> bytes:
-        out = b"".join(self.pieces)
-        self.pieces = []
+    def take(self) -> list[Any]:
+        out, self.pieces = self.pieces, []
         return out
 
 
-def _arrow_stream(table: Any, rows: int = 16_384) -> Iterator[bytes]:
-    """The table as an Arrow IPC stream, made while it is sent: a chunk of the request body
-    per batch of `rows`, so the body (tens of MB for a group of blocks) is never whole."""
+def _arrow_stream(table: Any) -> Iterator[Any]:
+    """The table as an Arrow IPC stream of one record batch, made while it is sent.
+
+    One batch: the server reads it without a copy, as the one chunk DuckDB writes as a whole
+    row group (docs/imports-performance.md). The body is the table's own buffers, sent as
+    they are, so it is never a second copy of the group here either."""
     import pyarrow as pa
 
     out = _Pieces()
     with pa.ipc.new_stream(out, table.schema) as stream:
-        for batch in table.to_batches(max_chunksize=rows):
+        for batch in table.combine_chunks().to_batches():
             stream.write_batch(batch)
-            yield out.take()
-    if out.pieces:  # the end-of-stream marker
-        yield out.take()
+            yield from out.take()
+    yield from out.take()  # the end-of-stream marker

@@ -173,7 +173,10 @@ def generate(store: Store, profiles: int, events: int) -> None:
     con.execute(
         """
         INSERT INTO identity_records
-        SELECT source, message_id, timestamp, received_at, type, 'user_id', user_id, NULL
+            (source, message_id, ts, received_at, kind, primary_type, primary_value, dropped,
+             write_seq)
+        SELECT source, message_id, timestamp, received_at, type, 'user_id', user_id, NULL,
+               write_seq
         FROM events
         """
     )

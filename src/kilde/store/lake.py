@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,6 +53,7 @@ from kilde.store.writer import (
     Writer,
     WriteResult,
     _Item,
+    codes_of,
     recent_key,
 )
 
@@ -227,15 +229,16 @@ class LakeWriter(Writer):
         events: list[dict[str, Any]] = []
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
-        added: list[str] = []
+        added: list[np.ndarray] = []
         for item in items:
             batch = item.batch
             if self.screen is not None:
                 self.screen(batch)
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             if batch.events:
-                keys = [recent_key(row["source"], row["message_id"]) for row in batch.events]
-                keep = self._remember_new(keys, self.recent.seen(keys), set(), added)
+                codes = codes_of([recent_key(r["source"], r["message_id"]) for r in batch.events])
+                answers = self.recent.seen_codes(codes).tolist()
+                keep = self._remember_new(codes, answers, set(), added)
                 events.extend(row for row, new in zip(batch.events, keep, strict=True) if new)
                 result.stored += keep.count(True)
                 result.duplicates += keep.count(False)
@@ -261,8 +264,7 @@ class LakeWriter(Writer):
         except Exception:
             with contextlib.suppress(Exception):
                 con.execute("ROLLBACK")
-            for key in added:
-                self.recent.discard(key)
+            self._forget(added)
             raise
         return results
 

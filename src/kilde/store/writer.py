@@ -68,8 +68,8 @@ class WriteBatch:
     # the memory of recent ids and, past its capacity, in the store) and no id twice. If
     # nothing has been committed since, the writer need not look again.
     checked_at_seq: int | None = None
-    # `recent_key` of each row of `arrow_events`, when the caller has made them already.
-    arrow_keys: list[str] | None = None
+    # `recent_codes` of the rows of `arrow_events`, when the caller has made them already.
+    arrow_codes: np.ndarray | None = None
 
 
 @dataclass
@@ -84,19 +84,25 @@ def recent_key(source: str, message_id: str) -> str:
     return source + "\x1f" + message_id
 
 
-def recent_keys(sources: Any, ids: pa.ChunkedArray | pa.Array) -> list[str]:
-    """`recent_key` of each row of two Arrow columns (or one source for all), joined in C."""
-    keys: list[str] = pc.binary_join_element_wise(sources, ids, "\x1f").to_pylist()
-    return keys
+def recent_codes(sources: Any, ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The codes (`codes_of`) of `recent_key` of each row of two Arrow columns (or one source
+    for all); the keys are joined in C and let go once hashed."""
+    keys = pc.binary_join_element_wise(sources, ids, "\x1f").to_pylist()
+    return codes_of(keys)
+
+
+def codes_of(keys: list[str]) -> np.ndarray:
+    """How `RecentIds` remembers each key: its 64-bit hash."""
+    return np.fromiter(map(hash, keys), np.int64, len(keys))
 
 
 class RecentIds:
     """A bounded memory of (source, messageId) pairs already stored, for deduplication.
 
-    Each pair is remembered by the 64-bit hash of its `recent_key` string, not the string. Two
-    different pairs share a hash with a chance of 1 in 2**64 per pair remembered (keyed
-    SipHash, seeded anew at each start); at the default window that makes one new event in
-    about 3 * 10**13 taken for a retry.
+    Each pair is remembered by the 64-bit hash of its `recent_key` string (its code,
+    `codes_of`), not the string. Two different pairs share a hash with a chance of 1 in 2**64
+    per pair remembered (keyed SipHash, seeded anew at each start); at the default window that
+    makes one new event in about 3 * 10**13 taken for a retry.
 
     Kept as generations, oldest first. The youngest is a set the ids of single events and
     small batches go into. Older ones share one sorted array of 8 bytes per id (beside the
@@ -104,8 +110,8 @@ class RecentIds:
     about 6 MB instead of about 50. A big batch's ids become one generation in one call, and
     the oldest generation is forgotten whole once the newer ones hold `capacity` ids, so
     neither remembering nor forgetting an import's ids walks them one by one in Python. It
-    remembers at least the last `capacity` ids, and at most one generation more. `seen`
-    answers for many keys with one search of the array.
+    remembers at least the last `capacity` ids, and at most one generation more. `seen_codes`
+    answers for many codes with one search of the array.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -123,65 +129,72 @@ class RecentIds:
         return self._size
 
     def __contains__(self, key: str) -> bool:
-        return self.seen([key])[0]
+        return bool(self.seen_codes(codes_of([key]))[0])
 
     def seen(self, keys: list[str]) -> list[bool]:
         """For each of `keys`, whether it is remembered."""
-        n = len(keys)
+        return self.seen_codes(codes_of(keys)).tolist()  # type: ignore[no-any-return]
+
+    def seen_codes(self, codes: np.ndarray) -> np.ndarray:
+        """For each code, whether it is remembered (an array of bools)."""
+        n = len(codes)
         young = self._young
         old = self._old
-        if n <= 8:  # a request's few events: a search per key costs less than the arrays
+        if n <= 8:  # a request's few events: a search per code costs less than the arrays
             answers = []
-            for key in keys:
-                code = hash(key)
+            for code in codes.tolist():
                 hit = code in young
                 if not hit and len(old):
                     at = int(old.searchsorted(code))
                     hit = at < len(old) and int(old[at]) == code
                 answers.append(hit)
-            return answers
-        codes = np.fromiter(map(hash, keys), np.int64, n)
+            return np.array(answers, bool)
         hits = np.zeros(n, bool)
         if young:
             listed = codes.tolist()
             if not young.isdisjoint(listed):
                 hits |= np.fromiter((c in young for c in listed), bool, n)
         if len(old):
-            # Searching for the keys in order walks the array once.
+            # Searching for the codes in order walks the array once.
             order = np.argsort(codes)
             ordered = codes[order]
             places = np.minimum(np.searchsorted(old, ordered), len(old) - 1)
             hits[order] |= old[places] == ordered
-        return hits.tolist()  # type: ignore[no-any-return]
-
-    def none_of(self, keys: list[str]) -> bool:
-        """True when none of `keys` is remembered."""
-        return not any(self.seen(keys))
+        return hits
 
     def add(self, key: str) -> None:
         """Remember `key`, not remembered yet."""
-        self.add_all([key])
+        self.add_codes(codes_of([key]))
 
     def add_all(self, keys: list[str]) -> None:
         """Remember each of `keys`, none of them remembered yet and no two alike."""
-        if len(self._young) + len(keys) <= self._generation_size:
-            self._young.update(map(hash, keys))
+        self.add_codes(codes_of(keys))
+
+    def add_codes(self, codes: np.ndarray) -> None:
+        """Remember each code, none of them remembered yet and no two alike."""
+        n = len(codes)
+        if len(self._young) + n <= self._generation_size:
+            self._young.update(codes.tolist())
         else:
             self._seal(np.fromiter(self._young, np.int64, len(self._young)))
-            if len(keys) >= self._generation_size:
+            if n >= self._generation_size:
                 self._young = set()
-                self._seal(np.fromiter(map(hash, keys), np.int64, len(keys)))
+                self._seal(codes.copy())
             else:
-                self._young = set(map(hash, keys))
-        self._size += len(keys)
+                self._young = set(codes.tolist())
+        self._size += n
         self._forget()
 
     def discard(self, key: str) -> None:
-        code = hash(key)
-        if code in self._young:
-            self._young.discard(code)
-            self._size -= 1
-        gone = self._old == code
+        self.discard_codes(codes_of([key]))
+
+    def discard_codes(self, codes: np.ndarray) -> None:
+        """Forget each code (a write that failed: its ids were not stored after all)."""
+        listed = codes.tolist()
+        held = len(self._young)
+        self._young.difference_update(listed)
+        self._size -= held - len(self._young)
+        gone = np.isin(self._old, codes)
         if gone.any():
             for generation in self._old_generation[gone].tolist():
                 for entry in self._old_sizes:
@@ -192,7 +205,7 @@ class RecentIds:
             self._old_generation = self._old_generation[~gone]
 
     def _seal(self, codes: np.ndarray) -> None:
-        """Ids that become a generation of the sorted array."""
+        """Codes that become a generation of the sorted array."""
         if not len(codes):
             return
         codes.sort()
@@ -262,7 +275,7 @@ class _Taken:
     events: list[dict[str, Any]]
     dead: list[dict[str, Any]]
     statements: list[tuple[str, list[Any]]]
-    added: list[str]  # recent keys remembered for it, forgotten if the write fails
+    added: list[np.ndarray]  # codes of ids remembered for it, forgotten if the write fails
     arrow: list[pa.Table]
     selects: list[tuple[pa.Table, tuple[str, list[Any]]]]
 
@@ -650,7 +663,7 @@ class Writer:
         events: list[dict[str, Any]] = []
         dead: list[dict[str, Any]] = []
         statements: list[tuple[str, list[Any]]] = []
-        added: list[str] = []
+        added: list[np.ndarray] = []
         arrow: list[pa.Table] = []
         selects: list[tuple[pa.Table, tuple[str, list[Any]]]] = []
         for item in items:
@@ -664,34 +677,36 @@ class Writer:
                 batch.arrow_events = None
             if self.screen is not None:
                 self.screen(batch)
-        row_keys = [
-            [recent_key(row["source"], row["message_id"]) for row in item.batch.events]
+        row_codes = [
+            codes_of([recent_key(row["source"], row["message_id"]) for row in item.batch.events])
             for item in items
         ]
         # The memory of ids is asked once for the rows of the whole group (each question
-        # searches every generation), and again only after an import table changed it.
+        # searches the whole array), and again only after an import table changed it.
         known: Iterator[bool] | None = None
-        taken_rows: set[str] = set()  # row keys remembered by this group
-        for index, (item, keys) in enumerate(zip(items, row_keys, strict=True)):
+        taken_rows: set[int] = set()  # codes of rows remembered by this group
+        for index, (item, codes) in enumerate(zip(items, row_codes, strict=True)):
             batch = item.batch
             result = WriteResult(dead_lettered=len(batch.dead_letters))
             if batch.arrow_events is not None and batch.arrow_events.num_rows:
                 known = None
                 table = batch.arrow_events
-                arrow_keys = batch.arrow_keys
-                if arrow_keys is None or len(arrow_keys) != table.num_rows:
-                    arrow_keys = recent_keys(table.column("source"), table.column("message_id"))
+                arrow_codes = batch.arrow_codes
+                if arrow_codes is None or len(arrow_codes) != table.num_rows:
+                    arrow_codes = recent_codes(table.column("source"), table.column("message_id"))
                 recent = self.recent
                 unchanged = batch.checked_at_seq == self._write_seq and not added
                 if unchanged or (
-                    recent.none_of(arrow_keys) and len(set(arrow_keys)) == len(arrow_keys)
+                    not recent.seen_codes(arrow_codes).any()
+                    and len(np.unique(arrow_codes)) == len(arrow_codes)
                 ):
                     # The usual case of a big import: no id seen before, none twice.
-                    recent.add_all(arrow_keys)
-                    added.extend(arrow_keys)
-                    keep = [True] * len(arrow_keys)
+                    recent.add_codes(arrow_codes)
+                    added.append(arrow_codes)
+                    keep = [True] * len(arrow_codes)
                 else:
-                    keep = self._remember_new(arrow_keys, recent.seen(arrow_keys), set(), added)
+                    answers = recent.seen_codes(arrow_codes).tolist()
+                    keep = self._remember_new(arrow_codes, answers, set(), added)
                     result.duplicates += keep.count(False)
                 kept = table if all(keep) else table.filter(pa.array(keep, pa.bool_()))
                 result.stored += kept.num_rows
@@ -699,12 +714,12 @@ class Writer:
                     selects.append((kept, batch.arrow_select))
                 elif kept.num_rows:
                     arrow.append(kept)
-            if keys:
+            if len(codes):
                 if known is None:
-                    rest = [key for later in row_keys[index:] for key in later]
-                    known = iter(self.recent.seen(rest))
-                answers = [next(known) for _ in keys]
-                keep = self._remember_new(keys, answers, taken_rows, added)
+                    rest = np.concatenate(row_codes[index:])
+                    known = iter(self.recent.seen_codes(rest).tolist())
+                answers = [next(known) for _ in range(len(codes))]
+                keep = self._remember_new(codes, answers, taken_rows, added)
                 events.extend(row for row, new in zip(batch.events, keep, strict=True) if new)
                 result.stored += keep.count(True)
                 result.duplicates += keep.count(False)
@@ -714,26 +729,27 @@ class Writer:
         return _Taken(results, events, dead, statements, added, arrow, selects)
 
     def _remember_new(
-        self, keys: list[str], known: list[bool], taken: set[str], added: list[str]
+        self, codes: np.ndarray, known: list[bool], taken: set[int], added: list[np.ndarray]
     ) -> list[bool]:
-        """For each key, whether it is new: not `known` to the memory of ids, not in `taken`
-        (nor earlier in `keys`). The new ones are remembered, added to `taken` and `added`."""
-        fresh: list[str] = []
+        """For each code, whether it is new: not `known` to the memory of ids, not in `taken`
+        (nor earlier in `codes`). The new ones are remembered, added to `taken` and `added`."""
+        fresh: list[int] = []
         keep = []
-        for key, was_known in zip(keys, known, strict=True):
-            new = not was_known and key not in taken
+        for code, was_known in zip(codes.tolist(), known, strict=True):
+            new = not was_known and code not in taken
             if new:
-                taken.add(key)
-                fresh.append(key)
+                taken.add(code)
+                fresh.append(code)
             keep.append(new)
         if fresh:
-            self.recent.add_all(fresh)
-            added.extend(fresh)
+            fresh_codes = np.array(fresh, np.int64)
+            self.recent.add_codes(fresh_codes)
+            added.append(fresh_codes)
         return keep
 
-    def _forget(self, added: list[str]) -> None:
-        for key in added:
-            self.recent.discard(key)
+    def _forget(self, added: list[np.ndarray]) -> None:
+        for codes in added:
+            self.recent.discard_codes(codes)
 
     def _log_commit(self, items: list[_Item]) -> list[WriteResult]:
         """Plain events: into the acknowledgement log now, into DuckDB by the applier."""

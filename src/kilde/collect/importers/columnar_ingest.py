@@ -26,6 +26,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +34,7 @@ import pyarrow.compute as pc
 from kilde.collect.importers.engine import ChunkResult
 from kilde.collect.importers.runs import CHANNEL, Services, ingest_chunk, source_for
 from kilde.pipeline.normalize import EARLIEST, FUTURE_SLACK, MAX_ID_LENGTH
-from kilde.store.writer import WriteBatch, recent_keys
+from kilde.store.writer import WriteBatch, recent_codes
 
 EVENT = "Order Completed"
 _ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "examples", "default"}
@@ -287,9 +288,9 @@ def ingest_columns(
     # the commit number first: commits after it may store some of these ids meanwhile.
     checked_at_seq = writer.write_seq
     recent = writer.recent
-    keys = recent_keys(pa.scalar(source.name), table.column("message_id"))
-    stored = recent.seen(keys)
-    any_stored = any(stored)
+    codes = recent_codes(pa.scalar(source.name), table.column("message_id"))
+    stored = recent.seen_codes(codes)
+    any_stored = bool(stored.any())
     if writer.recent.capacity and store.scalar("SELECT count(*) FROM events") >= (
         writer.recent.capacity
     ):
@@ -297,7 +298,7 @@ def ingest_columns(
         # all of them).
         unknown = table.select(["message_id"])  # read by DuckDB below
         if any_stored:
-            unknown = unknown.filter(pa.array([not s for s in stored], pa.bool_()))
+            unknown = unknown.filter(pa.array(~stored))
         cur = store.cursor()
         try:
             found = {
@@ -311,11 +312,11 @@ def ingest_columns(
         finally:
             cur.close()
         if found:
-            ids = table.column("message_id").to_pylist()
-            stored = [s or i in found for i, s in zip(ids, stored, strict=True)]
+            in_store = pc.is_in(table.column("message_id"), pa.array(sorted(found), pa.string()))
+            stored |= pc.fill_null(in_store, False).combine_chunks().to_numpy(zero_copy_only=False)
             any_stored = True
-    duplicate = pa.array(stored, pa.bool_()) if any_stored else _all(n, False)
-    result.duplicates += sum(stored) if any_stored else 0
+    duplicate = pa.array(stored) if any_stored else _all(n, False)
+    result.duplicates += int(stored.sum())
     # Records waiting in the dead letter from an earlier import: the record path says so.
     slow = _all(n, False)
     if store.scalar(
@@ -394,8 +395,8 @@ def ingest_columns(
                 statements=screen.statements(tally, source.name, _env(now)),
                 screened_at=tally.epoch,
                 # Step 1 looked at every id; the writer looks again only if it must.
-                checked_at_seq=checked_at_seq if len(set(keys)) == n else None,
-                arrow_keys=keys if everyone else None,
+                checked_at_seq=checked_at_seq if len(np.unique(codes)) == n else None,
+                arrow_codes=codes if everyone else None,
             )
         )
         result.stored += written.stored

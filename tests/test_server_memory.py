@@ -7,7 +7,9 @@ import random
 from pathlib import Path
 
 import httpx
+import pytest
 
+from kilde.store.database import Store
 from tests.conftest import BACKEND_KEY, Server, start_server
 from tests.test_insights_reports import api, at, send, track
 
@@ -91,8 +93,65 @@ def test_stats_say_how_much_memory_the_server_and_its_store_hold(tmp_path: Path)
         assert abs(process["rss_bytes"] - seen_by_the_system) < 0.1 * seen_by_the_system
         assert process["peak_rss_bytes"] >= process["rss_bytes"] * 0.9
         # the blocks just written are in DuckDB's memory, within the limit Kilde sets
-        assert 0 < store["duckdb_memory_bytes"] <= 384 * 10**6
+        assert store["duckdb_memory_limit"] == "122.0 MiB"  # DuckDB's spelling of 128 MB
+        assert 0 < store["duckdb_memory_bytes"] <= 128 * 10**6
         shown = " ".join(srv.kilde("stats").stdout.split())  # as Rich wrapped it, unwrapped
         assert "serving process:" in shown and "30 message ids remembered" in shown
+    finally:
+        srv.stop()
+
+
+def test_heavy_analytics_get_the_larger_memory_limit_while_they_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB's cache stays small (128 MB) so a big import does not fill the server's memory
+    with the blocks it wrote; insights and identity rebuilds get 384 MB while they run."""
+    store = Store(tmp_path / "data")
+
+    def limit() -> str:
+        return str(store.scalar("SELECT current_setting('memory_limit')"))
+
+    try:
+        assert limit() == "122.0 MiB"
+        with store.analytics_memory():
+            assert limit() == "366.2 MiB"
+            with store.analytics_memory():  # a second heavy job at the same time
+                assert limit() == "366.2 MiB"
+            assert limit() == "366.2 MiB", "the first one still runs"
+        assert limit() == "122.0 MiB"
+    finally:
+        store.close()
+    # A big machine's larger usual limit is never lowered by analytics.
+    monkeypatch.setenv("KILDE_DUCKDB_MEMORY_LIMIT", "1GiB")
+    big = Store(tmp_path / "big")
+    try:
+        with big.analytics_memory():
+            assert big.scalar("SELECT current_setting('memory_limit')") == "1.0 GiB"
+    finally:
+        big.close()
+
+
+def test_an_insights_refresh_raises_the_limit_and_gives_it_back(tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "data", KILDE_INSIGHTS_BACKGROUND="0")
+    try:
+        send(
+            srv,
+            BACKEND_KEY,
+            *[
+                track(
+                    f"lim-{n}",
+                    "Order Completed",
+                    at(5 + n),
+                    order_id=f"l{n}",
+                    revenue=9.0,
+                    currency="NOK",
+                )
+                for n in range(6)
+            ],
+        )
+        refreshed = api(srv, "POST", "/api/insights/refresh")  # ran with the larger limit
+        assert refreshed["models"]["profiles_with_orders"] == 6
+        # and gave it back: the cache is small again
+        assert api(srv, "GET", "/api/stats")["store"]["duckdb_memory_limit"] == "122.0 MiB"
     finally:
         srv.stop()

@@ -10,8 +10,13 @@ from pathlib import Path
 DEFAULT_PORT = 8321
 # DuckDB's memory limit for the store (KILDE_DUCKDB_MEMORY_LIMIT, DuckDB's size syntax such as
 # "512MB" or "2GB"). Without one DuckDB takes 80 % of the machine's memory for its buffers;
-# with one it spills big operations to disk (a .tmp directory beside the store file).
-DEFAULT_DUCKDB_MEMORY_LIMIT = "384MB"
+# with one it spills big operations to disk (a .tmp directory beside the store file). Most of
+# what it holds is a cache of blocks of the store file (a big import fills it with the blocks
+# it wrote), so the limit is small, and heavy analytics get more while they run
+# (KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT, `Store.analytics_memory`): the profile insights of a
+# few hundred thousand people need more than 128 MB.
+DEFAULT_DUCKDB_MEMORY_LIMIT = "128MB"
+DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT = "384MB"
 
 
 # How much write-ahead log DuckDB gathers before it checkpoints into the store file
@@ -66,6 +71,14 @@ def dedupe_ids() -> int:
 def duckdb_memory_limit() -> str:
     """The store's DuckDB memory limit from the environment, or the default."""
     return os.environ.get("KILDE_DUCKDB_MEMORY_LIMIT") or DEFAULT_DUCKDB_MEMORY_LIMIT
+
+
+def duckdb_analytics_memory_limit() -> str:
+    """DuckDB's memory limit while heavy analytics run, from the environment, or the default."""
+    return (
+        os.environ.get("KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT")
+        or DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT
+    )
 
 
 @dataclass(frozen=True)

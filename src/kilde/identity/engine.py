@@ -1203,7 +1203,7 @@ class IdentityEngine:
         `after`: every event up to this write_seq was read under the plan's current rules, so
         the identifiers read from them are kept and only later events are read again (a
         rebuild to catch up, see REBUILD_SHARE; reading the events was about half of it)."""
-        with self.lock:
+        with self.lock, self.store.analytics_memory():
             started = time.perf_counter()
             self._release_quiet()  # recomputed below with everything else
             self._pending = set()

@@ -75,7 +75,8 @@ class InsightsEngine:
             scratch = self._scratch()
             try:
                 out = scratch / "insights.parquet"
-                info = compute(backend_of(self.store), now, out)
+                with self.store.analytics_memory():
+                    info = compute(backend_of(self.store), now, out)
                 info["seconds"] = round(time.perf_counter() - started, 3)
                 self.writer.write_sync(
                     WriteBatch(
@@ -117,16 +118,17 @@ class InsightsEngine:
             results = []
             scratch = self._scratch()
             try:
-                for segment in chosen:
-                    try:
-                        run = membership.refresh(
-                            self.store, self.writer, pipeline, segment, scratch, now
-                        )
-                        results.append(run.as_dict())
-                    except KildeError as exc:
-                        if segment_ids:  # asked for by name: say what is wrong
-                            raise
-                        results.append({"segment_id": segment.id, "error": exc.message})
+                with self.store.analytics_memory():
+                    for segment in chosen:
+                        try:
+                            run = membership.refresh(
+                                self.store, self.writer, pipeline, segment, scratch, now
+                            )
+                            results.append(run.as_dict())
+                        except KildeError as exc:
+                            if segment_ids:  # asked for by name: say what is wrong
+                                raise
+                            results.append({"segment_id": segment.id, "error": exc.message})
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return results

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from kilde.config import duckdb_checkpoint_threshold, duckdb_memory_limit, duckdb_threads
+from kilde.config import (
+    duckdb_analytics_memory_limit,
+    duckdb_checkpoint_threshold,
+    duckdb_memory_limit,
+    duckdb_threads,
+)
 from kilde.errors import KildeError
 from kilde.store.ack_log import log_dir, replay
 from kilde.store.migrations import MIGRATIONS
@@ -31,6 +38,9 @@ class Store:
         self.path = data_dir / DB_FILE
         # Bounded, so the server's memory stays flat however much it imports (config.py).
         self.memory_limit = memory_limit or duckdb_memory_limit()
+        self.analytics_memory_limit = duckdb_analytics_memory_limit()
+        self._analytics_running = 0
+        self._memory_lock = threading.Lock()
         try:
             self._con = self._connect()
         except duckdb.IOException as exc:
@@ -57,6 +67,40 @@ class Store:
         if threads is not None:
             config["threads"] = threads
         return duckdb.connect(str(self.path), config=config)
+
+    @contextlib.contextmanager
+    def analytics_memory(self) -> Iterator[None]:
+        """DuckDB's memory limit is the analytics one while this runs (and any other at the
+        same time), then the usual one again. Raising it cannot fail anything; lowering it
+        evicts cached blocks, and when it cannot (a query still holds them) the higher limit
+        stays until the next heavy job ends."""
+        with self._memory_lock:
+            self._analytics_running += 1
+            if self._analytics_running == 1:
+                self._set_memory_limit(self._larger_limit())
+        try:
+            yield
+        finally:
+            with self._memory_lock:
+                self._analytics_running -= 1
+                if self._analytics_running == 0:
+                    self._set_memory_limit(self.memory_limit)
+
+    def _larger_limit(self) -> str:
+        """The analytics limit, unless the usual one is larger (a big machine's setting)."""
+        usual, analytics = _size(self.memory_limit), _size(self.analytics_memory_limit)
+        if usual is not None and analytics is not None and usual > analytics:
+            return self.memory_limit
+        return self.analytics_memory_limit
+
+    def _set_memory_limit(self, limit: str) -> None:
+        cur = self.cursor()
+        try:
+            cur.execute(f"SET memory_limit = '{limit}'")
+        except duckdb.Error:
+            pass  # cached blocks still in use: the higher limit stays for now
+        finally:
+            cur.close()
 
     def migrate(self) -> list[int]:
         """Apply migrations not yet applied; return the versions applied now."""
@@ -129,3 +173,15 @@ class Store:
 
     def close(self) -> None:
         self._con.close()
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _size(text: str) -> float | None:
+    """Bytes of a size in DuckDB's syntax ("384MB", "2 GiB"); None when it is not one."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in _UNITS:
+        return None
+    return float(match.group(1)) * _UNITS[match.group(2)]

@@ -25,6 +25,7 @@ parameters only when lifetimes is not installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import shutil
 import sys
@@ -283,7 +284,9 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="kilde-bench-insights-"))
     plan = load_plan(DEMO_PLAN)
     print(f"kilde insights bench: {profiles:,} profiles (at most), {events:,} events, in {work}")
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.keep is None:
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
         store = Store(work)
         if not store.scalar("SELECT count(*) FROM events"):
             started = time.perf_counter()
@@ -297,6 +300,9 @@ def main() -> None:
         )
         results: list[dict[str, Any]] = []
         backend = backend_of(store)
+        # DuckDB's memory limit as the server sets it while it computes insights and reports
+        # (Store.analytics_memory), for every step below.
+        stack.enter_context(store.analytics_memory())
         now = datetime.now(UTC)
 
         print("\nbaseline")
@@ -370,9 +376,6 @@ def main() -> None:
             )
         print(f"baseline scan {baseline:.3f} s ({base:,} orders); peak memory {peak_mb():,.0f} MB")
         clv_on_cdnow()
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

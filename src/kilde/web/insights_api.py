@@ -92,10 +92,17 @@ def _rule_problem(exc: RuleError, prefix: str = "") -> HttpProblem:
     )
 
 
-async def _run(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking compute in a thread; rule errors become 400s with the rule's path."""
+async def _run(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking compute in a thread, with DuckDB's analytics memory limit (reports scan
+    the events); rule errors become 400s with the rule's path."""
+    store = _store(request)
+
+    def call() -> T:
+        with store.analytics_memory():
+            return fn(*args)
+
     try:
-        return await run_in_threadpool(fn, *args)
+        return await run_in_threadpool(call)
     except RuleError as exc:
         raise _rule_problem(exc) from None
     except membership.SegmentNotFoundError as exc:
@@ -141,7 +148,9 @@ class Preview(BaseModel):
 async def preview_segment(request: Request, body: Preview) -> dict[str, Any]:
     """How many profiles a rule selects now, and a sample of them with their RFM, CLV, churn."""
     await run_in_threadpool(_engine(request).catch_up)
-    return await _run(membership.preview, _store(request), _plan(request), body.rule, body.sample)
+    return await _run(
+        request, membership.preview, _store(request), _plan(request), body.rule, body.sample
+    )
 
 
 class SegmentBody(BaseModel):
@@ -154,6 +163,7 @@ class SegmentBody(BaseModel):
 async def save_segment(request: Request, segment_id: str, body: SegmentBody) -> dict[str, Any]:
     """Create or replace a segment (segments in the plan are changed in the plan)."""
     found = await _run(
+        request,
         membership.save,
         _store(request),
         request.app.state.writer,
@@ -169,7 +179,12 @@ async def save_segment(request: Request, segment_id: str, body: SegmentBody) -> 
 @router.delete("/segments/{segment_id}")
 async def delete_segment(request: Request, segment_id: str) -> dict[str, Any]:
     await _run(
-        membership.delete, _store(request), request.app.state.writer, _plan(request), segment_id
+        request,
+        membership.delete,
+        _store(request),
+        request.app.state.writer,
+        _plan(request),
+        segment_id,
     )
     return {"deleted": segment_id}
 
@@ -177,7 +192,7 @@ async def delete_segment(request: Request, segment_id: str) -> dict[str, Any]:
 @router.get("/segments/{segment_id}")
 async def get_segment(request: Request, segment_id: str) -> dict[str, Any]:
     store = _store(request)
-    found = await _run(membership.get, store, _plan(request), segment_id)
+    found = await _run(request, membership.get, store, _plan(request), segment_id)
     seen = membership.counts(store).get(segment_id, {})
     return {
         **found.as_dict(),
@@ -195,7 +210,7 @@ async def segment_members(
 ) -> dict[str, Any]:
     """Current members, highest lifetime value first, with why: RFM group, CLV, churn risk."""
     store = _store(request)
-    await _run(membership.get, store, _plan(request), segment_id)
+    await _run(request, membership.get, store, _plan(request), segment_id)
     rows, total = membership.member_rows(store, segment_id, limit, offset)
     return {"segment": segment_id, "members": rows, "total": total}
 
@@ -214,8 +229,8 @@ async def refresh_segments(request: Request, body: Refresh | None = None) -> dic
     engine = _engine(request)
     models = None
     if body.insights:
-        models = await _run(engine.refresh_profiles)
-    runs = await _run(engine.refresh_segments, body.segments)
+        models = await _run(request, engine.refresh_profiles)
+    runs = await _run(request, engine.refresh_segments, body.segments)
     return {"segments": runs, "models": models}
 
 
@@ -226,8 +241,8 @@ async def refresh_segments(request: Request, body: Refresh | None = None) -> dic
 async def refresh_insights(request: Request) -> dict[str, Any]:
     """Recompute every profile's RFM, CLV, churn and preferences, then every segment."""
     engine = _engine(request)
-    models = await _run(engine.refresh_profiles)
-    runs = await _run(engine.refresh_segments, None)
+    models = await _run(request, engine.refresh_profiles)
+    runs = await _run(request, engine.refresh_segments, None)
     return {"models": models, "segments": runs}
 
 
@@ -249,7 +264,7 @@ def insights_status(request: Request) -> dict[str, Any]:
 @router.get("/insights/rfm")
 async def rfm(request: Request) -> dict[str, Any]:
     """Customers per RFM group and the recency-by-frequency grid."""
-    report = await _run(rfm_mod.rfm_report, _insights_table(request))
+    report = await _run(request, rfm_mod.rfm_report, _insights_table(request))
     return {**report, "computed_at": _engine(request).models()}
 
 
@@ -272,13 +287,13 @@ async def clv(request: Request, top: int = Query(20, ge=0, le=1000)) -> dict[str
         )
         return {"distribution": deciles, "top": best}
 
-    found = await _run(build)
+    found = await _run(request, build)
     return {"models": _engine(request).models(), **found}
 
 
 @router.get("/insights/churn")
 async def churn(request: Request) -> dict[str, Any]:
-    report = await _run(churn_mod.churn_report, _insights_table(request))
+    report = await _run(request, churn_mod.churn_report, _insights_table(request))
     return report
 
 
@@ -295,7 +310,7 @@ async def preferences(request: Request, limit: int = Query(20, ge=1, le=200)) ->
         )
         return {**spread, "bought_together": recommendations_mod.bought_together(backend, limit)}
 
-    return await _run(build)
+    return await _run(request, build)
 
 
 class FunnelBody(BaseModel):
@@ -322,7 +337,7 @@ async def funnel(request: Request, body: FunnelBody) -> dict[str, Any]:
             rule = membership.get(store, plan, body.segment).rule
         return funnels_mod.funnel(ctx, steps, body.within, body.since, rule)
 
-    return await _run(build)
+    return await _run(request, build)
 
 
 @router.get("/insights/retention")
@@ -336,7 +351,9 @@ async def retention(
     """Cohorts by first activity or first order: share active in each later week or month."""
     await _fresh(request)
     backend = backend_of(_store(request))
-    return await _run(retention_mod.retention, backend, _now(), period, periods, cohort, activity)
+    return await _run(
+        request, retention_mod.retention, backend, _now(), period, periods, cohort, activity
+    )
 
 
 @router.get("/insights/attribution")
@@ -358,7 +375,14 @@ async def attribution(
         ) from None
     backend = backend_of(_store(request))
     return await _run(
-        attribution_mod.attribution, backend, _now(), model, conversion, lookback_days, since_days
+        request,
+        attribution_mod.attribution,
+        backend,
+        _now(),
+        model,
+        conversion,
+        lookback_days,
+        since_days,
     )
 
 
@@ -373,7 +397,7 @@ async def email_campaigns(request: Request, window: str = "7 days") -> dict[str,
             400, "invalid_duration", exc.message, exc.fix or "", path=exc.path
         ) from None
     backend = backend_of(_store(request))
-    rows = await _run(campaigns_mod.campaign_reports, backend, days)
+    rows = await _run(request, campaigns_mod.campaign_reports, backend, days)
     return {"campaigns": rows, "window_days": days}
 
 
@@ -386,4 +410,4 @@ async def trends(
     """NPS and support sentiment per week or month."""
     await _fresh(request)
     backend = backend_of(_store(request))
-    return await _run(trends_mod.trends, backend, _now(), period, periods)
+    return await _run(request, trends_mod.trends, backend, _now(), period, periods)

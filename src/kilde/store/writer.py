@@ -86,9 +86,14 @@ def recent_key(source: str, message_id: str) -> str:
 
 def recent_codes(sources: Any, ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """The codes (`codes_of`) of `recent_key` of each row of two Arrow columns (or one source
-    for all); the keys are joined in C and let go once hashed."""
-    keys = pc.binary_join_element_wise(sources, ids, "\x1f").to_pylist()
-    return codes_of(keys)
+    for all); the keys are joined in C and made Python strings a slice at a time, so an
+    import's 122,880 keys (about 10 MB as strings) are never all held at once."""
+    keys = pc.binary_join_element_wise(sources, ids, "\x1f")
+    codes = np.empty(len(keys), np.int64)
+    for start in range(0, len(keys), 8192):
+        part = keys.slice(start, 8192).to_pylist()
+        codes[start : start + len(part)] = codes_of(part)
+    return codes
 
 
 def codes_of(keys: list[str]) -> np.ndarray:

@@ -96,6 +96,12 @@ def recent_codes(sources: Any, ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return codes
 
 
+def all_distinct(codes: np.ndarray) -> bool:
+    """No code twice (sorted and compared: a quarter of np.unique's time)."""
+    ordered = np.sort(codes)
+    return not bool((ordered[1:] == ordered[:-1]).any())
+
+
 def codes_of(keys: list[str]) -> np.ndarray:
     """How `RecentIds` remembers each key: its 64-bit hash."""
     return np.fromiter(map(hash, keys), np.int64, len(keys))
@@ -702,8 +708,7 @@ class Writer:
                 recent = self.recent
                 unchanged = batch.checked_at_seq == self._write_seq and not added
                 if unchanged or (
-                    not recent.seen_codes(arrow_codes).any()
-                    and len(np.unique(arrow_codes)) == len(arrow_codes)
+                    not recent.seen_codes(arrow_codes).any() and all_distinct(arrow_codes)
                 ):
                     # The usual case of a big import: no id seen before, none twice.
                     recent.add_codes(arrow_codes)

@@ -26,7 +26,6 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +33,7 @@ import pyarrow.compute as pc
 from kilde.collect.importers.engine import ChunkResult
 from kilde.collect.importers.runs import CHANNEL, Services, ingest_chunk, source_for
 from kilde.pipeline.normalize import EARLIEST, FUTURE_SLACK, MAX_ID_LENGTH
-from kilde.store.writer import WriteBatch, recent_codes
+from kilde.store.writer import WriteBatch, all_distinct, recent_codes
 
 EVENT = "Order Completed"
 _ANNOTATIONS = {"$schema", "$id", "$comment", "title", "description", "examples", "default"}
@@ -395,7 +394,7 @@ def ingest_columns(
                 statements=screen.statements(tally, source.name, _env(now)),
                 screened_at=tally.epoch,
                 # Step 1 looked at every id; the writer looks again only if it must.
-                checked_at_seq=checked_at_seq if len(np.unique(codes)) == n else None,
+                checked_at_seq=checked_at_seq if all_distinct(codes) else None,
                 arrow_codes=codes if everyone else None,
             )
         )

@@ -11,7 +11,10 @@
    50 ms), and the number of events in the store afterwards (which must equal the rows).
    With --in-process no server runs and the CLI serves the admin API itself. The import takes
    the columnar path (docs/imports-performance.md); --row-path measures the row-by-row path.
-3. In the same run, loads the same file into DuckDB with dlt (a well-known Python loader), in a
+3. The floor: DuckDB alone inserting the events rows of the same orders from Arrow records,
+   with the SELECT the server uses, in a fresh store (no HTTP, checks or deduplication): the
+   least the server's part can cost, printed beside the server's CPU.
+4. In the same run, loads the same file into DuckDB with dlt (a well-known Python loader), in a
    child process: once yielding rows as dicts (dlt's ordinary path, with its schema inference
    and normalisation), once yielding Arrow tables read by pyarrow's CSV reader (dlt's fast path,
    which skips per-row normalisation). Each figure is printed with its ratio to Kilde's.
@@ -311,6 +314,41 @@ def run_dlt(csv_path: Path, work: Path, mode: str) -> Measured:
     return Measured(seconds, peak, stored=int(row[0]) if row else 0, cpu=cpu)
 
 
+def duckdb_floor(csv_path: Path, work: Path) -> Measured:
+    """DuckDB alone writing the events rows of the same orders: the server's insert (the
+    SELECT `columnar_ingest` hands the writer) from Arrow records like those `kilde import`
+    sends, 122,880 a transaction, into a fresh store with Kilde's settings; no HTTP, checks
+    or deduplication. The least the server's part of an import can cost."""
+    from datetime import UTC, datetime
+
+    from kilde.collect.importers.columnar_ingest import events_select
+    from kilde.store.database import Store
+
+    records = duckdb.sql(
+        f"""
+        SELECT row_number() OVER () + 1 AS line, uuid()::VARCHAR AS message_id, order_id,
+               customer_id AS user_id, NULL::VARCHAR AS anonymous_id, email,
+               strftime(order_date::TIMESTAMP, '%Y-%m-%dT%H:%M:%S.000Z') AS timestamp,
+               total AS revenue, currency, sku AS product_id, sku, product_name AS name,
+               category, price, quantity::BIGINT AS quantity, 'shop-orders' AS source
+        FROM read_csv('{csv_path}')
+        """
+    ).to_arrow_table()
+    store = Store(work / "floor-data")
+    info = {"tier": "first_party", "kind": "transactions", "file": csv_path.name}
+    select, params = events_select({**info, "provenance": {}, "run_id": "floor"}, datetime.now(UTC))
+    con = store.cursor()
+    started, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, records.num_rows, 122_880):
+        arrow_events = records.slice(start, 122_880).combine_chunks()  # noqa: F841 - by DuckDB
+        con.execute(f"INSERT INTO events BY NAME SELECT *, 1 AS write_seq FROM ({select})", params)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    stored = int(store.scalar("SELECT count(*) FROM events"))
+    con.close()
+    store.close()
+    return Measured(seconds, 0, stored=stored, cpu=cpu)
+
+
 def mb(size: int) -> str:
     return f"{size / (1 << 20):,.0f} MB"
 
@@ -379,6 +417,13 @@ def main() -> None:
         )
         if kilde.stored != args.rows:
             print(f"  WARNING: {kilde.stored:,} events stored for {args.rows:,} rows")
+        floor = duckdb_floor(csv_path, work)
+        share = kilde.server_import_cpu / floor.cpu
+        print(
+            f"floor, DuckDB alone inserting the same events rows from Arrow: "
+            f"{floor.seconds:.1f} s, {args.rows / floor.seconds:,.0f} rows/s, "
+            f"CPU {floor.cpu:.1f} s; the server's CPU while the import ran: {share:.2f} times this"
+        )
         if not args.skip_dlt:
             for mode in ("arrow",) if args.skip_dlt_dicts else ("arrow", "dicts"):
                 dlt = run_dlt(csv_path, work, mode)
@@ -391,7 +436,8 @@ def main() -> None:
                 )
                 print(
                     f"  kilde/dlt-{mode} ratio: wall {k_rate / rate:.2f}, CPU-bound "
-                    f"{k_cpu_rate / cpu_rate:.2f}"
+                    f"{k_cpu_rate / cpu_rate:.2f}; the floor's CPU is {floor.cpu / dlt.cpu:.2f} "
+                    f"times dlt's whole run"
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -390,7 +390,7 @@ def ingest_columns(
         written = writer.write_sync(
             WriteBatch(
                 arrow_events=records,
-                arrow_select=_events_select(info, now),
+                arrow_select=events_select(info, now),
                 statements=screen.statements(tally, source.name, _env(now)),
                 screened_at=tally.epoch,
                 # Step 1 looked at every id; the writer looks again only if it must.
@@ -467,7 +467,7 @@ def _suppressed(screen: Any, table: pa.Table) -> pa.Array:
     return pc.fill_null(pc.or_kleene(pc.or_kleene(by_user, by_anonymous), by_email), False)
 
 
-def _events_select(info: dict[str, Any], now: datetime) -> tuple[str, list[Any]]:
+def events_select(info: dict[str, Any], now: datetime) -> tuple[str, list[Any]]:
     """The SELECT the writer inserts the events rows with (see WriteBatch.arrow_select)."""
     head = orjson.dumps(
         {"tier": info["tier"], "kind": info["kind"], "file": info["file"]}

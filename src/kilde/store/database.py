@@ -94,7 +94,8 @@ class Store:
         return self.analytics_memory_limit
 
     def _set_memory_limit(self, limit: str) -> None:
-        cur = self.cursor()
+        with self._lock:  # not `cursor()`: a setting need not wait for the applier
+            cur = self._con.cursor()
         try:
             cur.execute(f"SET memory_limit = '{limit}'")
         except duckdb.Error:

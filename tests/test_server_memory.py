@@ -155,3 +155,16 @@ def test_an_insights_refresh_raises_the_limit_and_gives_it_back(tmp_path: Path) 
         assert api(srv, "GET", "/api/stats")["store"]["duckdb_memory_limit"] == "122.0 MiB"
     finally:
         srv.stop()
+
+
+def test_an_analytics_limit_that_is_not_a_size_is_named_and_the_default_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT", "plenty")
+    store = Store(tmp_path / "data")
+    try:
+        with store.analytics_memory():
+            assert store.scalar("SELECT current_setting('memory_limit')") == "366.2 MiB"
+    finally:
+        store.close()
+    assert "KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT must be a size such as 384MB" in caplog.text

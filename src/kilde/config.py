@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,11 +75,28 @@ def duckdb_memory_limit() -> str:
 
 
 def duckdb_analytics_memory_limit() -> str:
-    """DuckDB's memory limit while heavy analytics run, from the environment, or the default."""
-    return (
-        os.environ.get("KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT")
-        or DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT
-    )
+    """DuckDB's memory limit while heavy analytics run, from the environment, or the default
+    (with a warning when the variable is not a size)."""
+    raw = os.environ.get("KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT", "").strip()
+    if raw and size_bytes(raw) is None:
+        logging.getLogger("kilde.config").warning(
+            "KILDE_DUCKDB_ANALYTICS_MEMORY_LIMIT must be a size such as 384MB or 1GB; using %s",
+            DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT,
+        )
+        return DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT
+    return raw or DEFAULT_DUCKDB_ANALYTICS_MEMORY_LIMIT
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(text: str) -> float | None:
+    """Bytes of a size in DuckDB's syntax ("384MB", "2 GiB"); None when it is not one."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in _UNITS:
+        return None
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ from kilde.config import (
     duckdb_checkpoint_threshold,
     duckdb_memory_limit,
     duckdb_threads,
+    size_bytes,
 )
 from kilde.errors import KildeError
 from kilde.store.ack_log import log_dir, replay
@@ -88,7 +88,7 @@ class Store:
 
     def _larger_limit(self) -> str:
         """The analytics limit, unless the usual one is larger (a big machine's setting)."""
-        usual, analytics = _size(self.memory_limit), _size(self.analytics_memory_limit)
+        usual, analytics = size_bytes(self.memory_limit), size_bytes(self.analytics_memory_limit)
         if usual is not None and analytics is not None and usual > analytics:
             return self.memory_limit
         return self.analytics_memory_limit
@@ -174,15 +174,3 @@ class Store:
 
     def close(self) -> None:
         self._con.close()
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def _size(text: str) -> float | None:
-    """Bytes of a size in DuckDB's syntax ("384MB", "2 GiB"); None when it is not one."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
-    if match is None or match.group(2) not in _UNITS:
-        return None
-    return float(match.group(1)) * _UNITS[match.group(2)]
